@@ -49,3 +49,17 @@ class StageCounts:
         for c in counters:
             total.update(c)
         return dict(total)
+
+
+@dataclass
+class StageResult:
+    """What a stage function returns to the pipeline.
+
+    Attributes:
+        counts: row accounting of the stage.
+        metrics: JSON-able stage statistics for report.json (e.g. score summaries, selection
+            statistics, training losses).
+    """
+
+    counts: StageCounts
+    metrics: dict = field(default_factory=dict)
