@@ -33,7 +33,8 @@ class StageCounts:
         if not self.balanced:
             raise RuntimeError(
                 f"stage {stage}: row accounting broken: in={self.rows_in} != "
-                f"out={self.rows_out} + rejected={self.rows_rejected} {self.rejected_by_reason}")
+                f"out={self.rows_out} + rejected={self.rows_rejected} {self.rejected_by_reason}"
+            )
 
     def to_dict(self) -> dict:
         return {

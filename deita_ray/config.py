@@ -37,9 +37,16 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range. The message names the key."""
 
 
-def _f(default: Any = dataclasses.MISSING, *, doc: str, choices: tuple | None = None,
-       ge: float | None = None, gt: float | None = None, le: float | None = None,
-       factory: Any = None) -> Any:
+def _f(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    factory: Any = None,
+) -> Any:
     """Declare a config field with its documentation and constraints."""
     meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
     if factory is not None:
@@ -51,76 +58,144 @@ def _f(default: Any = dataclasses.MISSING, *, doc: str, choices: tuple | None = 
 class InputConfig:
     """Where the instruction pool comes from and how its records are shaped."""
 
-    paths: list[str] = _f(factory=list, doc=(
-        "Pool files: a path, a directory (all .json/.jsonl/.jsonl.gz/.parquet files under it), "
-        "a glob, or a list of them. A single string is accepted."))
-    format: str = _f("auto", choices=("auto", "sharegpt", "messages", "alpaca", "dolly"), doc=(
-        "Record shape. 'auto' detects it per record (conversations -> sharegpt, messages -> "
-        "messages, instruction+response -> dolly, instruction+output -> alpaca)."))
-    file_format: str = _f("auto", choices=("auto", "json", "jsonl", "parquet"), doc=(
-        "File encoding. 'auto' uses the extension (.json: JSON array or JSON lines, "
-        ".jsonl/.jsonl.gz: JSON lines, .parquet)."))
-    role_map: dict[str, str] = _f(factory=dict, doc=(
-        "Extra role names mapped onto system/user/assistant, e.g. {function_call: assistant, "
-        "observation: user}. Standard aliases (human, gpt, bot, ...) are always known; a role "
-        "that is neither known nor mapped sends the row to rejects with reason "
-        "'unsupported_role'."))
-    id_field: str = _f("id", doc=(
-        "Record field that holds the row's own id. Rows without it get "
-        "'<file stem>:<record index>'."))
-    max_record_bytes: int = _f(16 * 1024 * 1024, gt=0, doc=(
-        "Records larger than this (serialised) go to rejects with reason 'record_too_large'."))
+    paths: list[str] = _f(
+        factory=list,
+        doc=(
+            "Pool files: a path, a directory (all .json/.jsonl/.jsonl.gz/.parquet files under it), "
+            "a glob, or a list of them. A single string is accepted."
+        ),
+    )
+    format: str = _f(
+        "auto",
+        choices=("auto", "sharegpt", "messages", "alpaca", "dolly"),
+        doc=(
+            "Record shape. 'auto' detects it per record (conversations -> sharegpt, messages -> "
+            "messages, instruction+response -> dolly, instruction+output -> alpaca)."
+        ),
+    )
+    file_format: str = _f(
+        "auto",
+        choices=("auto", "json", "jsonl", "parquet"),
+        doc=(
+            "File encoding. 'auto' uses the extension (.json: JSON array or JSON lines, "
+            ".jsonl/.jsonl.gz: JSON lines, .parquet)."
+        ),
+    )
+    role_map: dict[str, str] = _f(
+        factory=dict,
+        doc=(
+            "Extra role names mapped onto system/user/assistant, e.g. {function_call: assistant, "
+            "observation: user}. Standard aliases (human, gpt, bot, ...) are always known; a role "
+            "that is neither known nor mapped sends the row to rejects with reason "
+            "'unsupported_role'."
+        ),
+    )
+    id_field: str = _f(
+        "id",
+        doc=(
+            "Record field that holds the row's own id. Rows without it get "
+            "'<file stem>:<record index>'."
+        ),
+    )
+    max_record_bytes: int = _f(
+        16 * 1024 * 1024,
+        gt=0,
+        doc=("Records larger than this (serialised) go to rejects with reason 'record_too_large'."),
+    )
 
 
 @dataclass
 class OutputConfig:
     """Where results go."""
 
-    dir: str = _f("outputs/run", doc=(
-        "Output directory: <dir>/<stage>/*.parquet, <dir>/rejects/<stage>/*.parquet, "
-        "<dir>/report.json, <dir>/manifest.json. A local path or any URI pyarrow can write."))
-    embedding_dtype: str = _f("float32", choices=("float32", "float16"), doc=(
-        "Storage type of the embedding column."))
+    dir: str = _f(
+        "outputs/run",
+        doc=(
+            "Output directory: <dir>/<stage>/*.parquet, <dir>/rejects/<stage>/*.parquet, "
+            "<dir>/report.json, <dir>/manifest.json. A local path or any URI pyarrow can write."
+        ),
+    )
+    embedding_dtype: str = _f(
+        "float32", choices=("float32", "float16"), doc=("Storage type of the embedding column.")
+    )
 
 
 @dataclass
 class RayConfig:
     """How to reach (or start) the Ray cluster."""
 
-    address: str | None = _f(None, doc=(
-        "Cluster address. None: use RAY_ADDRESS if set (as under `ray job submit`), else start "
-        "a local cluster."))
+    address: str | None = _f(
+        None,
+        doc=(
+            "Cluster address. None: use RAY_ADDRESS if set (as under `ray job submit`), else start "
+            "a local cluster."
+        ),
+    )
     num_cpus: int | None = _f(None, ge=1, doc="CPUs of a local cluster (None: all).")
     num_gpus: int | None = _f(None, ge=0, doc="GPUs of a local cluster (None: all detected).")
-    object_store_memory: int | None = _f(None, gt=0, doc=(
-        "Object store bytes of a local cluster (None: Ray's default)."))
-    env_vars: dict[str, str] = _f(factory=dict, doc=(
-        "Environment variables for every Ray worker (e.g. OMP_NUM_THREADS). Never put secrets "
-        "here: configs are written into the manifest."))
+    object_store_memory: int | None = _f(
+        None, gt=0, doc=("Object store bytes of a local cluster (None: Ray's default).")
+    )
+    env_vars: dict[str, str] = _f(
+        factory=dict,
+        doc=(
+            "Environment variables for every Ray worker (e.g. OMP_NUM_THREADS). Never put secrets "
+            "here: configs are written into the manifest."
+        ),
+    )
 
 
 @dataclass
 class ModelConfig:
     """One model and how to load it."""
 
-    path: str = _f(EMBEDDED_MODEL, doc=(
-        f"HF model folder or hub name, or '{EMBEDDED_MODEL}' for the embedded default model. "
-        "Nothing is downloaded unless the name is not a local folder and the HF cache lacks it."))
-    backend: str = _f("vllm", choices=("vllm", "hf"), doc=(
-        "Inference backend: 'vllm' (production; CPU build on CPU machines) or 'hf' "
-        "(transformers; checks, small jobs, GPUs without vLLM)."))
-    dtype: str = _f("auto", choices=("auto", "float32", "bfloat16", "float16"), doc=(
-        "Compute dtype. 'auto': bfloat16 on GPU, float32 on CPU (bf16 is slower and less "
-        "exact on CPU)."))
-    max_model_len: int = _f(2048, gt=0, doc=(
-        "Longest prompt in tokens; longer inputs are truncated inside their text and flagged."))
+    path: str = _f(
+        EMBEDDED_MODEL,
+        doc=(
+            f"HF model folder or hub name, or '{EMBEDDED_MODEL}' for the embedded default model. "
+            "Nothing is downloaded unless the name is not a local folder and the HF cache lacks it."
+        ),
+    )
+    backend: str = _f(
+        "vllm",
+        choices=("vllm", "hf"),
+        doc=(
+            "Inference backend: 'vllm' (production; CPU build on CPU machines) or 'hf' "
+            "(transformers; checks, small jobs, GPUs without vLLM)."
+        ),
+    )
+    dtype: str = _f(
+        "auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        doc=(
+            "Compute dtype. 'auto': bfloat16 on GPU, float32 on CPU (bf16 is slower and less "
+            "exact on CPU)."
+        ),
+    )
+    max_model_len: int = _f(
+        2048,
+        gt=0,
+        doc=(
+            "Longest prompt in tokens; longer inputs are truncated inside their text and flagged."
+        ),
+    )
     trust_remote_code: bool = _f(False, doc="Allow model repositories to run their own code.")
     tensor_parallel_size: int = _f(1, ge=1, doc="vLLM tensor parallel degree (GPUs per actor).")
-    gpu_memory_utilization: float = _f(0.9, gt=0, le=1, doc=(
-        "vLLM memory fraction for weights + KV cache. On the CPU build this is a fraction of "
-        "host RAM: keep it small (about 0.2) on shared machines."))
-    enforce_eager: bool = _f(False, doc=(
-        "vLLM: skip graph capture / torch.compile (much faster start; use on CPU and in tests)."))
+    gpu_memory_utilization: float = _f(
+        0.9,
+        gt=0,
+        le=1,
+        doc=(
+            "vLLM memory fraction for weights + KV cache. On the CPU build this is a fraction of "
+            "host RAM: keep it small (about 0.2) on shared machines."
+        ),
+    )
+    enforce_eager: bool = _f(
+        False,
+        doc=(
+            "vLLM: skip graph capture / torch.compile (much faster start; use on CPU and in tests)."
+        ),
+    )
     hf_batch_size: int = _f(16, gt=0, doc="Forward batch size of the 'hf' backend.")
 
 
@@ -131,7 +206,9 @@ class ActorPoolConfig:
     concurrency: int = _f(1, ge=1, doc="Number of model actors.")
     num_cpus: float = _f(1.0, ge=0, doc="CPUs reserved per actor.")
     num_gpus: float = _f(0.0, ge=0, doc="GPUs reserved per actor (tensor_parallel_size for vLLM).")
-    batch_size: int = _f(64, gt=0, doc="Rows per map_batches call (all their turns go to the engine at once).")
+    batch_size: int = _f(
+        64, gt=0, doc="Rows per map_batches call (all their turns go to the engine at once)."
+    )
 
 
 @dataclass
@@ -140,9 +217,13 @@ class ScoreConfig:
 
     complexity_model: ModelConfig = _f(factory=ModelConfig, doc="The complexity scorer.")
     quality_model: ModelConfig = _f(factory=ModelConfig, doc="The quality scorer.")
-    digit_token_ids: list[int] | None = _f(None, doc=(
-        "Token ids of the digits 1..6 (six ids). None: resolved from the tokenizer; the job "
-        "fails at start if a digit is not a single token."))
+    digit_token_ids: list[int] | None = _f(
+        None,
+        doc=(
+            "Token ids of the digits 1..6 (six ids). None: resolved from the tokenizer; the job "
+            "fails at start if a digit is not a single token."
+        ),
+    )
     resources: ActorPoolConfig = _f(factory=ActorPoolConfig, doc="Actor pool of each scorer.")
 
 
@@ -150,7 +231,9 @@ class ScoreConfig:
 class EmbedConfig:
     """The embedder (SPEC section 3)."""
 
-    model: ModelConfig = _f(factory=ModelConfig, doc="The embedding model (last-token hidden state).")
+    model: ModelConfig = _f(
+        factory=ModelConfig, doc="The embedding model (last-token hidden state)."
+    )
     max_length: int = _f(2048, gt=0, doc="Tokens kept from the start of the rendered conversation.")
     resources: ActorPoolConfig = _f(factory=ActorPoolConfig, doc="Actor pool of the embedder.")
 
@@ -159,20 +242,36 @@ class EmbedConfig:
 class SelectConfig:
     """Score-first, diversity-aware selection (SPEC section 4) and its baselines."""
 
-    method: str = _f("deita", choices=("deita", "random", "score", "instruction_length",
-                                       "response_length"), doc=(
-        "'deita': greedy by evol score with the cosine threshold; 'score': top by evol score "
-        "only; 'random': seeded sample; 'instruction_length' / 'response_length': longest "
-        "first."))
-    tau: float = _f(0.9, ge=-1, le=1, doc=(
-        "Cosine threshold: a row is taken iff its cosine to every taken row is <= tau."))
+    method: str = _f(
+        "deita",
+        choices=("deita", "random", "score", "instruction_length", "response_length"),
+        doc=(
+            "'deita': greedy by evol score with the cosine threshold; 'score': top by evol score "
+            "only; 'random': seeded sample; 'instruction_length' / 'response_length': longest "
+            "first."
+        ),
+    )
+    tau: float = _f(
+        0.9,
+        ge=-1,
+        le=1,
+        doc=("Cosine threshold: a row is taken iff its cosine to every taken row is <= tau."),
+    )
     budget: int = _f(6000, gt=0, doc="Number of rows to select (m).")
     block_size: int = _f(1024, gt=0, doc="Candidates compared per matrix product.")
-    num_shards: int = _f(1, ge=1, doc=(
-        "1: single-node selection on the driver. >1: exact distributed selection over this "
-        "many shard actors; the driver holds only the accepted set."))
-    device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc=(
-        "Where the matrix products run ('auto': cuda if torch sees a GPU)."))
+    num_shards: int = _f(
+        1,
+        ge=1,
+        doc=(
+            "1: single-node selection on the driver. >1: exact distributed selection over this "
+            "many shard actors; the driver holds only the accepted set."
+        ),
+    )
+    device: str = _f(
+        "auto",
+        choices=("auto", "cpu", "cuda"),
+        doc=("Where the matrix products run ('auto': cuda if torch sees a GPU)."),
+    )
     seed: int = _f(0, doc="Seed of the 'random' method.")
 
 
@@ -180,30 +279,47 @@ class SelectConfig:
 class TrainingConfig:
     """Options shared by SFT and DPO (SPEC section 5)."""
 
-    model: str = _f("", doc=(
-        "Model to train. Empty: for sft the embedder's model path, for dpo the sft output."))
-    template: str = _f("vicuna_v1.1", choices=("vicuna_v1.1", "chat_template"), doc=(
-        "Conversation rendering: the paper's vicuna_v1.1, or the tokenizer's chat template."))
+    model: str = _f(
+        "",
+        doc=("Model to train. Empty: for sft the embedder's model path, for dpo the sft output."),
+    )
+    template: str = _f(
+        "vicuna_v1.1",
+        choices=("vicuna_v1.1", "chat_template"),
+        doc=("Conversation rendering: the paper's vicuna_v1.1, or the tokenizer's chat template."),
+    )
     max_length: int = _f(2048, gt=0, doc="Tokens per example (longer ones are truncated).")
     epochs: float = _f(3.0, gt=0, doc="Passes over the data.")
-    global_batch_size: int = _f(128, gt=0, doc=(
-        "Examples per optimizer step = micro_batch_size x gradient accumulation x workers."))
+    global_batch_size: int = _f(
+        128,
+        gt=0,
+        doc=("Examples per optimizer step = micro_batch_size x gradient accumulation x workers."),
+    )
     micro_batch_size: int = _f(4, gt=0, doc="Examples per worker per forward pass.")
     learning_rate: float = _f(2e-5, gt=0, doc="Peak learning rate.")
-    lr_scheduler: str = _f("cosine", choices=("cosine", "linear", "constant"), doc=(
-        "Decay after warmup."))
+    lr_scheduler: str = _f(
+        "cosine", choices=("cosine", "linear", "constant"), doc=("Decay after warmup.")
+    )
     warmup_ratio: float = _f(0.1, ge=0, le=1, doc="Share of steps with linear warmup.")
     weight_decay: float = _f(0.0, ge=0, doc="AdamW weight decay.")
-    max_steps: int | None = _f(None, gt=0, doc="Stop after this many optimizer steps (None: epochs decide).")
+    max_steps: int | None = _f(
+        None, gt=0, doc="Stop after this many optimizer steps (None: epochs decide)."
+    )
     zero_stage: int = _f(2, choices=(0, 1, 2, 3), doc="DeepSpeed ZeRO stage.")
-    precision: str = _f("auto", choices=("auto", "bf16", "fp32"), doc=(
-        "'auto': bf16 on GPU, fp32 on CPU."))
+    precision: str = _f(
+        "auto", choices=("auto", "bf16", "fp32"), doc=("'auto': bf16 on GPU, fp32 on CPU.")
+    )
     gradient_checkpointing: bool = _f(False, doc="Recompute activations to save memory.")
     num_workers: int = _f(1, ge=1, doc="Ray Train workers (one per GPU on GPU clusters).")
     use_gpu: bool = _f(False, doc="Train on GPUs.")
     cpus_per_worker: float = _f(1.0, gt=0, doc="CPUs reserved per worker.")
-    checkpoint_every_steps: int = _f(0, ge=0, doc=(
-        "Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."))
+    checkpoint_every_steps: int = _f(
+        0,
+        ge=0,
+        doc=(
+            "Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."
+        ),
+    )
     max_failures: int = _f(1, ge=-1, doc="Worker failures Ray Train recovers from (-1: unlimited).")
     seed: int = _f(42, doc="Seed for data order and initialisation.")
     trust_remote_code: bool = _f(False, doc="Allow model repositories to run their own code.")
@@ -219,18 +335,24 @@ class DPOConfig(TrainingConfig):
     """Direct preference optimisation starting from the SFT model."""
 
     beta: float = _f(0.1, gt=0, doc="DPO temperature.")
-    paths: list[str] = _f(factory=list, doc=(
-        "Preference pairs: files with prompt/chosen/rejected (strings or message lists), "
-        "or the ShareGPT preference shape (conversations + chosen/rejected messages)."))
+    paths: list[str] = _f(
+        factory=list,
+        doc=(
+            "Preference pairs: files with prompt/chosen/rejected (strings or message lists), "
+            "or the ShareGPT preference shape (conversations + chosen/rejected messages)."
+        ),
+    )
 
 
 @dataclass
 class PipelineConfig:
     """A whole deita_ray job."""
 
-    stages: list[str] = _f(factory=lambda: ["ingest", "score", "embed", "select"],
-                           choices=STAGES, doc=(
-        "Stages to run, a list in pipeline order: " + ", ".join(STAGES) + "."))
+    stages: list[str] = _f(
+        factory=lambda: ["ingest", "score", "embed", "select"],
+        choices=STAGES,
+        doc=("Stages to run, a list in pipeline order: " + ", ".join(STAGES) + "."),
+    )
     input: InputConfig = _f(factory=InputConfig, doc="The pool.")
     output: OutputConfig = _f(factory=OutputConfig, doc="Where results go.")
     ray: RayConfig = _f(factory=RayConfig, doc="The Ray cluster.")
@@ -239,11 +361,16 @@ class PipelineConfig:
     select: SelectConfig = _f(factory=SelectConfig, doc="Selection.")
     sft: SFTConfig = _f(factory=SFTConfig, doc="Supervised fine-tuning.")
     dpo: DPOConfig = _f(factory=DPOConfig, doc="Preference tuning.")
-    cache_dir: str = _f("~/.cache/deita_ray", doc=(
-        "Where converted models (the embedded default) are cached."))
-    demo_pool: bool = _f(False, doc=(
-        "Write the built-in demo pool to <output.dir>/demo_pool.jsonl and use it as input "
-        "(the quickstart does this; input.paths is then ignored)."))
+    cache_dir: str = _f(
+        "~/.cache/deita_ray", doc=("Where converted models (the embedded default) are cached.")
+    )
+    demo_pool: bool = _f(
+        False,
+        doc=(
+            "Write the built-in demo pool to <output.dir>/demo_pool.jsonl and use it as input "
+            "(the quickstart does this; input.paths is then ignored)."
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +410,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return {
+            _coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()
+        }
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -310,7 +439,8 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     if unknown:
         where = prefix or "top level"
         raise ConfigError(
-            f"unknown key '{_join(prefix, unknown[0])}' ({where} allows: {', '.join(fields)})")
+            f"unknown key '{_join(prefix, unknown[0])}' ({where} allows: {', '.join(fields)})"
+        )
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], _join(prefix, name))
@@ -329,7 +459,8 @@ def _check_field(value: Any, f: dataclasses.Field, key: str) -> None:
         for v in values:
             if v not in choices:
                 raise ConfigError(
-                    f"{key}: {v!r} is not allowed (allowed: {', '.join(map(str, choices))})")
+                    f"{key}: {v!r} is not allowed (allowed: {', '.join(map(str, choices))})"
+                )
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if meta.get("ge") is not None and value < meta["ge"]:
             raise ConfigError(f"{key}: {value!r} must be >= {meta['ge']}")
@@ -357,9 +488,12 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     order = [STAGES.index(s) for s in cfg.stages]
     if order != sorted(order) or len(set(order)) != len(order):
         raise ConfigError(
-            f"stages: {cfg.stages!r} must be distinct and in pipeline order ({', '.join(STAGES)})")
+            f"stages: {cfg.stages!r} must be distinct and in pipeline order ({', '.join(STAGES)})"
+        )
     if "ingest" in cfg.stages and not cfg.input.paths and not cfg.demo_pool:
-        raise ConfigError("input.paths: required when the 'ingest' stage runs (or set demo_pool: true)")
+        raise ConfigError(
+            "input.paths: required when the 'ingest' stage runs (or set demo_pool: true)"
+        )
     ids = cfg.score.digit_token_ids
     if ids is not None and len(ids) != 6:
         raise ConfigError(f"score.digit_token_ids: {ids!r} must hold six ids (digits 1..6)")
@@ -371,7 +505,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         if t.global_batch_size % per_step:
             raise ConfigError(
                 f"{name}.global_batch_size: {t.global_batch_size} must be a multiple of "
-                f"{name}.micro_batch_size x {name}.num_workers = {per_step}")
+                f"{name}.micro_batch_size x {name}.num_workers = {per_step}"
+            )
     return cfg
 
 
@@ -413,18 +548,22 @@ def _apply_override(data: dict, path: list[str], value: Any) -> None:
         if part not in names:
             where = ".".join(path[:i]) or "top level"
             raise ConfigError(
-                f"--set: unknown key '{'.'.join(path[: i + 1])}' ({where} allows: {', '.join(names)})")
+                f"--set: unknown key '{'.'.join(path[: i + 1])}' ({where} allows: {', '.join(names)})"
+            )
         if i == len(path) - 1:
             node[part] = value
             return
         cls = typing.get_type_hints(cls)[part]
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[: i + 1])}' is not a mapping")
+            raise ConfigError(
+                f"--set {'.'.join(path)}: '{'.'.join(path[: i + 1])}' is not a mapping"
+            )
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                data: dict | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None
+) -> PipelineConfig:
     """Load a job config: YAML file (or ``data``) over the defaults, then ``--set`` overrides.
 
     Args:
@@ -473,5 +612,7 @@ def describe(cls: type = PipelineConfig, prefix: str = "") -> list[str]:
         default = getattr(defaults, f.name)
         choices = f.metadata.get("choices")
         extra = f" [one of: {', '.join(map(str, choices))}]" if choices else ""
-        lines.append(f"{key} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}{extra}")
+        lines.append(
+            f"{key} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}{extra}"
+        )
     return lines

@@ -117,7 +117,8 @@ def plan(cfg: PipelineConfig, manifest: dict) -> list[tuple[str, str, bool]]:
         if stage in cfg.stages:
             h = config_hash({"stage": stage, "own": stage_config(cfg, stage), "up": upstream})
             must = invalidated or not (
-                entry and entry.get("status") == "done" and entry.get("hash") == h)
+                entry and entry.get("status") == "done" and entry.get("hash") == h
+            )
             invalidated = invalidated or must
             out.append((stage, h, must))
             upstream = h
@@ -125,8 +126,11 @@ def plan(cfg: PipelineConfig, manifest: dict) -> list[tuple[str, str, bool]]:
             # A stage not run now but finished earlier feeds later stages with its outputs.
             upstream = entry["hash"]
             if invalidated:
-                log.warning("stage %s is not in this job's stages, but an earlier stage it depends "
-                            "on re-runs: its old outputs are kept as they are", stage)
+                log.warning(
+                    "stage %s is not in this job's stages, but an earlier stage it depends "
+                    "on re-runs: its old outputs are kept as they are",
+                    stage,
+                )
     return out
 
 
@@ -158,16 +162,29 @@ def run(cfg: PipelineConfig) -> dict:
         result = _stage_runner(stage)(cfg, out_dir)
         seconds = time.perf_counter() - t0
         result.counts.check(stage)
-        entry = dict(result.counts.to_dict(), seconds=round(seconds, 3),
-                     rows_per_s=round(result.counts.rows_in / seconds, 2) if seconds > 0 else None,
-                     metrics=result.metrics)
+        entry = dict(
+            result.counts.to_dict(),
+            seconds=round(seconds, 3),
+            rows_per_s=round(result.counts.rows_in / seconds, 2) if seconds > 0 else None,
+            metrics=result.metrics,
+        )
         results[stage] = entry
-        manifest["stages"][stage] = {"status": "done", "hash": h, "finished_at": time.time(),
-                                     "result": entry}
+        manifest["stages"][stage] = {
+            "status": "done",
+            "hash": h,
+            "finished_at": time.time(),
+            "result": entry,
+        }
         _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
-        log.info("stage %s: done in %.1fs: in=%d out=%d rejected=%d %s", stage, seconds,
-                 entry["rows_in"], entry["rows_out"], entry["rows_rejected"],
-                 entry["rejected_by_reason"] or "")
+        log.info(
+            "stage %s: done in %.1fs: in=%d out=%d rejected=%d %s",
+            stage,
+            seconds,
+            entry["rows_in"],
+            entry["rows_out"],
+            entry["rows_rejected"],
+            entry["rejected_by_reason"] or "",
+        )
 
     from deita_ray.report import write_report
 
@@ -177,11 +194,14 @@ def run(cfg: PipelineConfig) -> dict:
 def _notes(cfg: PipelineConfig) -> list[str]:
     notes = []
     if "score" in cfg.stages and EMBEDDED_MODEL in (
-            cfg.score.complexity_model.path, cfg.score.quality_model.path):
+        cfg.score.complexity_model.path,
+        cfg.score.quality_model.path,
+    ):
         notes.append(
             "Scores come from the embedded SmolLM2-135M-Instruct prompted with the DEITA scorer "
             "templates: a stand-in for the deita-complexity-scorer / deita-quality-scorer models, "
-            "good for exercising the pipeline, not for judging data.")
+            "good for exercising the pipeline, not for judging data."
+        )
     if cfg.demo_pool:
         notes.append("Input is the built-in demo pool (written to <output.dir>/demo_pool.jsonl).")
     return notes
@@ -193,20 +213,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a deita_ray job: ingest -> score -> embed -> select -> sft -> dpo.",
     )
     p.add_argument("--config", "-c", help="job YAML (see jobs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key; VALUE is parsed as YAML "
-                        "(e.g. --set select.budget=6000 --set stages=[ingest])")
-    p.add_argument("--help-config", action="store_true",
-                   help="list every config key with its type, default and meaning, then exit")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved, validated config as YAML, then exit")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key; VALUE is parsed as YAML "
+        "(e.g. --set select.budget=6000 --set stages=[ingest])",
+    )
+    p.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key with its type, default and meaning, then exit",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved, validated config as YAML, then exit",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     if args.help_config:
         print("\n".join(describe()))
         return 0
@@ -222,9 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = run(cfg)
     out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
-    print(json.dumps({"output_dir": out_dir, "report": os.path.join(out_dir, "report.json"),
-                      "stages": {s: {k: v for k, v in r.items() if k != "metrics"}
-                                 for s, r in report.get("stages", {}).items()}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "output_dir": out_dir,
+                "report": os.path.join(out_dir, "report.json"),
+                "stages": {
+                    s: {k: v for k, v in r.items() if k != "metrics"}
+                    for s, r in report.get("stages", {}).items()
+                },
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -51,21 +51,25 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
 
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return {"address": "existing", "started_local": False,
-                "resources": ray.cluster_resources()}
+        return {"address": "existing", "started_local": False, "resources": ray.cluster_resources()}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(ray_cfg)},
-                 log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": worker_env(ray_cfg)}, log_to_driver=True)
         started_local = False
     else:
         ncpu = ray_cfg.num_cpus or os.cpu_count() or 1
-        ray.init(num_cpus=ncpu, num_gpus=ray_cfg.num_gpus,
-                 object_store_memory=ray_cfg.object_store_memory,
-                 runtime_env={"env_vars": worker_env(ray_cfg, num_threads=ncpu)},
-                 include_dashboard=False)
+        ray.init(
+            num_cpus=ncpu,
+            num_gpus=ray_cfg.num_gpus,
+            object_store_memory=ray_cfg.object_store_memory,
+            runtime_env={"env_vars": worker_env(ray_cfg, num_threads=ncpu)},
+            include_dashboard=False,
+        )
         started_local = True
-    return {"address": address or "local", "started_local": started_local,
-            "resources": ray.cluster_resources()}
+    return {
+        "address": address or "local",
+        "started_local": started_local,
+        "resources": ray.cluster_resources(),
+    }
 
 
 def actor_pool_kwargs(pool: ActorPoolConfig, model: ModelConfig | None = None) -> dict[str, Any]:

@@ -34,9 +34,13 @@ def ray_local():
     from deita_ray.runtime import worker_env
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False,
-                 object_store_memory=512 * 1024 * 1024,
-                 runtime_env={"env_vars": worker_env(num_threads=2)})
+        ray.init(
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            object_store_memory=512 * 1024 * 1024,
+            runtime_env={"env_vars": worker_env(num_threads=2)},
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -59,10 +59,16 @@ def test_every_field_is_documented():
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config(data={"input": {"paths": "pool.jsonl"}}, overrides=[
-        "select.budget=123", "select.tau=0.5", "stages=[ingest, score]",
-        "ray.env_vars={OMP_NUM_THREADS: '1'}", "score.quality_model.backend=hf",
-    ])
+    cfg = load_config(
+        data={"input": {"paths": "pool.jsonl"}},
+        overrides=[
+            "select.budget=123",
+            "select.tau=0.5",
+            "stages=[ingest, score]",
+            "ray.env_vars={OMP_NUM_THREADS: '1'}",
+            "score.quality_model.backend=hf",
+        ],
+    )
     assert cfg.select.budget == 123 and cfg.select.tau == 0.5
     assert cfg.stages == ["ingest", "score"]
     assert cfg.input.paths == ["pool.jsonl"]  # a single path is a list of one
@@ -71,23 +77,35 @@ def test_overrides_are_parsed_as_yaml():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("select.budget=many", "select.budget: expected an integer, got 'many'"),
-    ("select.budget=0", "select.budget: 0 must be > 0"),
-    ("select.tau=1.5", "select.tau: 1.5 must be <= 1"),
-    ("select.method=magic", "select.method: 'magic' is not allowed (allowed: deita, random"),
-    ("select.bugdet=10", "unknown key 'select.bugdet' (select allows: method, tau, budget"),
-    ("stages=[select, ingest]", "stages: ['select', 'ingest'] must be distinct and in pipeline order"),
-    ("stages=[ingest, train]", "stages: 'train' is not allowed (allowed: ingest, score, embed"),
-    ("score.complexity_model.backend=onnx", "score.complexity_model.backend: 'onnx' is not allowed"),
-    ("score.digit_token_ids=[1, 2]", "score.digit_token_ids: [1, 2] must hold six ids"),
-    ("sft.global_batch_size=10", "sft.global_batch_size: 10 must be a multiple of"),
-    ("sft.zero_stage=4", "sft.zero_stage: 4 is not allowed (allowed: 0, 1, 2, 3)"),
-    ("model.path=x", "unknown key 'model'"),
-    ("select.tau", "expected KEY=VALUE"),
-    ("score.trust=yes", "unknown key 'score.trust'"),
-    ("embed.model.trust_remote_code=maybe", "embed.model.trust_remote_code: expected true or false"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("select.budget=many", "select.budget: expected an integer, got 'many'"),
+        ("select.budget=0", "select.budget: 0 must be > 0"),
+        ("select.tau=1.5", "select.tau: 1.5 must be <= 1"),
+        ("select.method=magic", "select.method: 'magic' is not allowed (allowed: deita, random"),
+        ("select.bugdet=10", "unknown key 'select.bugdet' (select allows: method, tau, budget"),
+        (
+            "stages=[select, ingest]",
+            "stages: ['select', 'ingest'] must be distinct and in pipeline order",
+        ),
+        ("stages=[ingest, train]", "stages: 'train' is not allowed (allowed: ingest, score, embed"),
+        (
+            "score.complexity_model.backend=onnx",
+            "score.complexity_model.backend: 'onnx' is not allowed",
+        ),
+        ("score.digit_token_ids=[1, 2]", "score.digit_token_ids: [1, 2] must hold six ids"),
+        ("sft.global_batch_size=10", "sft.global_batch_size: 10 must be a multiple of"),
+        ("sft.zero_stage=4", "sft.zero_stage: 4 is not allowed (allowed: 0, 1, 2, 3)"),
+        ("model.path=x", "unknown key 'model'"),
+        ("select.tau", "expected KEY=VALUE"),
+        ("score.trust=yes", "unknown key 'score.trust'"),
+        (
+            "embed.model.trust_remote_code=maybe",
+            "embed.model.trust_remote_code: expected true or false",
+        ),
+    ],
+)
 def test_bad_values_fail_at_start_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(data={"input": {"paths": ["x.jsonl"]}}, overrides=[override])

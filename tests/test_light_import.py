@@ -16,10 +16,15 @@ print("HEAVY=" + ",".join(heavy))
 
 
 def _loaded_heavy(body: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(body=body, heavy=HEAVY)],
-                         capture_output=True, text=True, check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(body=body, heavy=HEAVY)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     line = [x for x in out.splitlines() if x.startswith("HEAVY=")][-1]
-    return [m for m in line[len("HEAVY="):].split(",") if m]
+    return [m for m in line[len("HEAVY=") :].split(",") if m]
 
 
 def test_import_package_is_light():
@@ -46,6 +51,10 @@ def test_pipeline_help_is_light():
 
 
 def test_pipeline_help_runs_as_module():
-    out = subprocess.run([sys.executable, "-m", "deita_ray.pipeline", "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "deita_ray.pipeline", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "--config" in out.stdout and "--set" in out.stdout

@@ -22,14 +22,16 @@ RAW = "_raw"
 
 MARK_COLUMNS = (REASON, DETAIL, RAW)
 
-REJECTS_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("stage", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("raw", pa.large_string()),
-    ("source", pa.string()),
-])
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("raw", pa.large_string()),
+        ("source", pa.string()),
+    ]
+)
 """Schema of every file under ``<output.dir>/rejects/<stage>/``."""
 
 

@@ -34,7 +34,8 @@ def split_block(table: pa.Table, stage: str) -> tuple[pa.Table, pa.Table]:
         return table, REJECTS_SCHEMA.empty_table()
     bad = pc.is_valid(table[REASON])
     good_rows = table.filter(pc.invert(bad)).drop_columns(
-        [c for c in MARK_COLUMNS if c in table.column_names])
+        [c for c in MARK_COLUMNS if c in table.column_names]
+    )
     bad_rows = table.filter(bad)
     n = bad_rows.num_rows
 
@@ -43,14 +44,17 @@ def split_block(table: pa.Table, stage: str) -> tuple[pa.Table, pa.Table]:
             return bad_rows[name].cast(typ)
         return pa.nulls(n, typ)
 
-    rejects = pa.table({
-        "id": col("id", pa.string()),
-        "stage": pa.array([stage] * n, pa.string()),
-        "reason": col(REASON, pa.string()),
-        "detail": col(DETAIL, pa.string()),
-        "raw": col(RAW, pa.large_string()),
-        "source": col("source", pa.string()),
-    }, schema=REJECTS_SCHEMA)
+    rejects = pa.table(
+        {
+            "id": col("id", pa.string()),
+            "stage": pa.array([stage] * n, pa.string()),
+            "reason": col(REASON, pa.string()),
+            "detail": col(DETAIL, pa.string()),
+            "raw": col(RAW, pa.large_string()),
+            "source": col("source", pa.string()),
+        },
+        schema=REJECTS_SCHEMA,
+    )
     return good_rows, rejects
 
 
@@ -96,11 +100,15 @@ class SplitParquetSink(Datasink):
         self.counts = StageCounts(
             rows_in=0,
             rows_out=sum(r["rows_out"] for r in returns),
-            rejected_by_reason=StageCounts.merge_reasons(*(r["rejected_by_reason"] for r in returns)),
+            rejected_by_reason=StageCounts.merge_reasons(
+                *(r["rejected_by_reason"] for r in returns)
+            ),
         )
 
 
-def write_with_rejects(ds: Any, stage: str, out_dir: str, rows_in: int | None = None) -> StageCounts:
+def write_with_rejects(
+    ds: Any, stage: str, out_dir: str, rows_in: int | None = None
+) -> StageCounts:
     """Run ``ds`` (a marked Ray Dataset) to completion, writing rows and rejects of ``stage``.
 
     Args:

@@ -40,18 +40,32 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512):
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", model_max_length=4096)
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=4096,
+    )
     fast.save_pretrained(str(out_dir))
     return fast
 
 
-def build_tiny_llama(out_dir: str | os.PathLike, *, hidden_size: int = 128, num_layers: int = 2,
-                     num_heads: int = 2, num_kv_heads: int = 2, intermediate_size: int = 256,
-                     max_position_embeddings: int = 4096, seed: int = 0,
-                     tie_word_embeddings: bool = False) -> Path:
+def build_tiny_llama(
+    out_dir: str | os.PathLike,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 256,
+    max_position_embeddings: int = 4096,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+) -> Path:
     """Write a random LlamaForCausalLM plus tokenizer to ``out_dir`` (safetensors, fp32).
 
     Returns:
@@ -64,11 +78,17 @@ def build_tiny_llama(out_dir: str | os.PathLike, *, hidden_size: int = 128, num_
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(out)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=tie_word_embeddings,
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
