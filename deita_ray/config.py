@@ -197,6 +197,9 @@ class ModelConfig:
         ),
     )
     hf_batch_size: int = _f(16, gt=0, doc="Forward batch size of the 'hf' backend.")
+    kv_cache_memory_bytes: int | None = _f(None, gt=0, doc=(
+        "vLLM: KV-cache size in bytes; when set it replaces gpu_memory_utilization (a fixed, "
+        "small reservation suits shared CPU machines and tests)."))
 
 
 @dataclass
