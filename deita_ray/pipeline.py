@@ -39,6 +39,8 @@ log = logging.getLogger("deita_ray")
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+SHARD_RESUMABLE = ("ingest", "score", "embed")
+"""Stages that write through data/sink.py and so can keep the parts an interrupted run wrote."""
 
 
 def stage_config(cfg: PipelineConfig, stage: str) -> dict:
@@ -154,10 +156,16 @@ def run(cfg: PipelineConfig) -> dict:
             log.info("stage %s: finished earlier with the same config, skipped", stage)
             results[stage] = dict(manifest["stages"][stage]["result"], skipped=True)
             continue
-        log.info("stage %s: running", stage)
+        previous = manifest["stages"].get(stage, {})
+        resumable = stage in SHARD_RESUMABLE and previous.get("hash") == h
+        if resumable and previous.get("status") == "running":
+            # Same settings, interrupted run: keep the parts it finished (see data/sink.py).
+            log.info("stage %s: resuming an interrupted run", stage)
+        else:
+            log.info("stage %s: running", stage)
+            _clear_stage_outputs(out_dir, stage)
         manifest["stages"][stage] = {"status": "running", "hash": h}
         _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
-        _clear_stage_outputs(out_dir, stage)
         t0 = time.perf_counter()
         result = _stage_runner(stage)(cfg, out_dir)
         seconds = time.perf_counter() - t0

@@ -25,6 +25,7 @@ MARK_COLUMNS = (REASON, DETAIL, RAW)
 REJECTS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
+        ("seq", pa.int64()),
         ("stage", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),

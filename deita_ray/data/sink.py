@@ -1,20 +1,27 @@
-"""A Ray Data sink that splits a stage's output into accepted rows and rejects in one pass.
+"""Writing a stage's output: accepted rows and rejects in one pass, resumable shard by shard.
 
-Each write task writes its accepted rows to ``<stage_dir>/part-<task>-<uuid>.parquet`` and its
-rejected rows (those with a non-null :data:`~deita_ray.data.rejects.REASON`) to
-``<rejects_dir>/part-<task>-<uuid>.parquet`` with :data:`~deita_ray.data.rejects.REJECTS_SCHEMA`,
-and returns its counts, which :func:`write_with_rejects` adds up into a
-:class:`~deita_ray.accounting.StageCounts`.
+A stage's output dataset carries the reject mark columns of :mod:`deita_ray.data.rejects`.
+:class:`SplitParquetSink` splits every block it receives: accepted rows go to
+``<out>/<stage>/part-*.parquet``, marked rows to ``<out>/rejects/<stage>/part-*.parquet`` with
+:data:`~deita_ray.data.rejects.REJECTS_SCHEMA`. Each file is written under a temporary name and
+renamed when complete, so a crash never leaves a half-written part behind.
+
+Resume: when a driver dies in the middle of a stage, the parts already written stay.
+:func:`skip_finished` drops the input rows whose ``seq`` already appears in them before the
+expensive work, and :func:`write_with_rejects` counts the stage's rows from what is on disk, so
+a resumed stage ends with the same rows and the same counts as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import uuid
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,6 +33,18 @@ try:  # Ray is a core dependency, but keep this module importable for pure unit 
     from ray.data import Datasink
 except ImportError:  # pragma: no cover
     Datasink = object  # type: ignore[assignment,misc]
+
+TMP_PREFIX = ".tmp-"
+
+
+def stage_dir(out_dir: str, stage: str) -> str:
+    """Folder of a stage's accepted rows."""
+    return os.path.join(out_dir, stage)
+
+
+def rejects_dir(out_dir: str, stage: str) -> str:
+    """Folder of a stage's rejects."""
+    return os.path.join(out_dir, "rejects", stage)
 
 
 def split_block(table: pa.Table, stage: str) -> tuple[pa.Table, pa.Table]:
@@ -47,6 +66,7 @@ def split_block(table: pa.Table, stage: str) -> tuple[pa.Table, pa.Table]:
     rejects = pa.table(
         {
             "id": col("id", pa.string()),
+            "seq": col("seq", pa.int64()),
             "stage": pa.array([stage] * n, pa.string()),
             "reason": col(REASON, pa.string()),
             "detail": col(DETAIL, pa.string()),
@@ -58,18 +78,25 @@ def split_block(table: pa.Table, stage: str) -> tuple[pa.Table, pa.Table]:
     return good_rows, rejects
 
 
+def _write_atomic(table: pa.Table, folder: str, name: str) -> None:
+    tmp = os.path.join(folder, TMP_PREFIX + name)
+    pq.write_table(table, tmp)
+    os.replace(tmp, os.path.join(folder, name))
+
+
 class SplitParquetSink(Datasink):
-    """Writes accepted rows and rejects of a marked dataset to two Parquet folders."""
+    """Writes the accepted rows and the rejects of a marked dataset to two Parquet folders."""
 
     def __init__(self, stage: str, stage_dir: str, rejects_dir: str):
         self.stage = stage
         self.stage_dir = stage_dir
         self.rejects_dir = rejects_dir
-        self.counts: StageCounts | None = None
 
     def on_write_start(self, schema: Any = None) -> None:
-        os.makedirs(self.stage_dir, exist_ok=True)
-        os.makedirs(self.rejects_dir, exist_ok=True)
+        for folder in (self.stage_dir, self.rejects_dir):
+            os.makedirs(folder, exist_ok=True)
+            for stray in glob.glob(os.path.join(folder, TMP_PREFIX + "*")):
+                os.remove(stray)  # left by a task that died mid-write
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict:
         goods, bads = [], []
@@ -83,27 +110,68 @@ class SplitParquetSink(Datasink):
         name = f"part-{getattr(ctx, 'task_idx', 0):05d}-{uuid.uuid4().hex[:12]}.parquet"
         rows_out = 0
         reasons: Counter = Counter()
-        if goods:
-            good = pa.concat_tables(goods, promote_options="default")
-            if good.num_rows:
-                pq.write_table(good, os.path.join(self.stage_dir, name))
-                rows_out = good.num_rows
-        if bads:
-            bad = pa.concat_tables(bads)
-            if bad.num_rows:
-                pq.write_table(bad, os.path.join(self.rejects_dir, name))
-                reasons.update(bad["reason"].to_pylist())
+        good = pa.concat_tables(goods, promote_options="default") if goods else None
+        if good is not None and good.num_rows:
+            _write_atomic(good, self.stage_dir, name)
+            rows_out = good.num_rows
+        bad = pa.concat_tables(bads) if bads else None
+        if bad is not None and bad.num_rows:
+            _write_atomic(bad, self.rejects_dir, name)
+            reasons.update(bad["reason"].to_pylist())
         return {"rows_out": rows_out, "rejected_by_reason": dict(reasons)}
 
-    def on_write_complete(self, write_result: Any) -> None:
-        returns = getattr(write_result, "write_returns", write_result) or []
-        self.counts = StageCounts(
-            rows_in=0,
-            rows_out=sum(r["rows_out"] for r in returns),
-            rejected_by_reason=StageCounts.merge_reasons(
-                *(r["rejected_by_reason"] for r in returns)
-            ),
-        )
+
+def _parts(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "part-*.parquet")))
+
+
+def _column(paths: list[str], name: str) -> list[pa.ChunkedArray]:
+    cols = []
+    for path in paths:
+        if name in pq.read_schema(path).names:
+            cols.append(pq.read_table(path, columns=[name])[name])
+    return cols
+
+
+def count_written(out_dir: str, stage: str) -> StageCounts:
+    """Rows out and rejects by reason of a stage, read from its Parquet footers and reasons."""
+    rows_out = sum(pq.ParquetFile(p).metadata.num_rows for p in _parts(stage_dir(out_dir, stage)))
+    reasons: Counter = Counter()
+    for col in _column(_parts(rejects_dir(out_dir, stage)), "reason"):
+        reasons.update(col.to_pylist())
+    return StageCounts(rows_in=0, rows_out=rows_out, rejected_by_reason=dict(reasons))
+
+
+def finished_seqs(out_dir: str, stage: str) -> np.ndarray:
+    """Sorted ``seq`` values of the rows a stage has already written (accepted or rejected)."""
+    cols = _column(_parts(stage_dir(out_dir, stage)) + _parts(rejects_dir(out_dir, stage)), "seq")
+    if not cols:
+        return np.empty(0, dtype=np.int64)
+    seqs = np.concatenate([c.to_numpy(zero_copy_only=False) for c in cols]).astype(np.int64)
+    return np.unique(seqs)
+
+
+class _DropFinished:
+    """map_batches filter: drops rows whose ``seq`` is in a sorted array of finished seqs."""
+
+    def __init__(self, done: np.ndarray):
+        self.done = done
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        seq = batch["seq"].to_numpy(zero_copy_only=False)
+        pos = np.clip(np.searchsorted(self.done, seq), 0, len(self.done) - 1)
+        return batch.filter(pa.array(self.done[pos] != seq))
+
+
+def skip_finished(ds: Any, out_dir: str, stage: str) -> Any:
+    """Drop from ``ds`` the rows that ``stage`` already wrote in an interrupted earlier run.
+
+    Needs a ``seq`` column (every canonical row has one). A fresh stage gets ``ds`` back as is.
+    """
+    done = finished_seqs(out_dir, stage)
+    if done.size == 0:
+        return ds
+    return ds.map_batches(_DropFinished(done), batch_format="pyarrow", zero_copy_batch=True)
 
 
 def write_with_rejects(
@@ -115,24 +183,16 @@ def write_with_rejects(
         ds: dataset whose rows may carry the reject mark columns.
         stage: stage name (folder names and the ``stage`` column of rejects).
         out_dir: the job's output directory.
-        rows_in: rows the stage read; None means "every row that reached the sink" (for stages
-            that map each input row to exactly one output row).
+        rows_in: rows the stage read in total (including rows finished by an interrupted
+            earlier run); None means "every row the stage has written", for stages that map
+            each input row to exactly one output row.
 
     Returns:
-        The stage's counts (rows_in filled in).
+        The stage's counts, read back from disk (so a resumed stage counts its earlier parts).
     """
-    sink = SplitParquetSink(stage, stage_dir(out_dir, stage), rejects_dir(out_dir, stage))
-    ds.write_datasink(sink)
-    counts = sink.counts or StageCounts()
+    ds.write_datasink(
+        SplitParquetSink(stage, stage_dir(out_dir, stage), rejects_dir(out_dir, stage))
+    )
+    counts = count_written(out_dir, stage)
     counts.rows_in = counts.rows_out + counts.rows_rejected if rows_in is None else rows_in
     return counts
-
-
-def stage_dir(out_dir: str, stage: str) -> str:
-    """Folder of a stage's accepted rows."""
-    return os.path.join(out_dir, stage)
-
-
-def rejects_dir(out_dir: str, stage: str) -> str:
-    """Folder of a stage's rejects."""
-    return os.path.join(out_dir, "rejects", stage)
