@@ -50,7 +50,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedModelMissing(
-            f"The embedded model needs the PyPI package {PIP_SPEC!r}, which is not installed; {hint}")
+            f"The embedded model needs the PyPI package {PIP_SPEC!r}, which is not installed; {hint}"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise EmbeddedModelMissing(f"{path} not found in the {PACKAGE} package; {hint}")
@@ -63,32 +64,40 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 
 def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Dequantise a LLaMA GGUF file and save it as an HF folder (safetensors, fp32) + tokenizer.
+    """Dequantise a LLaMA-family GGUF file and save it as an HF folder (safetensors, fp32) plus
+    its tokenizer.
 
-    ``save_pretrained`` refuses a GGUF-loaded model, so a plain model is rebuilt from its config
-    (minus ``quantization_config``) and given the loaded weights.
+    ``save_pretrained`` refuses a GGUF-loaded model, so a plain model is built from the GGUF's
+    config (without ``quantization_config``) and given the dequantised weights. The weights are
+    read with transformers' own GGUF reader (``load_gguf_checkpoint``, which also undoes
+    llama.cpp's q/k permutation) rather than ``from_pretrained(gguf_file=...)``, because the
+    latter requires ``accelerate``, which the stack does not otherwise need.
+
+    Raises:
+        RuntimeError: the GGUF weights do not cover the model's parameters.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     gguf_file = Path(gguf_file)
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config_dict = loaded.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict["torch_dtype"] = "float32"
-    config_dict.pop("dtype", None)
-    model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    # Tied embeddings: lm_head.weight may legitimately be absent from the GGUF state dict.
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    parsed = load_gguf_checkpoint(
+        str(gguf_file), return_tensors=True, model_to_load=model, torch_dtype=torch.float32
+    )
+    missing, unexpected = model.load_state_dict(parsed["tensors"], strict=False)
+    # With tied embeddings the GGUF has no separate output matrix: lm_head shares embed_tokens.
+    if getattr(config, "tie_word_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.tie_weights()
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-    model.tie_weights()
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
 
 
@@ -114,6 +123,9 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         convert_gguf(source, tmp)
         (tmp / MARKER).write_text(json.dumps({"source": str(source), "package": PIP_SPEC}))
+        # mkdtemp makes a private folder; the cache is shared with other users of the machine.
+        for path in (tmp, *tmp.iterdir()):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         if target.exists() and not is_complete(target):
             # A leftover from a crashed run without its marker: replace it.
             shutil.rmtree(target, ignore_errors=True)
