@@ -247,11 +247,12 @@ class SelectConfig:
 
     method: str = _f(
         "deita",
-        choices=("deita", "random", "score", "instruction_length", "response_length"),
+        choices=("deita", "random", "score", "instruction_length", "response_length", "kcenter"),
         doc=(
             "'deita': greedy by evol score with the cosine threshold; 'score': top by evol score "
             "only; 'random': seeded sample; 'instruction_length' / 'response_length': longest "
-            "first."
+            "first (characters of all user / assistant messages); 'kcenter': k-center greedy "
+            "on the embeddings (cosine distance)."
         ),
     )
     tau: float = _f(
@@ -272,10 +273,16 @@ class SelectConfig:
     )
     device: str = _f(
         "auto",
-        choices=("auto", "cpu", "cuda"),
-        doc=("Where the matrix products run ('auto': cuda if torch sees a GPU)."),
+        choices=("auto", "cpu", "cuda", "numpy"),
+        doc=(
+            "Where the matrix products run ('auto': cuda if torch sees a GPU, else torch on "
+            "CPU; 'numpy': no torch)."
+        ),
     )
     seed: int = _f(0, doc="Seed of the 'random' method.")
+    shard_num_cpus: float = _f(
+        1.0, ge=0, doc="CPUs reserved per shard actor of the distributed method (num_shards > 1)."
+    )
 
 
 @dataclass

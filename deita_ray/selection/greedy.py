@@ -1,0 +1,475 @@
+"""Exact score-first, diversity-aware greedy selection (SPEC section 4): the blocked method.
+
+Pure: arrays in, positions out. No Ray, no files, no models; torch is imported lazily and only
+when a torch device is asked for (``device="numpy"`` never imports it).
+
+The contract is the plain in-order greedy: walk the candidates by evol score descending (ties
+by input order ``seq`` ascending), take a row iff its cosine to EVERY already-taken row is
+``<= tau``, stop after ``budget`` rows. :func:`select_diverse` returns exactly that list, at
+matrix-product speed: candidates come in blocks of ``B``; one product of the block against the
+accepted set rejects most of them; the block's survivors are then resolved in order with the
+block's own ``B x B`` similarities.
+
+Numerical policy (why every method returns the same ids):
+    * Vectors are L2-normalised once per row by :func:`normalize_rows` (float64 arithmetic,
+      rounded to float32). The computation of a row depends on that row only, so every caller
+      (this module, the distributed shards, the tests' oracle) gets bit-identical unit vectors.
+    * The *canonical* cosine of two rows is the dot product of their float32 unit vectors,
+      evaluated in float64 (each product of two float32 numbers is exact in float64; only the
+      summation rounds, by at most ``d * 2**-53``) and clamped to ``[-1, 1]``. A row is rejected
+      iff some canonical cosine is ``> tau``; a pair whose cosine equals ``tau`` is TAKEN.
+    * Bulk cosines are float32 matrix products (BLAS, torch, GPU with TF32 off). Their error on
+      unit vectors is below ``kernel_margin(d) ~ d * 2**-24``, whatever the summation order.
+      A float32 value above ``tau + margin`` is a certain rejection, one below ``tau - margin``
+      a certain pass; only values inside that band are recomputed canonically. Decisions are
+      therefore those of the canonical cosine, independent of block size, device, matrix
+      shapes and the number of shards.
+    * Zero vectors stay zero after normalisation: their cosine to anything is 0 (never similar
+      for ``tau >= 0``). They are candidates like any other row and are counted in
+      ``stats["zero_vector"]``. Rows whose embedding has a NaN/inf are not candidates
+      (``stats["invalid_embedding"]``), nor are rows whose score is NaN (``missing_score``).
+    * ``max_sim`` reports the float32 kernel value (it may differ from another method's report
+      in the last bits; the decisions do not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+NORMALIZE_CHUNK = 8192
+"""Rows normalised at a time (bounds the float64 temporary)."""
+
+SUB_BLOCK = 128
+"""Survivors of a block resolved together with their own Gram matrix."""
+
+
+@dataclass
+class SelectionResult:
+    """What a selector returns: the picks in selection order plus pool statistics.
+
+    Attributes:
+        indices: int64 positions of the selected rows in the caller's arrays (for the
+            distributed method: global positions in the shard plan's row order), in
+            selection order.
+        max_sim: float32, per selected row its largest cosine to the rows selected before it
+            (NaN for the first pick and for methods that do not compare embeddings).
+        stats: pool statistics: ``pool``, ``candidates``, ``selected``, ``scanned``,
+            ``rejected_for_similarity``, ``not_reached``, ``missing_score``,
+            ``invalid_embedding``, ``zero_vector`` (deita); baselines fill the keys they use.
+        ids: ids of the selected rows, when the caller gave ids.
+        seq: global input order of the selected rows, when known.
+        scores: evol scores of the selected rows (NaN where unknown).
+        method: the method that produced it.
+    """
+
+    indices: np.ndarray
+    max_sim: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+    ids: list[str] | None = None
+    seq: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    method: str = "deita"
+
+    def __len__(self) -> int:
+        return int(len(self.indices))
+
+
+def kernel_margin(dim: int) -> float:
+    """Upper bound on the error of a float32 dot product of two (near) unit vectors of ``dim``.
+
+    The classic bound ``|fl(x.y) - x.y| <= gamma_d * sum|x_i y_i|`` with ``gamma_d ~ d * 2**-24``
+    holds for any summation order (blocked, pairwise, split-K on a GPU); ``sum|x_i y_i| <= 1``
+    for unit vectors. A little slack covers norms off 1 by a few ulps.
+    """
+    return 1.05 * (dim + 2) * 2.0**-24 + 1e-7
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """L2-normalise rows to float32 unit vectors; zero rows stay zero.
+
+    Every row is computed from that row alone (float64, then rounded), so the result is the
+    same bits whichever rows are normalised together. Non-finite rows yield non-finite output:
+    filter them out first (see :func:`valid_rows`).
+    """
+    x = np.asarray(x)
+    out = np.empty(x.shape, dtype=np.float32)
+    for start in range(0, x.shape[0], NORMALIZE_CHUNK):
+        x64 = x[start : start + NORMALIZE_CHUNK].astype(np.float64)
+        norms = np.sqrt(np.sum(x64 * x64, axis=1))
+        norms[norms == 0] = 1.0  # zero vectors stay zero: cosine 0 to everything
+        out[start : start + NORMALIZE_CHUNK] = x64 / norms[:, None]
+    return out
+
+
+def valid_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (finite, zero) boolean masks over the rows of an embedding matrix."""
+    finite = np.ones(x.shape[0], dtype=bool)
+    zero = np.zeros(x.shape[0], dtype=bool)
+    for start in range(0, x.shape[0], NORMALIZE_CHUNK):
+        chunk = x[start : start + NORMALIZE_CHUNK]
+        finite[start : start + NORMALIZE_CHUNK] = np.isfinite(chunk).all(axis=1)
+        zero[start : start + NORMALIZE_CHUNK] = ~chunk.any(axis=1)
+    return finite, zero
+
+
+def candidate_order(scores: np.ndarray, seq: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Positions of the rows in ``mask``, by score descending, then ``seq`` ascending."""
+    pos = np.flatnonzero(mask)
+    keys = np.lexsort((np.asarray(seq)[pos], -np.asarray(scores, dtype=np.float64)[pos]))
+    return pos[keys]
+
+
+def canonical_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Canonical cosines of row pairs ``(a[i], b[i])`` of float32 unit vectors (see module doc)."""
+    c = np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+    return np.clip(c, -1.0, 1.0)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Map a device name to ``"numpy"``, ``"cpu"`` (torch) or ``"cuda"`` (torch).
+
+    ``auto``: cuda when torch sees a GPU, else torch on CPU, else numpy when torch is absent.
+    """
+    if device == "numpy":
+        return "numpy"
+    try:
+        import torch  # noqa: PLC0415 - heavy, only when a torch path is asked for
+    except ImportError:
+        if device in ("auto", "cpu"):
+            return "numpy"
+        raise
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("select.device is 'cuda' but torch sees no GPU")
+    return device
+
+
+class _NumpyOps:
+    """Matrix products on the host with numpy (BLAS)."""
+
+    def __init__(self, capacity: int, dim: int):
+        self.acc = np.empty((capacity, dim), dtype=np.float32)
+
+    def resize(self, host: np.ndarray, k: int) -> None:
+        self.acc = host  # the selector's host matrix is the accepted set itself
+
+    def put(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def append(self, k: int, x: np.ndarray) -> None:
+        pass  # already written into the shared host matrix
+
+    def screen(self, xd: np.ndarray, k: int) -> tuple[np.ndarray, Any]:
+        s = xd @ self.acc[:k].T
+        return s.max(axis=1), s
+
+    def rows(self, s: Any, rows: np.ndarray) -> np.ndarray:
+        return s[rows]
+
+    def gram(self, xd: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        xs = xd[rows]
+        return xs @ xs.T
+
+    def cross(self, xd: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, Any]:
+        s = xd[rows] @ xd[cols].T
+        return s.max(axis=1), s
+
+
+class _TorchOps:
+    """Matrix products with torch on CPU or GPU (float32, TF32 off)."""
+
+    def __init__(self, capacity: int, dim: int, device: str):
+        import torch  # noqa: PLC0415 - heavy, only on this path
+
+        self.torch = torch
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # TF32 products would exceed kernel_margin: the float32 policy needs IEEE fp32.
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.acc = torch.empty((capacity, dim), dtype=torch.float32, device=self.device)
+
+    def resize(self, host: np.ndarray, k: int) -> None:
+        grown = self.torch.empty(host.shape, dtype=self.torch.float32, device=self.device)
+        grown[:k] = self.acc[:k]
+        self.acc = grown
+
+    def put(self, x: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    def append(self, k: int, x: np.ndarray) -> None:
+        self.acc[k : k + len(x)] = self.put(x)
+
+    def screen(self, xd: Any, k: int) -> tuple[np.ndarray, Any]:
+        s = xd @ self.acc[:k].T
+        return s.amax(dim=1).cpu().numpy(), s
+
+    def rows(self, s: Any, rows: np.ndarray) -> np.ndarray:
+        return s[self.torch.from_numpy(rows).to(self.device)].cpu().numpy()
+
+    def gram(self, xd: Any, rows: np.ndarray) -> np.ndarray:
+        xs = xd[self.torch.from_numpy(rows).to(self.device)]
+        return (xs @ xs.T).cpu().numpy()
+
+    def cross(self, xd: Any, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, Any]:
+        idx = self.torch.from_numpy
+        s = xd[idx(rows).to(self.device)] @ xd[idx(cols).to(self.device)].T
+        return s.amax(dim=1).cpu().numpy(), s
+
+
+class GreedySelector:
+    """The accepted set of the greedy, and the two blocked operations on it.
+
+    ``offer`` runs the exact in-order greedy over a block of candidates (already in global
+    order, already normalised) against everything accepted so far; ``screen`` only rejects
+    candidates against the accepted set (what the distributed shards do). Both follow the
+    numerical policy of the module docstring.
+
+    Args:
+        dim: embedding dimension.
+        tau: cosine threshold (a row is taken iff its cosine to every taken row is <= tau).
+        capacity: most rows that will be accepted (the budget).
+        device: ``"numpy"``, ``"cpu"`` or ``"cuda"`` (see :func:`resolve_device`).
+    """
+
+    def __init__(self, dim: int, tau: float, capacity: int, device: str = "numpy"):
+        self.dim = dim
+        self.tau = float(tau)
+        self.margin = kernel_margin(dim)
+        self.hi = self.tau + self.margin
+        self.lo = self.tau - self.margin
+        self.capacity = int(capacity)
+        self.k = 0
+        self.device = device
+        # Host copy of the accepted unit vectors (canonical re-checks, broadcasts to shards);
+        # grown on demand so that a huge budget does not preallocate a huge matrix.
+        self.accepted = np.empty((min(self.capacity, 1024), dim), dtype=np.float32)
+        self.ops = _NumpyOps(0, dim) if device == "numpy" else _TorchOps(0, dim, device)
+        self.ops.resize(self.accepted, 0)
+        self.band_checks = 0
+
+    def _reserve(self, n: int) -> None:
+        """Make room for ``n`` accepted rows."""
+        if n <= self.accepted.shape[0]:
+            return
+        size = min(self.capacity, max(n, 2 * self.accepted.shape[0]))
+        grown = np.empty((size, self.dim), dtype=np.float32)
+        grown[: self.k] = self.accepted[: self.k]
+        self.accepted = grown
+        self.ops.resize(grown, self.k)
+
+    @property
+    def full(self) -> bool:
+        return self.k >= self.capacity
+
+    def add(self, x: np.ndarray) -> None:
+        """Append rows to the accepted set without checks (shards mirroring the driver)."""
+        n = min(len(x), self.capacity - self.k)
+        if n <= 0:
+            return
+        self._reserve(self.k + n)
+        self.accepted[self.k : self.k + n] = x[:n]
+        self.ops.append(self.k, x[:n])
+        self.k += n
+
+    def _band_reject(
+        self, x: np.ndarray, cand: np.ndarray, s_rows: np.ndarray, others: np.ndarray
+    ) -> np.ndarray:
+        """Canonical re-check of candidates whose float32 maximum lies in the band.
+
+        Args:
+            x: the block's unit vectors (host).
+            cand: positions in ``x`` of the candidates to re-check.
+            s_rows: their float32 similarities to ``others`` (len(cand) x len(others)).
+            others: the unit vectors they were compared with (host).
+
+        Returns:
+            Boolean per candidate: rejected (some canonical cosine > tau).
+        """
+        ri, ci = np.nonzero(s_rows >= self.lo)
+        self.band_checks += len(ri)
+        exact = canonical_cosines(x[cand[ri]], others[ci])
+        rejected = np.zeros(len(cand), dtype=bool)
+        rejected[ri[exact > self.tau]] = True
+        return rejected
+
+    def screen(self, x: np.ndarray, xd: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reject candidates against the accepted set only.
+
+        Args:
+            x: block of unit vectors (host, float32), in global order.
+            xd: the same block already on the device (optional).
+
+        Returns:
+            (survives, rowmax): per row whether no accepted row is within tau of it, and its
+            float32 maximum cosine to the accepted set (-inf when the set is empty).
+        """
+        n = len(x)
+        if self.k == 0 or n == 0:
+            return np.ones(n, dtype=bool), np.full(n, -np.inf, dtype=np.float32)
+        xd = self.ops.put(x) if xd is None else xd
+        rowmax, s = self.ops.screen(xd, self.k)
+        survives = rowmax <= self.hi
+        band = np.flatnonzero(survives & (rowmax >= self.lo))
+        if len(band):
+            rej = self._band_reject(x, band, self.ops.rows(s, band), self.accepted[: self.k])
+            survives[band[rej]] = False
+        return survives, rowmax
+
+    def offer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Run the exact greedy over a block of candidates in order, accepting into the set.
+
+        The block is screened against the accepted set in one product; its survivors are then
+        resolved in sub-blocks of :data:`SUB_BLOCK`: each sub-block is screened against the
+        rows this block has taken so far, and what is left is resolved in order with the
+        sub-block's own similarities (so the in-block work is about survivors x taken, not
+        survivors squared).
+
+        Args:
+            x: block of unit vectors (host, float32), in global candidate order.
+
+        Returns:
+            (positions, max_sim, examined): positions in ``x`` of the accepted rows, their
+            float32 max cosine to earlier picks (NaN for the very first pick), and how many
+            leading rows of ``x`` were examined (fewer than ``len(x)`` when the budget filled).
+        """
+        n = len(x)
+        if n == 0 or self.full:
+            return np.empty(0, np.int64), np.empty(0, np.float32), 0
+        xd = self.ops.put(x)
+        survives, rowmax = self.screen(x, xd)
+        surv = np.flatnonzero(survives)
+        room = self.capacity - self.k
+        hi, lo = self.hi, self.lo
+        taken: list[int] = []  # positions in x, in order
+        sims: list[float] = []
+        examined = n
+        for s0 in range(0, len(surv), SUB_BLOCK):
+            sub = surv[s0 : s0 + SUB_BLOCK]
+            prev = np.full(len(sub), -np.inf, dtype=np.float32)
+            if taken:  # screen against this block's earlier acceptances
+                tk = np.asarray(taken)
+                prev, s = self.ops.cross(xd, sub, tk)
+                ok = prev <= hi
+                band = np.flatnonzero(ok & (prev >= lo))
+                if len(band):
+                    rej = self._band_reject(x, sub[band], self.ops.rows(s, band), x[tk])
+                    ok[band[rej]] = False
+                sub, prev = sub[ok], prev[ok]
+            if len(sub) == 0:
+                continue
+            g = self.ops.gram(xd, sub) if len(sub) > 1 else np.ones((1, 1), np.float32)
+            loc: list[int] = []  # indices into sub taken in this sub-block
+            for t in range(len(sub)):
+                best = max(float(rowmax[sub[t]]), float(prev[t]))
+                if loc:
+                    gt = g[t, loc]
+                    m = float(gt.max())
+                    if m > hi:
+                        continue
+                    if (
+                        m >= lo
+                        and self._band_reject(x, sub[t : t + 1], gt[None, :], x[sub[loc]])[0]
+                    ):
+                        continue
+                    best = max(best, m)
+                loc.append(t)
+                taken.append(int(sub[t]))
+                sims.append(np.nan if best == -np.inf else best)
+                if len(taken) >= room:
+                    examined = int(sub[t]) + 1
+                    break
+            if len(taken) >= room:
+                break
+        pos = np.asarray(taken, dtype=np.int64)
+        self.add(x[pos])
+        return pos, np.asarray(sims, dtype=np.float32), examined
+
+
+def select_diverse(
+    embeddings: np.ndarray,
+    scores: np.ndarray,
+    tau: float,
+    budget: int,
+    seq: np.ndarray | None = None,
+    ids: list[str] | None = None,
+    block_size: int = 1024,
+    device: str = "auto",
+) -> SelectionResult:
+    """Exact score-first, diversity-aware greedy selection (SPEC section 4).
+
+    Args:
+        embeddings: ``[n, d]`` float32 (or float16) embeddings, not necessarily normalised.
+        scores: ``[n]`` evol scores; NaN means missing (the row is not a candidate).
+        tau: cosine threshold; a row is taken iff its cosine to every taken row is <= tau.
+        budget: number of rows to select (m); fewer when the pool runs out.
+        seq: ``[n]`` global input order used to break score ties (default: position).
+        ids: optional row ids, returned for the selected rows.
+        block_size: candidates per matrix product (any value >= 1 gives the same ids).
+        device: ``"auto"``, ``"cpu"``/``"cuda"`` (torch) or ``"numpy"``.
+
+    Returns:
+        The selection in order, with per-pick max cosine to earlier picks and pool statistics.
+
+    Example:
+        >>> emb = np.array([[1, 0], [1, 0.01], [0, 1]], np.float32)
+        >>> r = select_diverse(emb, np.array([3.0, 2.0, 1.0]), tau=0.9, budget=2, device="numpy")
+        >>> r.indices.tolist()
+        [0, 2]
+    """
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, got shape {emb.shape}")
+    n, dim = emb.shape
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(scores) != n:
+        raise ValueError(f"{len(scores)} scores for {n} embeddings")
+    seq = np.arange(n, dtype=np.int64) if seq is None else np.asarray(seq, dtype=np.int64)
+    finite, zero = valid_rows(emb)
+    missing = np.isnan(scores)
+    cand_mask = ~missing & finite
+    order = candidate_order(scores, seq, cand_mask)
+    capacity = max(0, min(int(budget), len(order)))
+    dev = resolve_device(device)
+    selector = GreedySelector(dim, tau, capacity, dev)
+    picks: list[np.ndarray] = []
+    sims: list[np.ndarray] = []
+    scanned = 0
+    for start in range(0, len(order), block_size):
+        if selector.full:
+            break
+        blk = order[start : start + block_size]
+        pos, ms, examined = selector.offer(normalize_rows(emb[blk]))
+        picks.append(blk[pos])
+        sims.append(ms)
+        scanned = start + examined
+    if not selector.full:
+        scanned = len(order)
+    indices = np.concatenate(picks) if picks else np.empty(0, np.int64)
+    max_sim = np.concatenate(sims) if sims else np.empty(0, np.float32)
+    stats = {
+        "pool": int(n),
+        "candidates": int(len(order)),
+        "selected": int(len(indices)),
+        "scanned": int(scanned),
+        "rejected_for_similarity": int(scanned - len(indices)),
+        "not_reached": int(len(order) - scanned),
+        "missing_score": int(missing.sum()),
+        "invalid_embedding": int((~finite & ~missing).sum()),
+        "zero_vector": int((zero & cand_mask).sum()),
+        "band_checks": int(selector.band_checks),
+    }
+    return SelectionResult(
+        indices=indices.astype(np.int64),
+        max_sim=max_sim,
+        stats=stats,
+        ids=[ids[i] for i in indices] if ids is not None else None,
+        seq=seq[indices],
+        scores=scores[indices],
+        method="deita",
+    )

@@ -1,0 +1,275 @@
+"""The ``select`` stage: choose the training set from the scored, embedded pool.
+
+Input: ``<out_dir>/embed/*.parquet`` (``id``, ``seq``, ``evol_score``, ``embedding``) for the
+embedding-based methods (``deita``, ``kcenter``); the text pool ``<out_dir>/score/`` (or
+``<out_dir>/ingest/`` when there is no score folder) for the others and for the output's text.
+
+Output: ``<out_dir>/select/part-00000.parquet`` sorted by ``rank``, with columns ``id``,
+``rank`` (0-based selection order), ``evol_score``, ``max_sim`` (cosine of the pick to its
+nearest earlier pick; null for the first pick and for methods that do not compare embeddings),
+followed by every other column of the text pool (``seq``, ``messages``, ``source``, ...), so the
+folder is directly a training set. The selection is small, the pool may be big: the text is
+joined by streaming the pool's Parquet files batch by batch and keeping the selected ``seq``.
+
+Accounting: selection is not rejection. Nothing is written to ``rejects/select``; rows that
+are not selected are counted in ``rejected_by_reason`` only, so that ``rows_in`` (pool rows)
+``== rows_out`` (selected) ``+`` not selected, by reason: ``similar_to_selected`` (cosine >
+tau to an earlier pick), ``not_reached`` (the budget filled before the row's turn),
+``missing_score``, ``invalid_embedding`` (NaN/inf or null embedding), ``below_budget_cut``
+(baselines: ranked below the budget).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from deita_ray.accounting import StageCounts, StageResult
+from deita_ray.config import PipelineConfig
+from deita_ray.data.sink import stage_dir
+from deita_ray.selection.baselines import (
+    message_lengths,
+    select_kcenter,
+    select_longest,
+    select_random,
+    select_top_score,
+)
+from deita_ray.selection.distributed import (
+    load_pool,
+    parquet_files,
+    plan_shards,
+    select_distributed,
+)
+from deita_ray.selection.greedy import SelectionResult, select_diverse
+
+STAGE = "select"
+REASONS = (
+    "similar_to_selected",
+    "not_reached",
+    "missing_score",
+    "invalid_embedding",
+    "below_budget_cut",
+)
+_STAT_OF_REASON = {"similar_to_selected": "rejected_for_similarity"}
+
+
+def text_source_dir(out_dir: str) -> str | None:
+    """The folder whose rows carry the text: score output if present, else ingest output."""
+    for stage in ("score", "ingest"):
+        d = stage_dir(out_dir, stage)
+        if parquet_files(d):
+            return d
+    return None
+
+
+def _read_text_pool(files: list[str], need_messages: bool) -> dict[str, Any]:
+    """Stream (id, seq, evol_score, user/assistant lengths) out of the text pool."""
+    ids: list[str] = []
+    seqs, scores, ulen, alen = [], [], [], []
+    for f in files:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        cols = [c for c in ("id", "seq", "evol_score", "messages") if c in names]
+        if not need_messages:
+            cols = [c for c in cols if c != "messages"]
+        for batch in pf.iter_batches(batch_size=8192, columns=cols):
+            n = batch.num_rows
+            ids.extend(batch.column("id").to_pylist())
+            seqs.append(batch.column("seq").cast(pa.int64()).to_numpy(zero_copy_only=False))
+            if "evol_score" in cols:
+                scores.append(
+                    batch.column("evol_score").cast(pa.float64()).to_numpy(zero_copy_only=False)
+                )
+            else:
+                scores.append(np.full(n, np.nan))
+            if need_messages:
+                msgs = batch.column("messages")
+                ulen.append(message_lengths(msgs, "user"))
+                alen.append(message_lengths(msgs, "assistant"))
+
+    def cat(parts: list, dtype: Any) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype)
+
+    return {
+        "ids": ids,
+        "seq": cat(seqs, np.int64),
+        "scores": cat(scores, np.float64),
+        "user_len": cat(ulen, np.int64),
+        "assistant_len": cat(alen, np.int64),
+    }
+
+
+def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[str, Any]]:
+    """Run the configured method; returns the result and run facts for the metrics."""
+    sc = cfg.select
+    facts: dict[str, Any] = {}
+    if sc.method in ("deita", "kcenter"):
+        files = parquet_files(stage_dir(out_dir, "embed"))
+        if not files:
+            raise FileNotFoundError(f"select.method={sc.method} needs {out_dir}/embed/*.parquet")
+        if sc.method == "deita" and sc.num_shards > 1:
+            facts["mode"] = "distributed"
+            res = select_distributed(
+                files,
+                sc.tau,
+                sc.budget,
+                sc.num_shards,
+                block_size=sc.block_size,
+                device=sc.device,
+                shard_num_cpus=sc.shard_num_cpus,
+                driver_device=sc.device,
+            )
+            return res, facts
+        plan, _ = plan_shards(files, 1)
+        pool = load_pool(plan[0])
+        if sc.method == "kcenter":
+            facts["mode"] = "single_node"
+            return select_kcenter(
+                pool.embeddings, sc.budget, pool.scores, pool.seq, pool.ids
+            ), facts
+        facts["mode"] = "single_node"
+        res = select_diverse(
+            pool.embeddings,
+            pool.scores,
+            sc.tau,
+            sc.budget,
+            seq=pool.seq,
+            ids=pool.ids,
+            block_size=sc.block_size,
+            device=sc.device,
+        )
+        return res, facts
+    src = text_source_dir(out_dir)
+    if src is None:
+        raise FileNotFoundError(f"select.method={sc.method} needs {out_dir}/score or /ingest")
+    need_msgs = sc.method in ("instruction_length", "response_length")
+    pool = _read_text_pool(parquet_files(src), need_msgs)
+    facts["mode"] = "single_node"
+    if sc.method == "random":
+        return select_random(
+            len(pool["ids"]), sc.budget, sc.seed, pool["seq"], pool["scores"], pool["ids"]
+        ), facts
+    if sc.method == "score":
+        if np.isnan(pool["scores"]).all() and len(pool["scores"]):
+            raise ValueError("select.method=score needs evol_score (run the score stage)")
+        return select_top_score(pool["scores"], sc.budget, pool["seq"], pool["ids"]), facts
+    if need_msgs:
+        lengths = pool["user_len" if sc.method == "instruction_length" else "assistant_len"]
+        return select_longest(
+            lengths, sc.budget, sc.method, pool["seq"], pool["scores"], pool["ids"]
+        ), facts
+    raise ValueError(f"unknown select.method {sc.method!r}")
+
+
+def _join_text(res: SelectionResult, out_dir: str) -> pa.Table:
+    """The selected rows with their text columns, sorted by rank (streaming join on ``seq``)."""
+    n = len(res)
+    seq = np.asarray(res.seq, np.int64)
+    max_sim = np.asarray(res.max_sim, np.float64)
+    head = pa.table(
+        {
+            "id": pa.array(res.ids if res.ids is not None else [None] * n, pa.string()),
+            "rank": pa.array(np.arange(n, dtype=np.int64)),
+            "evol_score": pa.array(np.asarray(res.scores, np.float64), mask=np.isnan(res.scores)),
+            "max_sim": pa.array(max_sim, mask=np.isnan(max_sim)),
+        }
+    )
+    src = text_source_dir(out_dir)
+    if src is None:
+        return head.append_column("seq", pa.array(seq))
+    wanted = pa.array(np.unique(seq))
+    parts = []
+    for f in parquet_files(src):
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=4096):
+            hit = pc.is_in(batch.column("seq").cast(pa.int64()), value_set=wanted)
+            if pc.any(hit).as_py():
+                parts.append(pa.Table.from_batches([batch]).filter(hit))
+    text = pa.concat_tables(parts, promote_options="default") if parts else None
+    if text is None or text.num_rows == 0:
+        if n:
+            raise RuntimeError(f"select: none of the {n} selected rows found in {src}")
+        return head.append_column("seq", pa.array(seq))
+    tseq = text.column("seq").cast(pa.int64()).to_numpy(zero_copy_only=False)
+    if len(np.unique(tseq)) != len(tseq) or len(tseq) != len(np.unique(seq)):
+        raise RuntimeError(f"select: {len(tseq)} text rows for {n} selected seq in {src}")
+    rank_of = {int(s): r for r, s in enumerate(seq)}
+    text = text.take(np.argsort([rank_of[int(s)] for s in tseq], kind="stable"))
+    text_ids = text.column("id").to_pylist()
+    if res.ids is not None and text_ids != res.ids:
+        raise RuntimeError("select: ids of the embed and text outputs disagree for the same seq")
+    rest = [c for c in text.column_names if c not in head.column_names]
+    for c in rest:
+        head = head.append_column(text.schema.field(c), text.column(c))
+    return head
+
+
+def _summary(x: np.ndarray) -> dict[str, float] | None:
+    x = np.asarray(x, np.float64)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return None
+    q = np.quantile(x, [0.1, 0.5, 0.9])
+    return {
+        "min": float(x.min()),
+        "p10": float(q[0]),
+        "median": float(q[1]),
+        "p90": float(q[2]),
+        "max": float(x.max()),
+        "mean": float(x.mean()),
+    }
+
+
+def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
+    """Select ``select.budget`` rows with ``select.method`` and write ``<out_dir>/select/``.
+
+    Assumes Ray is initialised when ``select.num_shards > 1`` (the distributed method).
+
+    Returns:
+        Counts (pool rows in, selected rows out, not-selected rows by reason; nothing is
+        written to rejects/) and metrics: method, tau, budget, pool statistics, score and
+        max_sim summaries, timings.
+    """
+    sc = cfg.select
+    t0 = time.perf_counter()
+    res, facts = _select(cfg, out_dir)
+    t_sel = time.perf_counter() - t0
+    table = _join_text(res, out_dir)
+    out = stage_dir(out_dir, STAGE)
+    os.makedirs(out, exist_ok=True)
+    for old in parquet_files(out):  # a re-run replaces the previous selection
+        os.remove(old)
+    pq.write_table(table, os.path.join(out, "part-00000.parquet"))
+    st = res.stats
+    reasons = {}
+    for reason in REASONS:
+        v = int(st.get(_STAT_OF_REASON.get(reason, reason), 0))
+        if v:
+            reasons[reason] = v
+    counts = StageCounts(rows_in=int(st["pool"]), rows_out=len(res), rejected_by_reason=reasons)
+    counts.check(STAGE)
+    metrics = {
+        "method": sc.method,
+        "mode": facts.get("mode"),
+        "tau": sc.tau if sc.method == "deita" else None,
+        "budget": sc.budget,
+        "block_size": sc.block_size,
+        "num_shards": sc.num_shards,
+        "device": sc.device,
+        "num_selected": len(res),
+        "pool": {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in st.items()},
+        "evol_score": _summary(res.scores),
+        "max_sim": _summary(res.max_sim),
+        "timing_s": {
+            "select": round(t_sel, 3),
+            "join_write": round(time.perf_counter() - t0 - t_sel, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
+    }
+    return StageResult(counts=counts, metrics=metrics)
