@@ -67,10 +67,11 @@ class InputConfig:
     )
     format: str = _f(
         "auto",
-        choices=("auto", "sharegpt", "messages", "alpaca", "dolly"),
+        choices=("auto", "sharegpt", "messages", "alpaca", "dolly", "self_instruct", "hh"),
         doc=(
             "Record shape. 'auto' detects it per record (conversations -> sharegpt, messages -> "
-            "messages, instruction+response -> dolly, instruction+output -> alpaca)."
+            "messages, instruction+instances -> self_instruct, instruction+response -> dolly, "
+            "instruction+output -> alpaca, chosen HH-RLHF transcript -> hh)."
         ),
     )
     file_format: str = _f(
