@@ -1,0 +1,332 @@
+"""report.json and the plots, built from a small fake job output written with pyarrow in each
+stage's real schema (the selection made by the project's own greedy selector)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from deita_ray.data.formats import CANONICAL_SCHEMA
+from deita_ray.data.rejects import REJECTS_SCHEMA
+from deita_ray.report import (
+    PLOT_NAMES,
+    nearest_neighbour_cosines,
+    read_selected_embeddings,
+    summarize,
+    write_report,
+)
+from deita_ray.selection.greedy import select_diverse
+
+REPO = Path(__file__).resolve().parents[1]
+N, DIM, TAU, BUDGET = 300, 32, 0.9, 40
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _canonical(ids: list[str], seq: np.ndarray) -> dict[str, pa.Array]:
+    n = len(ids)
+    msgs = [
+        [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}]
+        for i in ids
+    ]
+    cols = [
+        pa.array(ids, pa.string()),
+        pa.array(seq, pa.int64()),
+        pa.array(msgs, CANONICAL_SCHEMA.field("messages").type),
+        pa.array(["pool.jsonl"] * n),
+        pa.array(["alpaca"] * n),
+        pa.array(["{}"] * n, pa.large_string()),
+    ]
+    return dict(zip(CANONICAL_SCHEMA.names, cols, strict=True))
+
+
+def _write(folder: Path, table: pa.Table, parts: int = 2) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    step = -(-table.num_rows // parts)
+    for k in range(parts):
+        pq.write_table(table.slice(k * step, step), folder / f"part-{k:05d}.parquet")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> dict:
+    """A job output with every stage: ingest, score, embed, select, sft, dpo, rejects."""
+    out = tmp_path_factory.mktemp("job")
+    rng = np.random.default_rng(7)
+    ids = [f"row-{i}" for i in range(N)]
+    seq = np.arange(N, dtype=np.int64)
+    canon = _canonical(ids, seq)
+    _write(out / "ingest", pa.table(canon, schema=CANONICAL_SCHEMA))
+
+    # Scores: 1 or 2 turns per row; one row has a missing evol score.
+    turns = rng.integers(1, 3, N)
+    comp = [list(rng.uniform(1, 6, t)) for t in turns]
+    qual = [list(rng.uniform(1, 6, t)) for t in turns]
+    evol = np.array([float(np.dot(c, q)) for c, q in zip(comp, qual, strict=True)])
+    evol[5] = np.nan
+    score = pa.table(
+        {
+            **canon,
+            "complexity_scores": pa.array(comp, pa.list_(pa.float64())),
+            "quality_scores": pa.array(qual, pa.list_(pa.float64())),
+            "evol_score": pa.array(evol, pa.float64(), from_pandas=True),
+            "truncated": pa.array([False] * N),
+        }
+    )
+    _write(out / "score", score, parts=3)
+
+    # Embeddings: 50 centres, each row a noisy copy, so many pairs are near-duplicates.
+    centres = rng.normal(size=(50, DIM))
+    emb = (centres[rng.integers(0, 50, N)] + 0.15 * rng.normal(size=(N, DIM))).astype(np.float32)
+    embed = pa.table(
+        {
+            "id": ids,
+            "seq": seq,
+            "evol_score": pa.array(evol, from_pandas=True),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(emb.reshape(-1), pa.float32()), DIM
+            ),
+        }
+    )
+    _write(out / "embed", embed, parts=3)
+
+    res = select_diverse(emb, evol, tau=TAU, budget=BUDGET, seq=seq, ids=ids, device="numpy")
+    idx = res.indices
+    sel = pa.table(
+        {
+            "id": [ids[i] for i in idx],
+            "rank": pa.array(np.arange(idx.size), pa.int64()),
+            "evol_score": evol[idx],
+            "max_sim": res.max_sim,
+            **{k: v.take(pa.array(idx)) for k, v in canon.items() if k != "id"},
+        }
+    )
+    # Written out of rank order: the report must sort by rank.
+    _write(out / "select", sel.take(pa.array(rng.permutation(idx.size))), parts=2)
+
+    (out / "sft" / "final").mkdir(parents=True)
+    rej = pa.table(
+        {
+            "id": ["bad-1"],
+            "seq": [10**12],
+            "stage": ["ingest"],
+            "reason": ["invalid_json"],
+            "detail": ["x"],
+            "raw": ["{"],
+            "source": ["pool.jsonl"],
+        },
+        schema=REJECTS_SCHEMA,
+    )
+    _write(out / "rejects" / "ingest", rej, parts=1)
+
+    def entry(rows_in, rows_out, metrics):
+        return {
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "rows_rejected": rows_in - rows_out,
+            "rejected_by_reason": {"invalid_json": 1} if rows_in > rows_out else {},
+            "seconds": 1.5,
+            "rows_per_s": rows_in / 1.5,
+            "metrics": metrics,
+        }
+
+    stages = {
+        "ingest": entry(N + 1, N, {"files": 1}),
+        "score": entry(N, N, {"models": ["a", "b"]}),
+        "embed": entry(N, N, {"dim": DIM}),
+        "select": entry(N, idx.size, {"tau": TAU, "budget": BUDGET}),
+        "sft": entry(idx.size, idx.size, {"loss": [3.0, 2.5, 2.1, 1.9, 1.8], "lr": [1e-5] * 5}),
+        "dpo": entry(idx.size, idx.size, {"loss": [0.69, 0.6, 0.52]}),
+    }
+    report = write_report(str(out), stages, notes=["a note"])
+    return {
+        "out": out,
+        "report": report,
+        "stages": stages,
+        "comp": comp,
+        "qual": qual,
+        "evol": evol,
+        "emb": emb,
+        "idx": idx,
+        "ids": ids,
+        "max_sim": res.max_sim,
+    }
+
+
+def _check_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 10_000, f"{path} is suspiciously small ({len(data)} bytes)"
+    img = imread(path)
+    assert img.shape[0] >= 300 and img.shape[1] >= 400
+    assert float(img[..., :3].std()) > 0.02, f"{path} looks blank"
+
+
+def test_report_json_written_with_all_sections(job):
+    on_disk = json.loads((job["out"] / "report.json").read_text())
+    assert on_disk == job["report"]
+    assert sorted(on_disk) == ["notes", "plots", "selected_ids", "stages", "statistics"]
+    assert on_disk["stages"] == job["stages"]
+    assert on_disk["notes"] == ["a note"]
+
+
+def test_selected_ids_in_rank_order(job):
+    assert job["report"]["selected_ids"] == [job["ids"][i] for i in job["idx"]]
+    assert len(job["report"]["selected_ids"]) == BUDGET
+
+
+def test_score_statistics_pool_vs_selection(job):
+    scores = job["report"]["statistics"]["scores"]
+    flat_c = np.concatenate(job["comp"])
+    flat_q = np.concatenate(job["qual"])
+    pool = scores["pool"]
+    assert pool["rows"] == N and pool["missing_evol"] == 1
+    assert pool["complexity"]["count"] == flat_c.size > N  # per turn
+    assert pool["complexity"]["mean"] == pytest.approx(flat_c.mean())
+    assert pool["quality"]["median"] == pytest.approx(np.median(flat_q))
+    assert pool["quality"]["p90"] == pytest.approx(np.percentile(flat_q, 90))
+    finite = job["evol"][np.isfinite(job["evol"])]
+    assert pool["evol"]["count"] == N - 1
+    assert pool["evol"]["min"] == pytest.approx(finite.min())
+    assert pool["evol"]["max"] == pytest.approx(finite.max())
+
+    sel = scores["selection"]
+    idx = job["idx"]
+    assert sel["rows"] == BUDGET and sel["missing_evol"] == 0
+    assert sel["evol"]["mean"] == pytest.approx(job["evol"][idx].mean())
+    assert sel["complexity"]["mean"] == pytest.approx(
+        np.concatenate([job["comp"][i] for i in idx]).mean()
+    )
+    # Score-first selection: the selection's mean evol score beats the pool's.
+    assert sel["evol"]["mean"] > pool["evol"]["mean"]
+
+
+def test_similarity_statistics(job):
+    sim = job["report"]["statistics"]["similarity"]
+    assert sim["tau"] == TAU and sim["selected"] == BUDGET
+    # Brute force nearest selected neighbour of every selected row.
+    x = job["emb"][job["idx"]].astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    nn = s.max(axis=1)
+    assert sim["nearest_neighbour"]["max"] == pytest.approx(nn.max(), abs=1e-5)
+    assert sim["nearest_neighbour"]["mean"] == pytest.approx(nn.mean(), abs=1e-5)
+    assert sim["nearest_neighbour"]["max"] <= TAU + 1e-6
+    assert sim["nearest_neighbour_above_tau"] == 0
+    assert sim["max_sim"] == summarize(job["max_sim"])  # NaN of the first pick dropped
+    assert sim["max_sim"]["count"] == BUDGET - 1
+
+
+def test_every_plot_exists_and_is_an_image(job):
+    plots = job["report"]["plots"]
+    assert sorted(Path(p).name for p in plots) == sorted(PLOT_NAMES)
+    for rel in plots:
+        assert rel.startswith("plots/")
+        _check_png(job["out"] / rel)
+
+
+def test_ingest_only_job_gets_report_without_plots(tmp_path):
+    canon = _canonical(["a", "b", "c"], np.arange(3))
+    _write(tmp_path / "ingest", pa.table(canon, schema=CANONICAL_SCHEMA), parts=1)
+    stages = {
+        "ingest": {
+            "rows_in": 3,
+            "rows_out": 3,
+            "rows_rejected": 0,
+            "rejected_by_reason": {},
+            "seconds": 0.1,
+            "rows_per_s": 30.0,
+            "metrics": {},
+        }
+    }
+    report = write_report(str(tmp_path), stages)
+    assert report == {
+        "stages": stages,
+        "statistics": {},
+        "selected_ids": [],
+        "plots": [],
+        "notes": [],
+    }
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert not list(tmp_path.glob("plots/*.png"))
+
+
+def test_cli_rebuilds_plots_and_drops_stale_ones(job, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(job["out"], out)
+    shutil.rmtree(out / "plots")
+    cmd = [sys.executable, "-m", "deita_ray.report", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rebuilt = json.loads((out / "report.json").read_text())
+    assert rebuilt == job["report"]
+    for rel in rebuilt["plots"]:
+        _check_png(out / rel)
+    # Without the selection and the training metrics, their plots and statistics go away.
+    shutil.rmtree(out / "select")
+    old = json.loads((out / "report.json").read_text())
+    old["stages"] = {k: v for k, v in old["stages"].items() if k not in ("select", "sft", "dpo")}
+    (out / "report.json").write_text(json.dumps(old))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rebuilt = json.loads((out / "report.json").read_text())
+    assert sorted(Path(p).name for p in rebuilt["plots"]) == [
+        "complexity_vs_quality.png",
+        "score_distributions.png",
+    ]
+    assert sorted(p.name for p in (out / "plots").glob("*.png")) == [
+        "complexity_vs_quality.png",
+        "score_distributions.png",
+    ]
+    assert rebuilt["selected_ids"] == [] and "similarity" not in rebuilt["statistics"]
+    assert "selection" not in rebuilt["statistics"]["scores"]
+
+
+def test_cli_rejects_missing_dir(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "deita_ray.report", str(tmp_path / "nope")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "not a directory" in proc.stderr
+
+
+def test_read_selected_embeddings_float16_in_requested_order(tmp_path):
+    vecs = np.arange(12, dtype=np.float16).reshape(4, 3)
+    table = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vecs.reshape(-1), pa.float16()), 3
+            ),
+        }
+    )
+    _write(tmp_path / "embed", table, parts=2)
+    got = read_selected_embeddings(str(tmp_path), ["d", "a"])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, vecs[[3, 0]].astype(np.float32))
+    assert read_selected_embeddings(str(tmp_path), ["a", "zz"]) is None
+
+
+def test_nearest_neighbour_cosines_blocks_and_zero_vectors():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(37, 5)).astype(np.float32)
+    x[4] = 0.0
+    nn = nearest_neighbour_cosines(x, block_rows=8)
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+    s = xn @ xn.T
+    np.fill_diagonal(s, -np.inf)
+    np.testing.assert_allclose(nn, s.max(axis=1), atol=1e-6)
+    assert nn[4] == 0.0
+    assert nearest_neighbour_cosines(x[:1]).size == 0
