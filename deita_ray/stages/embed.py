@@ -1,0 +1,196 @@
+"""The ``embed`` stage: one vector per row, the model's final hidden state (after the final norm)
+at the last token of the vicuna_v1.1 rendering of the row, truncated to ``embed.max_length``
+tokens keeping the beginning, not normalised (SPEC section 3).
+
+:class:`Embedder` is a callable class for ``Dataset.map_batches`` (``batch_format="pyarrow"``);
+:func:`run_embed` reads ``<out_dir>/score`` (or ``<out_dir>/ingest`` when score did not run)
+and writes ``<out_dir>/embed`` with only the columns the selector needs (no text).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from deita_ray.accounting import StageResult
+from deita_ray.config import ModelConfig, PipelineConfig
+from deita_ray.data.rejects import DETAIL, RAW, REASON, to_raw
+from deita_ray.data.sink import skip_finished, stage_dir, write_with_rejects
+from deita_ray.templates import render_vicuna
+
+EMBEDDING = "embedding"
+EMBED_TRUNCATED = "embed_truncated"
+OUTPUT_COLUMNS = ("id", "seq", "evol_score", EMBEDDING, EMBED_TRUNCATED)
+"""Columns of ``<out_dir>/embed`` (besides the reject marks on their way to the sink)."""
+
+ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
+    """Arrow type of the embedding column: ``fixed_size_list<float32|float16>[dim]``."""
+    return pa.list_(ARROW_DTYPES[dtype], dim)
+
+
+def embed_table(table: pa.Table, backend: Any, max_length: int,
+                dtype: str = "float32") -> pa.Table:
+    """Embed every row of ``table`` with one backend call (pure apart from the engine).
+
+    Args:
+        table: rows with ``id``, ``messages`` and optionally ``seq`` / ``evol_score``.
+        backend: a :class:`deita_ray.models.backend.Backend` loaded for ``"embed"``.
+        max_length: tokens kept from the start of each rendering (also capped by the model's
+            context).
+        dtype: "float32" or "float16" storage of the embedding.
+
+    Returns:
+        A table with :data:`OUTPUT_COLUMNS` plus the reject marks. Rows that cannot be rendered
+        or that the engine fails on are marked (reasons ``missing_messages``, ``render_error``,
+        ``engine_error``, ``non_finite_embedding``) with a null embedding.
+    """
+    n = table.num_rows
+    names = table.column_names
+    messages = table["messages"].to_pylist() if "messages" in names else [None] * n
+    reasons: list[str | None] = [None] * n
+    details: list[str | None] = [None] * n
+    raws: list[str | None] = [None] * n
+
+    def reject(i: int, reason: str, detail: str) -> None:
+        row = table.slice(i, 1).to_pylist()[0]
+        reasons[i], details[i], raws[i] = reason, detail, to_raw(row)
+
+    texts: list[str] = []
+    rows: list[int] = []
+    for i in range(n):
+        if messages[i] is None:
+            reject(i, "missing_messages", "row has no messages")
+            continue
+        try:
+            texts.append(render_vicuna(messages[i]))
+        except (KeyError, TypeError, ValueError) as e:
+            reject(i, "render_error", f"{type(e).__name__}: {e}")
+            continue
+        rows.append(i)
+
+    limit = min(max_length, backend.max_prompt_tokens)
+    ids = backend.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    truncated = [False] * n
+    prompts = []
+    for i, p in zip(rows, ids, strict=True):
+        truncated[i] = len(p) > limit
+        prompts.append(p[:limit])  # keep the beginning
+    values, errors = backend.embed(prompts)
+
+    dim = backend.hidden_size
+    flat = np.zeros((n, dim), dtype=np.float32)
+    for pos, i in enumerate(rows):
+        if errors[pos] is not None:
+            reject(i, "engine_error", errors[pos])
+        elif not np.all(np.isfinite(values[pos])):
+            reject(i, "non_finite_embedding", "embedding has NaN or inf")
+        else:
+            flat[i] = values[pos]
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    valid = np.array([r is None for r in reasons], dtype=bool)
+    values_arr = pa.array(flat.astype(np_dtype).reshape(-1), ARROW_DTYPES[dtype])
+    emb = pa.FixedSizeListArray.from_arrays(values_arr, dim, mask=pa.array(~valid))
+
+    def col(name: str, typ: pa.DataType) -> pa.Array:
+        return table[name].cast(typ) if name in names else pa.nulls(n, typ)
+
+    return pa.table({
+        "id": col("id", pa.string()),
+        "seq": col("seq", pa.int64()),
+        "evol_score": col("evol_score", pa.float64()),
+        EMBEDDING: emb,
+        EMBED_TRUNCATED: pa.array(truncated, pa.bool_()),
+        REASON: pa.array(reasons, pa.string()),
+        DETAIL: pa.array(details, pa.string()),
+        RAW: pa.array(raws, pa.large_string()),
+    })
+
+
+class Embedder:
+    """Ray Data callable: the last-token embedding of each row's vicuna_v1.1 rendering.
+
+    Input columns: ``id``, ``messages`` (list<struct<role, content>>), optionally ``seq`` and
+    ``evol_score`` (others are dropped).
+
+    Output columns: ``id``, ``seq`` (int64, null if absent), ``evol_score`` (double, null if
+    absent), ``embedding`` (fixed_size_list<float32 or float16>[hidden_size]),
+    ``embed_truncated`` (bool: the rendering was longer than ``max_length`` tokens) and the
+    reject marks ``_reject_reason`` / ``_reject_detail`` / ``_raw``.
+
+    Args:
+        model_cfg: the embedding model's config.
+        model_path: resolved local model folder.
+        max_length: tokens kept from the start of the rendering.
+        dtype: "float32" or "float16" storage of the embedding.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, model_path: str, max_length: int,
+                 dtype: str = "float32"):
+        from deita_ray.models.backend import load_backend  # noqa: PLC0415
+
+        if dtype not in ARROW_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(ARROW_DTYPES)}, got {dtype!r}")
+        self.backend = load_backend(model_cfg, model_path, "embed")
+        self.max_length = max_length
+        self.dtype = dtype
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return embed_table(batch, self.backend, self.max_length, self.dtype)
+
+
+def _has_parquet(folder: str) -> bool:
+    return os.path.isdir(folder) and any(f.endswith(".parquet") for f in os.listdir(folder))
+
+
+def embed_source(out_dir: str) -> str:
+    """The folder the embed stage reads: ``score`` when it ran, else ``ingest``."""
+    score = stage_dir(out_dir, "score")
+    return score if _has_parquet(score) else stage_dir(out_dir, "ingest")
+
+
+def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
+    """Embed ``<out_dir>/score`` (or ``ingest``) into ``<out_dir>/embed`` (Ray initialised)."""
+    import pyarrow.dataset as pds  # noqa: PLC0415
+    import ray  # noqa: PLC0415
+
+    from deita_ray.models.registry import resolve_model_path  # noqa: PLC0415
+    from deita_ray.runtime import actor_pool_kwargs  # noqa: PLC0415
+    from deita_ray.stages.score import ACTOR_RETRY_ARGS  # noqa: PLC0415
+
+    t0 = time.time()
+    src = embed_source(out_dir)
+    source = pds.dataset(src, format="parquet")
+    rows_in = source.count_rows()
+    columns = [c for c in ("id", "seq", "messages", "evol_score") if c in source.schema.names]
+    model_cfg = cfg.embed.model
+    path = resolve_model_path(model_cfg.path, cfg.cache_dir)
+    ds = skip_finished(ray.data.read_parquet(src, columns=columns), out_dir, "embed")
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"model_cfg": model_cfg, "model_path": path,
+                               "max_length": cfg.embed.max_length,
+                               "dtype": cfg.output.embedding_dtype},
+        batch_format="pyarrow",
+        **actor_pool_kwargs(cfg.embed.resources, model_cfg),
+        **ACTOR_RETRY_ARGS,
+    )
+    counts = write_with_rejects(ds, "embed", out_dir, rows_in=rows_in)
+    counts.check("embed")
+    seconds = time.time() - t0
+    out = stage_dir(out_dir, "embed")
+    metrics: dict = {"source": os.path.basename(src), "model": path,
+                     "backend": model_cfg.backend, "dtype": cfg.output.embedding_dtype,
+                     "seconds": round(seconds, 3),
+                     "rows_per_s": round(rows_in / seconds, 3) if seconds > 0 else None}
+    if _has_parquet(out):
+        t = pds.dataset(out, format="parquet").to_table(columns=[EMBEDDING, EMBED_TRUNCATED])
+        metrics["dim"] = t.schema.field(EMBEDDING).type.list_size
+        metrics["truncated_rows"] = int(sum(t[EMBED_TRUNCATED].to_pylist()))
+    return StageResult(counts=counts, metrics=metrics)

@@ -1,0 +1,118 @@
+"""The scorer prompts and the vicuna_v1.1 rendering (SPEC sections 2 and 3), byte-exact, in one place.
+
+Scorer prompts are split into fixed template pieces and variable text fields so that a prompt
+that is too long can be truncated inside its text fields, never inside the template
+(:mod:`deita_ray.scoring`).
+
+The vicuna_v1.1 rendering: ``SYSTEM + " "``, then each message as ``ROLE + ": " + content``
+followed by ``" "`` after user messages and ``"</s>"`` after assistant messages.
+
+System messages: a row's system message(s) *replace* the default system text (as FastChat does
+with a conversation's own system message). Several system messages are joined with ``"\\n"``
+in order; wherever they appear in the row, they are rendered only in the system slot, never as
+turns.
+
+Example:
+    >>> complexity_prompt("Hi")
+    'You are a helpful assistant. Please identify the complexity score of the following user query. \\n##Query: Hi  \\n##Complexity: '
+    >>> render_vicuna([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    "A chat between ... the user's questions. USER: Hi ASSISTANT: Hello</s>"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+COMPLEXITY_PIECES: tuple[str, str] = (
+    "You are a helpful assistant. Please identify the complexity score of the following user "
+    "query. \n##Query: ",
+    "  \n##Complexity: ",
+)
+"""Complexity prompt = pieces[0] + instruction + pieces[1]."""
+
+QUALITY_PIECES: tuple[str, str, str] = (
+    "You are a helpful assistant. Please identify the quality score of the Response "
+    "corresponding to the Question. \n #Question#:\n",
+    "\n#Response#:\n",
+    " \n##Quality: ",
+)
+"""Quality prompt = pieces[0] + instruction + pieces[1] + output + pieces[2]."""
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions."
+)
+"""Default system text of vicuna_v1.1."""
+
+VICUNA_ROLES = {"user": "USER", "assistant": "ASSISTANT"}
+VICUNA_SEP = " "
+VICUNA_SEP2 = "</s>"
+
+
+def interleave(pieces: Sequence[str], fields: Sequence[str]) -> str:
+    """``pieces[0] + fields[0] + pieces[1] + ... + fields[-1] + pieces[-1]``."""
+    if len(pieces) != len(fields) + 1:
+        raise ValueError(f"{len(pieces)} template pieces need {len(pieces) - 1} fields")
+    out = [pieces[0]]
+    for text, piece in zip(fields, pieces[1:], strict=True):
+        out.append(text)
+        out.append(piece)
+    return "".join(out)
+
+
+def complexity_prompt(instruction: str) -> str:
+    """The complexity scorer prompt of SPEC section 2 (two spaces before ``\\n##Complexity``)."""
+    return interleave(COMPLEXITY_PIECES, [instruction])
+
+
+def quality_prompt(instruction: str, output: str) -> str:
+    """The quality scorer prompt of SPEC section 2 (a space before ``\\n##Quality``)."""
+    return interleave(QUALITY_PIECES, [instruction, output])
+
+
+def _role(msg: Mapping) -> str:
+    return msg["role"]
+
+
+def vicuna_segments(messages: Sequence[Mapping]) -> list[tuple[str, bool]]:
+    """The vicuna_v1.1 rendering as pieces ``(text, is_assistant_target)``.
+
+    The concatenation of the texts equals :func:`render_vicuna`. Assistant targets are the
+    assistant contents plus their ``"</s>"`` (the tokens an SFT loss is computed on); the
+    ``"ASSISTANT: "`` prefix, user messages and the system text are not targets.
+
+    Args:
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+
+    Raises:
+        ValueError: a role other than system/user/assistant.
+    """
+    systems = [m["content"] for m in messages if _role(m) == "system"]
+    system = "\n".join(systems) if systems else VICUNA_SYSTEM
+    segments: list[tuple[str, bool]] = [(system + VICUNA_SEP, False)]
+    for msg in messages:
+        role = _role(msg)
+        if role == "system":
+            continue
+        if role not in VICUNA_ROLES:
+            raise ValueError(f"vicuna_v1.1 cannot render role {role!r}")
+        content = msg["content"]
+        if role == "user":
+            segments.append((f"USER: {content}{VICUNA_SEP}", False))
+        else:
+            segments.append(("ASSISTANT: ", False))
+            segments.append((f"{content}{VICUNA_SEP2}", True))
+    return segments
+
+
+def render_vicuna(messages: Sequence[Mapping]) -> str:
+    """Render a conversation with the vicuna_v1.1 template (SPEC section 3).
+
+    Args:
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; system
+            messages replace the default system text.
+
+    Returns:
+        ``SYSTEM + " " + "USER: u1 ASSISTANT: a1</s>USER: u2 ..."``.
+    """
+    return "".join(text for text, _ in vicuna_segments(messages))

@@ -1,0 +1,85 @@
+"""Golden strings for the scorer prompts and the vicuna_v1.1 rendering (SPEC sections 2, 3)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deita_ray.templates import (
+    VICUNA_SYSTEM,
+    complexity_prompt,
+    quality_prompt,
+    render_vicuna,
+    vicuna_segments,
+)
+
+
+def test_complexity_prompt_golden():
+    assert complexity_prompt("Give three tips.") == (
+        "You are a helpful assistant. Please identify the complexity score of the following "
+        "user query. \n##Query: Give three tips.  \n##Complexity: "
+    )
+    # the two spaces before "\n##Complexity" are part of the contract
+    assert complexity_prompt("x").endswith("x  \n##Complexity: ")
+
+
+def test_quality_prompt_golden():
+    assert quality_prompt("What is 2+2?", "4") == (
+        "You are a helpful assistant. Please identify the quality score of the Response "
+        "corresponding to the Question. \n #Question#:\nWhat is 2+2?\n#Response#:\n4 \n##Quality: "
+    )
+    assert quality_prompt("q", "").endswith("#Response#:\n \n##Quality: ")
+
+
+def test_vicuna_golden_multi_turn():
+    msgs = [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am Vicuna."},
+        {"role": "user", "content": "Have a nice day!"},
+        {"role": "assistant", "content": "You too!"},
+    ]
+    assert render_vicuna(msgs) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. "
+        "USER: Who are you? ASSISTANT: I am Vicuna.</s>USER: Have a nice day! ASSISTANT: You too!</s>"
+    )
+
+
+def test_vicuna_system_message_replaces_default():
+    msgs = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    text = render_vicuna(msgs)
+    assert text == "Be terse. USER: Hi ASSISTANT: Hello</s>"
+    assert VICUNA_SYSTEM not in text
+    two = [{"role": "system", "content": "A"}, *msgs[1:], {"role": "system", "content": "B"}]
+    assert render_vicuna(two) == "A\nB USER: Hi ASSISTANT: Hello</s>"
+
+
+def test_vicuna_trailing_user_and_empty():
+    assert render_vicuna([]) == VICUNA_SYSTEM + " "
+    assert render_vicuna([{"role": "user", "content": "Q"}]).endswith(" USER: Q ")
+
+
+@pytest.mark.parametrize("msgs", [
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": ""}],
+    [{"role": "assistant", "content": "lead"}, {"role": "user", "content": "a"}],
+])
+def test_segments_concatenate_to_render_and_mark_only_assistant_targets(msgs):
+    segs = vicuna_segments(msgs)
+    assert "".join(t for t, _ in segs) == render_vicuna(msgs)
+    targets = [t for t, is_target in segs if is_target]
+    want = [m["content"] + "</s>" for m in msgs if m["role"] == "assistant"]
+    assert targets == want
+    for text, is_target in segs:
+        if not is_target:
+            assert "</s>" not in text
+
+
+def test_unknown_role_raises():
+    with pytest.raises(ValueError, match="tool"):
+        render_vicuna([{"role": "tool", "content": "x"}])
