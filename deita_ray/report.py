@@ -218,12 +218,16 @@ def _score_stats(data: ScoreData, rows: int) -> dict:
 
 
 def _tau(out_dir: str, stages: dict) -> float | None:
-    """The selection threshold: from the select stage's metrics, else the manifest's config."""
-    tau = (stages.get("select") or {}).get("metrics", {}).get("tau")
-    if tau is None:
+    """The selection threshold: from the select stage's metrics (None there means a method
+    without one), else from the manifest's config when its method is ``deita``."""
+    metrics = (stages.get("select") or {}).get("metrics") or {}
+    if "tau" in metrics:
+        tau = metrics["tau"]
+    else:
         manifest = _read_json(os.path.join(out_dir, MANIFEST_FILE)) or {}
-        tau = manifest.get("config", {}).get("select", {}).get("tau")
-    return float(tau) if isinstance(tau, int | float) else None
+        select_cfg = (manifest.get("config") or {}).get("select") or {}
+        tau = select_cfg.get("tau") if select_cfg.get("method", "deita") == "deita" else None
+    return float(tau) if isinstance(tau, int | float) and not isinstance(tau, bool) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +429,9 @@ def build_statistics(out_dir: str, stages: dict, plots_dir: str | None = None) -
     if scores is not None:
         pool = _score_data(scores)
         if selection is not None:
-            in_sel = pc.is_in(scores["id"], value_set=selection["id"].combine_chunks())
+            in_sel = pc.is_in(
+                scores["id"], value_set=selection["id"].combine_chunks().cast(scores["id"].type)
+            )
             sel = _score_data(scores.filter(in_sel))
         stats["scores"] = {"pool": _score_stats(pool, scores.num_rows)}
     if selection is not None and sel is None and "evol_score" in selection.column_names:

@@ -14,16 +14,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import deita_ray.report as report_module
+from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import CANONICAL_SCHEMA
 from deita_ray.data.rejects import REJECTS_SCHEMA
 from deita_ray.report import (
     PLOT_NAMES,
     nearest_neighbour_cosines,
     read_selected_embeddings,
+    read_selection,
     summarize,
     write_report,
 )
 from deita_ray.selection.greedy import select_diverse
+from deita_ray.selection.stage import run_select
 
 REPO = Path(__file__).resolve().parents[1]
 N, DIM, TAU, BUDGET = 300, 32, 0.9, 40
@@ -96,19 +100,13 @@ def job(tmp_path_factory) -> dict:
     )
     _write(out / "embed", embed, parts=3)
 
-    res = select_diverse(emb, evol, tau=TAU, budget=BUDGET, seq=seq, ids=ids, device="numpy")
-    idx = res.indices
-    sel = pa.table(
-        {
-            "id": [ids[i] for i in idx],
-            "rank": pa.array(np.arange(idx.size), pa.int64()),
-            "evol_score": evol[idx],
-            "max_sim": res.max_sim,
-            **{k: v.take(pa.array(idx)) for k, v in canon.items() if k != "id"},
-        }
-    )
-    # Written out of rank order: the report must sort by rank.
-    _write(out / "select", sel.take(pa.array(rng.permutation(idx.size))), parts=2)
+    # The selection as the real select stage writes it (single node, no Ray needed).
+    cfg = PipelineConfig()
+    cfg.select.tau, cfg.select.budget, cfg.select.device = TAU, BUDGET, "numpy"
+    select_result = run_select(cfg, str(out))
+    ref = select_diverse(emb, evol, tau=TAU, budget=BUDGET, seq=seq, ids=ids, device="numpy")
+    idx = ref.indices
+    assert select_result.counts.rows_out == idx.size
 
     (out / "sft" / "final").mkdir(parents=True)
     rej = pa.table(
@@ -140,7 +138,7 @@ def job(tmp_path_factory) -> dict:
         "ingest": entry(N + 1, N, {"files": 1}),
         "score": entry(N, N, {"models": ["a", "b"]}),
         "embed": entry(N, N, {"dim": DIM}),
-        "select": entry(N, idx.size, {"tau": TAU, "budget": BUDGET}),
+        "select": entry(N, idx.size, select_result.metrics),
         "sft": entry(idx.size, idx.size, {"loss": [3.0, 2.5, 2.1, 1.9, 1.8], "lr": [1e-5] * 5}),
         "dpo": entry(idx.size, idx.size, {"loss": [0.69, 0.6, 0.52]}),
     }
@@ -155,7 +153,7 @@ def job(tmp_path_factory) -> dict:
         "emb": emb,
         "idx": idx,
         "ids": ids,
-        "max_sim": res.max_sim,
+        "max_sim": ref.max_sim,
     }
 
 
@@ -330,3 +328,34 @@ def test_nearest_neighbour_cosines_blocks_and_zero_vectors():
     np.testing.assert_allclose(nn, s.max(axis=1), atol=1e-6)
     assert nn[4] == 0.0
     assert nearest_neighbour_cosines(x[:1]).size == 0
+
+
+def test_selection_read_in_rank_order(tmp_path):
+    table = pa.table(
+        {
+            "id": ["c", "a", "b"],
+            "rank": pa.array([2, 0, 1], pa.int64()),
+            "evol_score": [1.0, 3.0, 2.0],
+            "max_sim": [0.5, None, 0.1],
+        }
+    )
+    _write(tmp_path / "select", table, parts=2)
+    sel = read_selection(str(tmp_path))
+    assert sel["id"].to_pylist() == ["a", "b", "c"]
+    assert report_module.write_report(str(tmp_path), {})["selected_ids"] == ["a", "b", "c"]
+
+
+def test_tau_from_metrics_or_manifest(tmp_path):
+    from deita_ray.report import _tau
+
+    assert _tau(str(tmp_path), {"select": {"metrics": {"tau": 0.8}}}) == 0.8
+    # A method without a threshold: no tau line, even though the config has a default tau.
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"config": {"select": {"method": "random", "tau": 0.9}}})
+    )
+    assert _tau(str(tmp_path), {"select": {"metrics": {"tau": None}}}) is None
+    assert _tau(str(tmp_path), {}) is None
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"config": {"select": {"method": "deita", "tau": 0.7}}})
+    )
+    assert _tau(str(tmp_path), {}) == 0.7
