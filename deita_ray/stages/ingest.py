@@ -5,18 +5,18 @@ Plan (nothing of the pool passes through the driver):
 1. :func:`~deita_ray.data.read.read_pool` streams every record as a row (read tasks, one per
    file); :class:`Canonicalize` (fused into the same tasks) turns each into a canonical row
    or a marked reject; :func:`~deita_ray.data.sink.write_with_rejects` writes both.
-2. A pass over the written Parquet (no ``extra`` column) computes the metrics and counts the
-   rows whose id came from the record itself.
+2. One Ray task per written part file reads it back (without ``extra``) and returns its
+   metrics (rows per format, turns, ...) and its (id, seq) pairs split into hash buckets.
 3. Duplicate ids. Synthesized ids (``<file prefix>:<index>``) are unique by construction
-   (:func:`~deita_ray.data.read.id_prefixes`), so when no row carries its own id the check is
-   skipped. Otherwise a distributed ``groupby(id)`` over (id, seq) (hash shuffle, memory
-   bounded per partition) finds the ids that occur more than once, with their first seq. If
-   there are any, the accepted rows are rewritten by tasks that look ids up in that table of
-   duplicated ids only (shared through the object store, never the driver; Ray's
-   ``Dataset.join`` would need polars): the first occurrence in input order keeps the id,
-   later ones go to ``rejects/ingest`` with reason ``duplicate_id``. Their ``raw`` is the
-   canonical row as JSON (id, source, format, messages, extra: the record's whole content).
-   Ids therefore stay stable across runs and never depend on timing.
+   (:func:`~deita_ray.data.read.id_prefixes`), so when no row carries its own id nothing more
+   happens. Otherwise one reduce task per bucket groups its (id, seq) pairs (memory bounded
+   per bucket; buckets grow with the pool) and finds the ids that occur more than once with
+   their first seq, and the part files holding later occurrences. Only those part files are
+   rewritten: the first occurrence in input order keeps the id, later ones go to
+   ``rejects/ingest`` (``dup-<part>.parquet``) with reason ``duplicate_id``; their ``raw`` is
+   the canonical row as JSON (id, source, format, messages, extra: the record's whole
+   content). The driver holds only object refs and per-file summaries, never ids or rows.
+   Ids are therefore stable across runs and never depend on timing.
 
 Accounting: ``rows_in`` = records read (one read row per record, bad ones included) =
 ``rows_out`` + rejected, checked before returning.
@@ -192,95 +192,77 @@ def _encodable(*values: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Post-write passes: metrics and duplicate ids
+# Post-write passes: metrics and duplicate ids (plain Ray tasks, one per written part file)
+
+_SUM_KEYS = ("rows", "turns", "multi_turn", "messages", "system", "chars", "own_ids")
 
 
-class _Summarize:
-    """Accepted rows -> one summary row per (block, format): counts for the metrics."""
+def summarize_rows(table: pa.Table, id_prefixes: Mapping[str, str]) -> dict[str, dict]:
+    """Per format: rows, turns, multi-turn rows, messages, rows with a system message, content
+    chars, rows with their own id, max turns. ``table`` has id, seq, source, format, messages."""
+    import numpy as np
 
-    def __init__(self, id_prefixes: Mapping[str, str]):
-        self.id_prefixes = dict(id_prefixes)
+    n = table.num_rows
+    if n == 0:
+        return {}
+    msgs = table.column("messages").combine_chunks()
+    flat = pc.list_flatten(msgs)
+    parents = pc.list_parent_indices(msgs).to_numpy(zero_copy_only=False)
+    roles = flat.field("role")
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        msgs = batch.column("messages").combine_chunks()
-        roles = pc.list_flatten(msgs).field("role")
-        parents = pc.list_parent_indices(msgs)
-        user = pc.equal(roles, "user")
-        n = batch.num_rows
-        import numpy as np
+    def per_row(mask: pa.Array | None = None, weights: Any = None) -> Any:
+        sel = parents if mask is None else parents[mask.to_numpy(zero_copy_only=False)]
+        return np.bincount(sel, weights=weights, minlength=n)
 
-        turns = np.bincount(
-            parents.to_numpy(zero_copy_only=False)[user.to_numpy(zero_copy_only=False)],
-            minlength=n,
-        )
-        n_msgs = pc.list_value_length(msgs).to_numpy(zero_copy_only=False)
-        lengths = pc.utf8_length(pc.list_flatten(msgs).field("content")).to_numpy(
-            zero_copy_only=False
-        )
-        chars = np.bincount(parents.to_numpy(zero_copy_only=False), weights=lengths, minlength=n)
-        seqs = batch.column("seq").to_numpy()
-        own = [
-            rid != f"{self.id_prefixes.get(src) or file_stem(src)}:{seq & _INDEX_MASK}"
+    turns = per_row(pc.equal(roles, "user"))  # every user message starts a turn
+    system = per_row(pc.equal(roles, "system")) > 0
+    chars = per_row(weights=pc.utf8_length(flat.field("content")).to_numpy(zero_copy_only=False))
+    n_msgs = pc.list_value_length(msgs).to_numpy(zero_copy_only=False)
+    mask = _INDEX_MASK
+    own = np.fromiter(
+        (
+            rid != f"{id_prefixes.get(src) or file_stem(src)}:{seq & mask}"
             for rid, src, seq in zip(
-                batch.column("id").to_pylist(),
-                batch.column("source").to_pylist(),
-                seqs.tolist(),
+                table.column("id").to_pylist(),
+                table.column("source").to_pylist(),
+                table.column("seq").to_pylist(),
                 strict=True,
             )
-        ]
-        own = np.asarray(own, dtype=bool)
-        fmts = np.asarray(batch.column("format").to_pylist(), dtype=object)
-        rows = []
-        for fmt in sorted(set(fmts.tolist())):
-            sel = fmts == fmt
-            rows.append(
-                {
-                    "format": fmt,
-                    "rows": int(sel.sum()),
-                    "turns": int(turns[sel].sum()),
-                    "multi_turn": int((turns[sel] > 1).sum()),
-                    "max_turns": int(turns[sel].max()),
-                    "messages": int(n_msgs[sel].sum()),
-                    "system": int(
-                        np.bincount(
-                            parents.to_numpy(zero_copy_only=False)[
-                                pc.equal(roles, "system").to_numpy(zero_copy_only=False)
-                            ],
-                            minlength=n,
-                        )[sel]
-                        .astype(bool)
-                        .sum()
-                    ),
-                    "chars": int(chars[sel].sum()),
-                    "own_ids": int(own[sel].sum()),
-                }
-            )
-        return pa.Table.from_pylist(rows)
-
-
-def _summarize(out_dir: str, prefixes: Mapping[str, str]) -> dict:
-    import ray
-
-    folder = stage_dir(out_dir, STAGE)
-    if not _has_parquet(folder):
-        return {"rows": 0, "by_format": {}, "turns": 0, "own_ids": 0}
-    parts = (
-        ray.data.read_parquet(folder, columns=["id", "seq", "source", "format", "messages"])
-        .map_batches(_Summarize(prefixes), batch_format="pyarrow")
-        .take_all()
+        ),
+        dtype=bool,
+        count=n,
     )
-    by_format: Counter = Counter()
-    total: Counter = Counter()
+    fmts = np.asarray(table.column("format").to_pylist(), dtype=object)
+    out = {}
+    for fmt in sorted(set(fmts.tolist())):
+        sel = fmts == fmt
+        out[fmt] = {
+            "rows": int(sel.sum()),
+            "turns": int(turns[sel].sum()),
+            "multi_turn": int((turns[sel] > 1).sum()),
+            "messages": int(n_msgs[sel].sum()),
+            "system": int(system[sel].sum()),
+            "chars": int(chars[sel].sum()),
+            "own_ids": int(own[sel].sum()),
+            "max_turns": int(turns[sel].max()),
+        }
+    return out
+
+
+def _merge_summaries(parts: list[dict[str, dict]]) -> dict:
+    by_format: dict[str, Counter] = {}
     max_turns = 0
-    for p in parts:
-        by_format[p["format"]] += p["rows"]
-        max_turns = max(max_turns, p["max_turns"])
-        for k in ("rows", "turns", "multi_turn", "messages", "system", "chars", "own_ids"):
-            total[k] += p[k]
+    for part in parts:
+        for fmt, s in part.items():
+            by_format.setdefault(fmt, Counter()).update({k: s[k] for k in _SUM_KEYS})
+            max_turns = max(max_turns, s["max_turns"])
+    total: Counter = Counter()
+    for c in by_format.values():
+        total.update(c)
     rows = total["rows"]
     return {
         "rows": rows,
-        "by_format": dict(sorted(by_format.items())),
+        "by_format": {f: c["rows"] for f, c in sorted(by_format.items())},
         "turns": total["turns"],
         "mean_turns": round(total["turns"] / rows, 4) if rows else 0.0,
         "max_turns": max_turns,
@@ -292,86 +274,128 @@ def _summarize(out_dir: str, prefixes: Mapping[str, str]) -> dict:
     }
 
 
-def _has_parquet(folder: str) -> bool:
-    return os.path.isdir(folder) and any(f.endswith(".parquet") for f in os.listdir(folder))
-
-
+_SUMMARY_COLUMNS = ["id", "seq", "source", "format", "messages"]
 _FIRST = "_first_seq"
 
 
-class _MarkDuplicates:
-    """Canonical rows -> marked canonical rows: later occurrences of a duplicated id rejected.
+def _bucket(ids: list[str], num_buckets: int) -> Any:
+    import zlib
 
-    Holds object refs to the (id, first seq) table of duplicated ids only; each worker fetches
-    it once. The driver never holds it, and the pool itself is never gathered anywhere.
-    """
+    import numpy as np
 
-    def __init__(self, dup_refs: list):
-        self.dup_refs = dup_refs
-        self._dups: pa.Table | None = None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self._dups is None:
-            import ray
-
-            self._dups = pa.concat_tables(ray.get(self.dup_refs)).combine_chunks()
-        at = pc.index_in(batch.column("id"), value_set=self._dups.column("id"))
-        first = pc.take(self._dups.column(_FIRST), at)
-        dup = pc.fill_null(pc.not_equal(batch.column("seq"), first), False)
-        dup_np = dup.to_numpy(zero_copy_only=False)
-        n = batch.num_rows
-        reasons: list[Any] = [None] * n
-        details: list[Any] = [None] * n
-        raws: list[Any] = [None] * n
-        if dup_np.any():
-            rows = batch.select(["id", "source", "format", "messages", "extra"]).to_pylist()
-            firsts = first.to_pylist()
-            for i in dup_np.nonzero()[0].tolist():
-                r = rows[i]
-                reasons[i] = "duplicate_id"
-                details[i] = (
-                    f"id {r['id']!r} first occurs at seq {firsts[i]} (file rank "
-                    f"{firsts[i] >> SEQ_FILE_SHIFT}, index {firsts[i] & _INDEX_MASK})"
-                )
-                raw = {k: r[k] for k in ("id", "source", "format", "messages")}
-                raw["extra"] = json.loads(r["extra"]) if r["extra"] else None
-                raws[i] = json.dumps(raw, ensure_ascii=False)
-        cols = [batch.column(f.name) for f in CANONICAL_SCHEMA] + [reasons, details, raws]
-        return _table(cols)
+    # crc32, not hash(): buckets must agree across worker processes.
+    return np.fromiter(
+        (zlib.crc32(i.encode("utf-8")) % num_buckets for i in ids), dtype=np.int64, count=len(ids)
+    )
 
 
-def _dedup_ids(out_dir: str, num_partitions: int) -> int:
-    """Reject later occurrences of duplicated ids in ``<out>/ingest``; returns how many."""
+def _map_part(path: str, part: int, prefixes: dict, num_buckets: int) -> list:
+    """One written part file -> [summary, bucket_0 .. bucket_{P-1}] of (id, seq, part)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=_SUMMARY_COLUMNS)
+    keys = table.select(["id", "seq"]).append_column(
+        "part", pa.array([part] * table.num_rows, pa.int32())
+    )
+    out: list = [summarize_rows(table, prefixes)]
+    if num_buckets == 1:
+        return [*out, keys]
+    buckets = _bucket(table.column("id").to_pylist(), num_buckets)
+    return out + [keys.filter(pa.array(buckets == b)) for b in range(num_buckets)]
+
+
+def _reduce_bucket(*tables: pa.Table) -> tuple[pa.Table, list[int]]:
+    """(id, seq, part) rows of one hash bucket -> (duplicated ids with first seq, parts to fix)."""
+    keys = pa.concat_tables(tables)
+    agg = keys.group_by("id").aggregate([("seq", "min"), ("seq", "count")])
+    dups = agg.filter(pc.greater(agg.column("seq_count"), 1))
+    dups = pa.table({"id": dups.column("id"), _FIRST: dups.column("seq_min")})
+    if dups.num_rows == 0:
+        return dups, []
+    at = pc.index_in(keys.column("id"), value_set=dups.column("id"))
+    later = pc.fill_null(pc.not_equal(keys.column("seq"), pc.take(dups.column(_FIRST), at)), False)
+    parts = pc.unique(keys.column("part").filter(later)).to_pylist()
+    return dups, sorted(parts)
+
+
+def mark_duplicates(table: pa.Table, dups: pa.Table) -> pa.Table:
+    """Canonical rows -> marked rows: rows whose id is in ``dups`` (id, first seq) but whose
+    seq is not the first are rejected with ``duplicate_id``; raw = the canonical row as JSON."""
+    at = pc.index_in(table.column("id"), value_set=dups.column("id"))
+    first = pc.take(dups.column(_FIRST), at)
+    dup = pc.fill_null(pc.not_equal(table.column("seq"), first), False)
+    dup_np = dup.to_numpy(zero_copy_only=False)
+    n = table.num_rows
+    reasons: list[Any] = [None] * n
+    details: list[Any] = [None] * n
+    raws: list[Any] = [None] * n
+    if dup_np.any():
+        firsts = first.to_pylist()
+        for i in dup_np.nonzero()[0].tolist():
+            r = table.slice(i, 1).to_pylist()[0]
+            reasons[i] = "duplicate_id"
+            details[i] = (
+                f"id {r['id']!r} first occurs at seq {firsts[i]} (file rank "
+                f"{firsts[i] >> SEQ_FILE_SHIFT}, index {firsts[i] & _INDEX_MASK})"
+            )
+            raw = {k: r[k] for k in ("id", "source", "format", "messages")}
+            raw["extra"] = json.loads(r["extra"]) if r["extra"] else None
+            raws[i] = json.dumps(raw, ensure_ascii=False)
+    cols = [table.column(f.name) for f in CANONICAL_SCHEMA] + [reasons, details, raws]
+    return _table(cols)
+
+
+def _fix_part(path: str, rejects: str, prefixes: dict, *dup_tables: pa.Table) -> tuple:
+    """Rewrite one part file without its later duplicates; their rejects go to ``rejects``."""
+    import pyarrow.parquet as pq
+
+    from deita_ray.data.sink import split_block
+
+    dups = pa.concat_tables(dup_tables)
+    table = pq.read_table(path).select(CANONICAL_SCHEMA.names).cast(CANONICAL_SCHEMA)
+    good, bad = split_block(mark_duplicates(table, dups), STAGE)
+    name = os.path.basename(path)
+    pq.write_table(bad, os.path.join(rejects, "dup-" + name))
+    tmp = path + ".tmp"
+    pq.write_table(good, tmp)
+    os.replace(tmp, path)  # readers never see a half-written part
+    return bad.num_rows, summarize_rows(good.select(_SUMMARY_COLUMNS), prefixes)
+
+
+def _post_write(out_dir: str, prefixes: dict, rows_out: int) -> tuple[dict, int]:
+    """Metrics of the written rows and the duplicate-id pass; returns (summary, duplicates)."""
     import ray
-    from ray.data.aggregate import Count, Min
 
     folder = stage_dir(out_dir, STAGE)
-    dups = (
-        ray.data.read_parquet(folder, columns=["id", "seq"])
-        .groupby("id", num_partitions=num_partitions)
-        .aggregate(Count(alias_name="n"), Min("seq", alias_name=_FIRST))
-        .filter(expr="n > 1")
-        .select_columns(["id", _FIRST])
-        .materialize()
+    parts = (
+        sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
+        if os.path.isdir(folder)
+        else []
     )
-    if dups.count() == 0:
-        return 0
-    tmp = os.path.join(out_dir, "_ingest_dedup")
-    shutil.rmtree(tmp, ignore_errors=True)
-    marked = ray.data.read_parquet(folder).map_batches(
-        _MarkDuplicates(dups.to_arrow_refs()), batch_format="pyarrow"
-    )
-    counts = write_with_rejects(marked, STAGE, tmp)
-    # Swap in the rewritten rows; the duplicate rejects join the stage's other rejects.
-    shutil.rmtree(folder)
-    os.replace(stage_dir(tmp, STAGE), folder)
-    rej = rejects_dir(out_dir, STAGE)
-    os.makedirs(rej, exist_ok=True)
-    new_rej = rejects_dir(tmp, STAGE)
-    for name in sorted(os.listdir(new_rej)):
-        os.replace(os.path.join(new_rej, name), os.path.join(rej, "dup-" + name))
-    shutil.rmtree(tmp)
-    return counts.rejected_by_reason.get("duplicate_id", 0)
+    if not parts:
+        return _merge_summaries([]), 0
+    num_buckets = min(64, rows_out // 500_000 + 1)
+    prefixes_ref = ray.put(prefixes)
+    map_task = ray.remote(num_cpus=1, num_returns=num_buckets + 1)(_map_part)
+    mapped = [map_task.remote(p, i, prefixes_ref, num_buckets) for i, p in enumerate(parts)]
+    summaries = ray.get([m[0] for m in mapped])
+    merged = _merge_summaries(summaries)
+    if not merged["own_ids"]:
+        return merged, 0  # only synthesized ids: unique by construction
+    reduce_task = ray.remote(num_cpus=1, num_returns=2)(_reduce_bucket)
+    reduced = [reduce_task.remote(*[m[b + 1] for m in mapped]) for b in range(num_buckets)]
+    del mapped
+    to_fix = sorted({p for r in ray.get([r[1] for r in reduced]) for p in r})
+    if not to_fix:
+        return merged, 0
+    dup_refs = [r[0] for r in reduced]
+    rejects = rejects_dir(out_dir, STAGE)
+    os.makedirs(rejects, exist_ok=True)
+    fix_task = ray.remote(num_cpus=1)(_fix_part)
+    fixed = ray.get([fix_task.remote(parts[i], rejects, prefixes_ref, *dup_refs) for i in to_fix])
+    for i, (_, summary) in zip(to_fix, fixed, strict=True):
+        summaries[i] = summary
+    return _merge_summaries(summaries), sum(n for n, _ in fixed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,19 +435,15 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
         batch_size=None,
     )
     counts = write_with_rejects(ds, STAGE, out_dir)
-    summary = _summarize(out_dir, prefixes)
-    n_dup = 0
-    if summary["own_ids"]:
-        n_dup = _dedup_ids(out_dir, num_partitions=min(64, counts.rows_out // 100_000 + 1))
-        if n_dup:
-            counts = StageCounts(
-                rows_in=counts.rows_in,
-                rows_out=counts.rows_out - n_dup,
-                rejected_by_reason=StageCounts.merge_reasons(
-                    counts.rejected_by_reason, {"duplicate_id": n_dup}
-                ),
-            )
-            summary = _summarize(out_dir, prefixes)
+    summary, n_dup = _post_write(out_dir, prefixes, counts.rows_out)
+    if n_dup:
+        counts = StageCounts(
+            rows_in=counts.rows_in,
+            rows_out=counts.rows_out - n_dup,
+            rejected_by_reason=StageCounts.merge_reasons(
+                counts.rejected_by_reason, {"duplicate_id": n_dup}
+            ),
+        )
     counts.check(STAGE)
     if summary["rows"] != counts.rows_out:
         raise RuntimeError(

@@ -1,0 +1,364 @@
+"""The ingest stage on real public data, on an adversarial corpus and on the demo pool (real Ray)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from deita_ray.config import PipelineConfig
+from deita_ray.data.demo import demo_records, write_demo_pool
+from deita_ray.data.formats import extract_turns
+from deita_ray.data.read import READ_SCHEMA, SEQ_FILE_SHIFT
+from deita_ray.data.rejects import REJECTS_SCHEMA
+from deita_ray.stages.ingest import MARKED_SCHEMA, Canonicalize, run_ingest
+
+
+def ingest(paths, out: Path, **input_fields):
+    cfg = PipelineConfig()
+    cfg.input.paths = [str(p) for p in paths] if isinstance(paths, list) else [str(paths)]
+    for k, v in input_fields.items():
+        setattr(cfg.input, k, v)
+    res = run_ingest(cfg, str(out))
+    return res, read_dir(out / "ingest"), read_dir(out / "rejects" / "ingest")
+
+
+def read_dir(folder: Path) -> list[dict]:
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def readme_counts(shared: Path) -> dict[str, int]:
+    """Record counts of the summary table of ../shared/data/README.md."""
+    counts = {}
+    for line in (shared / "README.md").read_text().splitlines():
+        m = re.match(r"^\| `([^`]+)` \| ([\d,]+) \|", line)
+        if m:
+            counts[m.group(1)] = int(m.group(2).replace(",", ""))
+    assert len(counts) >= 20, "README summary table not found"
+    return counts
+
+
+def test_canonicalize_batch_columns_and_marks():
+    recs = [
+        json.dumps({"id": "x1", "instruction": "q", "output": "a", "k": 1}),
+        json.dumps({"instruction": "q"}),
+        "garbage",
+        '{"messages": [{"role": "user", "content": "bad \\ud800 surrogate"}]}',
+        json.dumps({"conversations": [{"from": "human", "value": "hi"}]}),
+    ]
+    batch = pa.Table.from_pylist(
+        [
+            {"record": r, "source": "/p/pool.jsonl", "index": i, "seq": (3 << SEQ_FILE_SHIFT) + i,
+             "error": "invalid_json" if r == "garbage" else None, "detail": None}
+            for i, r in enumerate(recs)
+        ],
+        schema=READ_SCHEMA,
+    )  # fmt: skip
+    out = Canonicalize()(batch)
+    assert out.schema == MARKED_SCHEMA
+    rows = out.to_pylist()
+    assert [r["id"] for r in rows] == ["x1", "pool:1", "pool:2", "pool:3", "pool:4"]
+    assert [r["_reject_reason"] for r in rows] == [
+        None, "missing_field", "invalid_json", "invalid_utf8", None,
+    ]  # fmt: skip
+    assert rows[0]["messages"] == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
+    assert json.loads(rows[0]["extra"]) == {"k": 1} and rows[0]["format"] == "alpaca"
+    assert rows[0]["_raw"] is None and rows[1]["_raw"] == recs[1]
+    assert rows[4]["messages"] == [{"role": "user", "content": "hi"}]  # reply "" is fine
+    assert [r["seq"] for r in rows] == [(3 << SEQ_FILE_SHIFT) + i for i in range(5)]
+    with pytest.raises(ValueError):
+        Canonicalize(role_map={"tool": "function"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Real public data
+
+
+@pytest.fixture(scope="module")
+def shared_run(ray_local, shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ingest_shared")
+    res, good, rej = ingest(shared_data, out)
+    return res, good, rej
+
+
+def by_file(rows: list[dict], shared: Path) -> Counter:
+    return Counter(str(Path(r["source"]).relative_to(shared)) for r in rows)
+
+
+def test_every_shared_file_is_accounted(shared_run, shared_data):
+    res, good, rej = shared_run
+    want = readme_counts(shared_data)
+    out_n, rej_n = by_file(good, shared_data), by_file(rej, shared_data)
+    for name, n in want.items():
+        assert out_n[name] + rej_n[name] == n, (name, out_n[name], rej_n[name], n)
+    assert set(out_n) | set(rej_n) <= set(want)
+    c = res.counts
+    assert c.rows_in == sum(want.values()) == c.rows_out + c.rows_rejected
+    assert c.rows_out == len(good) and c.rows_rejected == len(rej)
+    assert Counter(r["reason"] for r in rej) == Counter(c.rejected_by_reason)
+    assert len({r["id"] for r in good}) == len(good)  # ids are unique downstream
+    assert "duplicate_id" not in c.rejected_by_reason
+    assert res.metrics["by_format"] == dict(sorted(Counter(r["format"] for r in good).items()))
+
+
+def test_shared_files_expectations(shared_run, shared_data):
+    res, good, rej = shared_run
+    out_n, rej_n = by_file(good, shared_data), by_file(rej, shared_data)
+    reasons = Counter((str(Path(r["source"]).relative_to(shared_data)), r["reason"]) for r in rej)
+    rows = {}
+    for r in good:
+        rows.setdefault(str(Path(r["source"]).relative_to(shared_data)), []).append(r)
+
+    def fmt(name):
+        return Counter(r["format"] for r in rows[name])
+
+    for name, n, f in [
+        ("alpaca/alpaca_data.json", 2000, "alpaca"),
+        ("alpaca/alpaca_5000.json", 5000, "alpaca"),
+        ("llama_factory/alpaca_en_demo.json", 999, "alpaca"),
+        ("llama_factory/lima.json", 1029, "alpaca"),
+        ("alpaca/seed_tasks.jsonl", 175, "self_instruct"),
+        ("gpt4_llm/user_oriented_instructions.jsonl", 252, "self_instruct"),
+        ("fastchat/dummy_conversation.json", 500, "sharegpt"),
+        ("llama_factory/dpo_en_demo.json", 300, "sharegpt"),
+        ("llama_factory/kto_en_demo.json", 300, "messages"),
+        ("hh_rlhf/harmless-base/test.jsonl.gz", 2312, "hh"),
+        ("alpaca_eval/results/gpt4_1106_preview/model_outputs.json", 805, "alpaca"),
+        ("alpaca_eval/results/text_davinci_003/model_outputs.json", 805, "alpaca"),
+    ]:
+        assert out_n[name] == n and rej_n[name] == 0 and fmt(name) == {f: n}, name
+    # LIMA: 29 multi-turn rows through `history`
+    lima = rows["llama_factory/lima.json"]
+    assert sum(len(extract_turns(r["messages"])) > 1 for r in lima) == 29
+    # own ids are kept; others are <file stem>:<index>
+    assert {r["id"] for r in rows["fastchat/dummy_conversation.json"]} == {
+        f"identity_{i}" for i in range(500)
+    }
+    assert {r["id"] for r in rows["alpaca/alpaca_data.json"]} == {
+        f"alpaca_data:{i}" for i in range(2000)
+    }
+    # system prompts of the DPO demo survive as system messages; chosen/rejected stay in extra
+    dpo = rows["llama_factory/dpo_en_demo.json"]
+    assert sum(r["messages"][0]["role"] == "system" for r in dpo) == 80
+    assert all({"chosen", "rejected"} <= set(json.loads(r["extra"])) for r in dpo)
+    assert all("label" in json.loads(r["extra"]) for r in rows["llama_factory/kto_en_demo.json"])
+    # glaive tool calls: rejected by default with their own reason, the rest accepted
+    glaive = json.loads((shared_data / "llama_factory/glaive_toolcall_en_demo.json").read_text())
+    tool = sum(any(m["from"] not in ("human", "gpt") for m in r["conversations"]) for r in glaive)
+    name = "llama_factory/glaive_toolcall_en_demo.json"
+    assert reasons[(name, "unsupported_role")] == tool == rej_n[name] and out_n[name] == 300 - tool
+    # preference judgments without an `output` and prompt-only evaluation files are rejected
+    for name in ("alpaca_eval/results/zephyr-7b-beta/alpaca_eval_gpt4/annotations.json",
+                 "alpaca_eval/results/alpaca-farm-ppo-human/alpaca_eval_gpt4/annotations.json"):  # fmt: skip
+        assert reasons[(name, "missing_field")] == 805
+    for name in ("gpt4_llm/vicuna_question_80.jsonl", "fastchat/llm_judge/mt_bench/question.jsonl",
+                 "fastchat/llm_judge/judge_prompts.jsonl"):  # fmt: skip
+        assert out_n[name] == 0 and reasons[(name, "unknown_format")] == rej_n[name] > 0
+    # two question.jsonl files: their synthesized ids differ by folder
+    ids = {r["id"] for r in rej if r["source"].endswith("question.jsonl")}
+    assert "mt_bench/question:0" in ids and "vicuna_bench/question:0" in ids
+
+
+def test_shared_rows_are_lossless(shared_run, shared_data):
+    _, good, _ = shared_run
+    for name in ("alpaca/alpaca_data.json", "llama_factory/lima.json"):
+        original = json.loads((shared_data / name).read_text())
+        mine = sorted((r for r in good if r["source"].endswith(name)), key=lambda r: r["seq"])
+        assert len(mine) == len(original)
+        for rec, row in zip(original, mine, strict=True):
+            msgs = [(m["role"], m["content"]) for m in row["messages"]]
+            hist = [
+                x
+                for pair in rec.get("history", [])
+                for x in zip(("user", "assistant"), pair, strict=True)
+            ]
+            user = rec["instruction"] + ("\n\n" + rec["input"] if rec["input"] else "")
+            assert msgs == [*hist, ("user", user), ("assistant", rec["output"])]
+            extra = json.loads(row["extra"])
+            assert extra == {
+                k: v
+                for k, v in rec.items()
+                if k not in ("instruction", "input", "output", "history")
+            }
+
+
+def test_glaive_tool_roles_accepted_with_role_map(ray_local, shared_data, tmp_path):
+    path = shared_data / "llama_factory/glaive_toolcall_en_demo.json"
+    res, good, rej = ingest(
+        path, tmp_path, role_map={"function_call": "assistant", "observation": "user"}
+    )
+    assert (res.counts.rows_in, res.counts.rows_out, res.counts.rows_rejected) == (300, 300, 0)
+    assert res.metrics["multi_turn_rows"] > 150
+    assert all("tools" in json.loads(r["extra"]) for r in good)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial corpus
+
+
+def alp(i, **kw):
+    return {"instruction": f"question {i}", "input": "", "output": f"answer {i}", **kw}
+
+
+def build_corpus(root: Path) -> tuple[int, Counter, int]:
+    """Write the corpus; return (records, expected rejects by reason, expected accepted)."""
+    root.mkdir(parents=True, exist_ok=True)
+    expect: Counter = Counter()
+    good = 0
+    # a: JSON array truncated inside its 6th element
+    arr = json.dumps([alp(i) for i in range(6)])
+    (root / "a_array.json").write_text(arr[: arr.rindex('{"instruction"') + 25])
+    good += 5
+    expect["invalid_json"] += 1
+    # b: JSON lines of mixed formats, the last line truncated
+    lines = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                      {"role": "assistant", "content": ""}]},  # empty reply is allowed
+        {"instruction": "who", "context": "Ada did", "response": "Ada", "category": "qa"},
+        alp(7, history=[["before", "reply"]], system="sys"),
+    ]  # fmt: skip
+    text = "\n".join(json.dumps(x) for x in lines) + '\n{"instruction": "cut", "outp'
+    (root / "b_lines.jsonl").write_text(text)
+    good += 4
+    expect["invalid_json"] += 1
+    # c: every kind of bad record, duplicate ids, non-UTF-8 and huge lines
+    bad = [
+        ({"messages": [{"role": "user", "content": ["a", "list"]}]}, "wrong_type"),
+        ({"instruction": 5, "output": "x"}, "wrong_type"),
+        ({"conversations": []}, "empty_conversation"),
+        ({"conversations": [{"from": "human", "value": "  \n "}, {"from": "gpt", "value": "x"}]},
+         "empty_instruction"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+         "consecutive_user_turns"),
+        ({"instruction": "no output"}, "missing_field"),
+        ({"conversations": [{"value": "no role"}]}, "missing_field"),
+        ({"prompt": "?", "completion": "!"}, "unknown_format"),
+        ([1, 2, 3], "not_an_object"),
+        ({"messages": [{"role": "tool", "content": "{}"}]}, "unsupported_role"),
+        ({"id": "dup-1", **alp(10)}, None),
+        ({"id": "dup-1", **alp(11)}, "duplicate_id"),
+        ({"id": "dup-1", "conversations": [{"from": "human", "value": "x"}]}, "duplicate_id"),
+        ({"id": "dup-2", **alp(12)}, None),  # also in the Parquet file, which comes later
+        ({"id": "a_array:0", **alp(13)}, "duplicate_id"),  # same as a synthesized id, earlier
+        ({"id": 77, **alp(14)}, None),  # integer id -> "77"
+    ]  # fmt: skip
+    raw_lines = [json.dumps(r).encode() for r, _ in bad]
+    raw_lines.append(b'{"instruction": "caf\xe9 latin-1", "output": "x"}')  # not UTF-8
+    raw_lines.append(json.dumps(alp(15, output="y" * 100_000)).encode())  # huge
+    raw_lines.append(b'{"instruction": "lone \\ud800 escape", "output": "x"}')  # unpaired surrogate
+    (root / "c_bad.jsonl").write_bytes(b"\n".join(raw_lines) + b"\n")
+    for _, reason in bad:
+        if reason:
+            expect[reason] += 1
+        else:
+            good += 1
+    expect["invalid_utf8"] += 2
+    expect["record_too_large"] += 1
+    # d: Parquet, one id colliding with an earlier file
+    pq.write_table(pa.Table.from_pylist([{"id": "dup-2", **alp(20)}, {"id": "p1", **alp(21)}]),
+                   root / "d_table.parquet")  # fmt: skip
+    good += 1
+    expect["duplicate_id"] += 1
+    # e: gzip JSON lines; f: array with non-UTF-8 bytes in one element; g: corrupt gzip
+    with gzip.open(root / "e_lines.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(alp(30 + i)) for i in range(3)))
+    good += 3
+    (root / "f_array.json").write_bytes(
+        b'[{"instruction": "ok", "output": "fine"}, {"instruction": "\xff\xfe", "output": "x"}]'
+    )
+    good += 1
+    expect["invalid_utf8"] += 1
+    (root / "g_corrupt.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 this is not gzip data")
+    expect["unreadable_file"] += 1
+    total = good + sum(expect.values())
+    return total, expect, good
+
+
+@pytest.fixture(scope="module")
+def adversarial(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adv")
+    n, expect, good = build_corpus(root / "pool")
+    first = ingest(root / "pool", root / "out1", max_record_bytes=8192)  # a directory
+    second = ingest([str(root / "pool" / "*.*")], root / "out2", max_record_bytes=8192)  # a glob
+    return n, expect, good, first, second
+
+
+def test_adversarial_corpus_counts(adversarial):
+    n, expect, good_n, (res, good, rej), _ = adversarial
+    c = res.counts
+    assert (c.rows_in, c.rows_out) == (n, good_n)
+    assert Counter(c.rejected_by_reason) == expect
+    assert Counter(r["reason"] for r in rej) == expect
+    assert len(good) == good_n and len({r["id"] for r in good}) == good_n
+    for r in rej:  # every reject keeps its raw text and source
+        assert r["raw"] is not None and r["source"] and r["id"]
+    rejects_file = next(Path(rej[0]["source"]).parents[1].glob("out1/rejects/ingest/*.parquet"))
+    assert pq.read_schema(rejects_file) == REJECTS_SCHEMA
+    ids = {r["id"]: r for r in good}
+    # first occurrence in input order keeps a duplicated id
+    assert ids["dup-1"]["messages"][0]["content"] == "question 10"
+    assert ids["dup-2"]["source"].endswith("c_bad.jsonl")
+    assert ids["a_array:0"]["source"].endswith("a_array.json")
+    assert "77" in ids and json.loads(ids["77"]["extra"]) == {"id": 77}
+    dup_raw = [json.loads(r["raw"]) for r in rej if r["reason"] == "duplicate_id"]
+    assert {d["id"] for d in dup_raw} == {"dup-1", "dup-2", "a_array:0"}
+    assert all(d["messages"] for d in dup_raw)
+
+
+def test_adversarial_ids_stable_across_runs(adversarial):
+    *_, (res1, good1, rej1), (res2, good2, rej2) = adversarial
+    assert res1.counts.to_dict() == res2.counts.to_dict()
+    key = lambda r: r["seq"]  # noqa: E731
+    assert sorted(good1, key=key) == sorted(good2, key=key)
+    assert sorted((r["id"], r["reason"]) for r in rej1) == sorted(
+        (r["id"], r["reason"]) for r in rej2
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo pool
+
+
+def test_demo_pool_is_deterministic_and_varied(tmp_path):
+    n = write_demo_pool(str(tmp_path / "a.jsonl"))
+    write_demo_pool(str(tmp_path / "b.jsonl"))
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert 250 <= n <= 350
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert len(lines) == n == len(demo_records())
+    short = sum(len(line) < 400 for line in lines)
+    assert short > 0.7 * n
+
+
+def test_demo_pool_ingest(ray_local, tmp_path):
+    cfg = PipelineConfig()
+    cfg.demo_pool = True
+    res = run_ingest(cfg, str(tmp_path))
+    n = len(demo_records())
+    c = res.counts
+    assert c.rows_in == n == c.rows_out + c.rows_rejected
+    assert 5 <= c.rows_rejected <= 20 and len(c.rejected_by_reason) >= 8
+    assert set(res.metrics["by_format"]) >= {"alpaca", "sharegpt", "messages", "dolly"}
+    assert res.metrics["multi_turn_rows"] >= 20
+    good = read_dir(tmp_path / "ingest")
+    # planted near-duplicates: several instructions are paraphrases of the same seed
+    firsts = [r["messages"][0]["content"] if r["messages"][0]["role"] == "user" else r["messages"][1]["content"]
+              for r in good]  # fmt: skip
+    assert (
+        sum(
+            f.startswith(("Can you tell me:", "Please answer briefly.", "Quick question"))
+            for f in firsts
+        )
+        >= 30
+    )
