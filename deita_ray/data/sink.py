@@ -122,7 +122,9 @@ class SplitParquetSink(Datasink):
 
 
 def _parts(folder: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(folder, "part-*.parquet")))
+    return sorted(
+        glob.glob(os.path.join(folder, "*.parquet"))
+    )  # dot-prefixed temp files do not match
 
 
 def _column(paths: list[str], name: str) -> list[pa.ChunkedArray]:
