@@ -1,0 +1,259 @@
+"""Rendering with exact label masks, collation, step plans, schedules and the DeepSpeed config
+(no Ray here: the tokenizer stage is called directly on Arrow tables)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from deita_ray.config import TrainingConfig
+from deita_ray.data.rejects import REASON
+from deita_ray.templates import render_vicuna
+from deita_ray.training.common import (
+    IGNORE_INDEX,
+    TemplateError,
+    TokenizeSFT,
+    chat_template_segments,
+    collate,
+    deepspeed_config,
+    encode_segments,
+    load_tokenizer,
+    lr_factor,
+    only_last_target,
+    plan_steps,
+    render_segments,
+)
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SINGLE = [
+    {"role": "user", "content": "Give three tips for staying healthy."},
+    {"role": "assistant", "content": "Eat a balanced diet, exercise, and sleep well."},
+]
+MULTI = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And 12345 + 1?"},
+    {"role": "assistant", "content": " 12346\n\n(with spaces)  "},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": ""},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_llama):
+    return load_tokenizer(str(tiny_llama))
+
+
+@pytest.fixture(scope="module")
+def tiny_chatml_tok(tiny_llama):
+    tok = load_tokenizer(str(tiny_llama))
+    tok.chat_template = CHATML  # its end marker <|im_end|> is not the EOS token here
+    return tok
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    """The real SmolLM2 tokenizer (converted once into the cache; skip if not installed)."""
+    try:
+        from deita_ray.models.smollm2 import default_cache_dir, ensure_smollm2
+    except ImportError:
+        pytest.skip("deita_ray.models.smollm2 not available")
+    try:
+        path = ensure_smollm2(default_cache_dir())
+    except Exception as e:  # noqa: BLE001 - package missing: skip with the reason
+        pytest.skip(f"SmolLM2 not available: {e}")
+    return load_tokenizer(str(path))
+
+
+def target_runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
+    """Maximal runs of positions that carry a label (each should be one assistant message)."""
+    runs, cur = [], []
+    for tok_id, lab in zip(input_ids, labels, strict=True):
+        if lab != IGNORE_INDEX:
+            assert lab == tok_id, "a label must be the token itself"
+            cur.append(lab)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def assert_exact_masks(tok, messages, template, end_marker):
+    segs = render_segments(messages, template, tok)
+    enc = encode_segments([segs], tok, 100_000)[0]
+    expected = [m["content"] + end_marker for m in messages if m["role"] == "assistant"]
+    decoded = [
+        tok.decode(r, clean_up_tokenization_spaces=False)
+        for r in target_runs(enc.input_ids, enc.labels)
+    ]
+    assert decoded == expected
+    # Nothing else carries loss, and the whole sequence is the full rendering.
+    assert enc.num_targets == sum(
+        len(tok(e, add_special_tokens=False)["input_ids"]) for e in expected
+    )
+    full = tok.decode(enc.input_ids, clean_up_tokenization_spaces=False)
+    assert full.endswith("".join(t for t, _ in segs))
+    return enc
+
+
+@pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
+def test_vicuna_masks_tiny_tokenizer(tiny_tok, messages):
+    enc = assert_exact_masks(tiny_tok, messages, "vicuna_v1.1", "</s>")
+    assert enc.input_ids[0] == tiny_tok.bos_token_id and enc.labels[0] == IGNORE_INDEX
+    full = tiny_tok.decode(enc.input_ids[1:], clean_up_tokenization_spaces=False)
+    assert full == render_vicuna(messages)
+
+
+@pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
+def test_vicuna_masks_smollm2_tokenizer(smol_tok, messages):
+    enc = assert_exact_masks(smol_tok, messages, "vicuna_v1.1", "</s>")
+    assert smol_tok.decode(enc.input_ids, clean_up_tokenization_spaces=False) == render_vicuna(
+        messages
+    )
+
+
+@pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
+def test_chat_template_masks_smollm2_tokenizer(smol_tok, messages):
+    enc = assert_exact_masks(smol_tok, messages, "chat_template", "<|im_end|>")
+    rendered = smol_tok.apply_chat_template(messages, tokenize=False)
+    assert smol_tok.decode(enc.input_ids, clean_up_tokenization_spaces=False) == rendered
+
+
+@pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
+def test_chat_template_masks_tiny_tokenizer(tiny_chatml_tok, messages):
+    assert_exact_masks(tiny_chatml_tok, messages, "chat_template", "<|im_end|>")
+
+
+def test_chat_template_target_stops_at_eos(smol_tok):
+    segs = chat_template_segments(SINGLE, smol_tok)
+    targets = [t for t, is_t in segs if is_t]
+    assert targets == [SINGLE[1]["content"] + "<|im_end|>"]
+    # the newline after <|im_end|> is template, not target
+    assert "".join(t for t, _ in segs) == smol_tok.apply_chat_template(SINGLE, tokenize=False)
+
+
+def test_non_incremental_chat_template_is_refused(tiny_chatml_tok):
+    tok = tiny_chatml_tok
+    saved = tok.chat_template
+    # Renders only the last message: a prefix does not render to a prefix -> inexact masks.
+    tok.chat_template = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    try:
+        with pytest.raises(TemplateError):
+            chat_template_segments(MULTI, tok)
+    finally:
+        tok.chat_template = saved
+
+
+def test_only_last_target_keeps_the_response():
+    segs = only_last_target(render_segments(MULTI[:5], "vicuna_v1.1"))
+    assert [t for t, is_t in segs if is_t] == [MULTI[4]["content"] + "</s>"]
+
+
+def test_truncation_keeps_the_beginning(tiny_tok):
+    segs = render_segments(MULTI, "vicuna_v1.1")
+    full = encode_segments([segs], tiny_tok, 100_000)[0]
+    cut = encode_segments([segs], tiny_tok, len(full.input_ids) - 7)[0]
+    assert cut.truncated and not full.truncated
+    assert cut.input_ids == full.input_ids[:-7] and cut.labels == full.labels[:-7]
+
+
+def test_tokenize_stage_rejects_rows_without_targets(tiny_llama, tiny_tok):
+    long_user = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    rows = [
+        {"id": "good", "messages": SINGLE, "evol_score": 1.0},
+        {"id": "long", "messages": long_user, "evol_score": 2.0},
+        {"id": "noasst", "messages": [{"role": "user", "content": "hi"}], "evol_score": 3.0},
+        {"id": "badrole", "messages": [{"role": "tool", "content": "x"}], "evol_score": 4.0},
+    ]
+    stage = TokenizeSFT(str(tiny_llama), "vicuna_v1.1", max_length=128)
+    out = stage(pa.Table.from_pylist(rows)).to_pylist()
+    assert [r[REASON] for r in out] == [
+        None,
+        "no_target_tokens",
+        "no_assistant_message",
+        "bad_messages",
+    ]
+    good = out[0]
+    assert good["num_tokens"] == len(good["input_ids"]) == len(good["labels"])
+    runs = target_runs(good["input_ids"], good["labels"])
+    assert [tiny_tok.decode(r) for r in runs] == [SINGLE[1]["content"] + "</s>"]
+    assert '"word word' in out[1]["_raw"] and out[0]["_raw"] is None
+
+
+def test_collate_right_pads():
+    b = collate([[5, 6, 7], [8]], [[-100, 6, 7], [8]], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_plan_steps_and_accumulation():
+    t = TrainingConfig(
+        global_batch_size=8, micro_batch_size=2, num_workers=2, epochs=3.0, warmup_ratio=0.1
+    )
+    p = plan_steps(37, t)  # 18 rows per worker -> 9 micro batches -> 4 steps of accumulation 2
+    assert (p.grad_accum, p.steps_per_epoch, p.total_steps, p.warmup_steps) == (2, 4, 12, 2)
+    t.max_steps = 5
+    assert plan_steps(37, t).total_steps == 5
+    with pytest.raises(ValueError, match="cannot fill"):
+        plan_steps(7, t)
+    t.global_batch_size = 6
+    with pytest.raises(ValueError, match="multiple"):
+        plan_steps(100, t)
+
+
+def test_lr_schedules_match_the_closed_forms():
+    total, warm = 10, 2
+    assert [lr_factor(s, total, warm, "cosine") for s in (0, 1, 2)] == [0.0, 0.5, 1.0]
+    for s in range(warm, total + 1):
+        prog = (s - warm) / (total - warm)
+        assert lr_factor(s, total, warm, "cosine") == pytest.approx(
+            0.5 * (1 + math.cos(math.pi * prog))
+        )
+        assert lr_factor(s, total, warm, "linear") == pytest.approx(1 - prog)
+        assert lr_factor(s, total, warm, "constant") == 1.0
+
+
+def test_deepspeed_config_from_training_config():
+    t = TrainingConfig(
+        global_batch_size=512,
+        micro_batch_size=4,
+        num_workers=8,
+        zero_stage=2,
+        use_gpu=True,
+        learning_rate=2e-5,
+        weight_decay=0.0,
+    )
+    plan = plan_steps(6000, t)
+    c = deepspeed_config(t, plan)
+    assert c["gradient_accumulation_steps"] == 16 == plan.grad_accum
+    assert c["train_batch_size"] == 512 and c["train_micro_batch_size_per_gpu"] == 4
+    assert c["bf16"]["enabled"] and not c["optimizer"]["params"]["torch_adam"]
+    assert c["zero_optimization"] == {"stage": 2}
+    t_cpu = TrainingConfig(zero_stage=3, global_batch_size=4, micro_batch_size=2, num_workers=2)
+    c = deepspeed_config(t_cpu, plan_steps(8, t_cpu))
+    assert not c["bf16"]["enabled"] and c["optimizer"]["params"]["torch_adam"]
+    assert c["zero_optimization"]["stage"] == 3
+    assert c["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+
+
+def test_sequence_logps_sums_only_labelled_tokens():
+    import torch
+
+    from deita_ray.training.common import sequence_logps
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    labels = torch.tensor([[-100, 2, 3, -100], [-100, -100, -100, 5]])
+    lp = torch.log_softmax(logits, -1)
+    want = [lp[0, 0, 2] + lp[0, 1, 3], lp[1, 2, 5]]
+    got = sequence_logps(logits, labels)
+    np.testing.assert_allclose(got.numpy(), torch.stack(want).numpy(), rtol=1e-6)
