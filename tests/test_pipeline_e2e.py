@@ -36,7 +36,7 @@ def _model(path: Path, backend: str = "vllm") -> dict:
         "dtype": "float32",
         "max_model_len": 512,
         "enforce_eager": True,
-        "gpu_memory_utilization": 0.05,
+        "kv_cache_memory_bytes": 64 * 1024 * 1024,
     }
 
 
