@@ -139,7 +139,7 @@ class Canonicalize:
             ids[i] = res["id"] or fallback
             messages[i] = res["messages"]
             formats[i] = res["format"]
-            extras[i] = dumps(res["extra"], ensure_ascii=False)
+            extras[i] = dumps(res["extra"], ensure_ascii=False) if res["extra"] else "{}"
         cols = [
             ids,
             batch.column("seq"),

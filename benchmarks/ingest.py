@@ -1,0 +1,357 @@
+"""Benchmark: streaming ingest (Ray Data, 2 CPUs) vs the naive loop, on a synthetic pool.
+
+Generates a pool of ``--rows`` mixed-format records (Alpaca with/without input, ShareGPT
+multi-turn with ids, OpenAI messages with system prompts, Dolly; a few bad rows and planted
+duplicate ids) over several files (JSON arrays, JSON lines, JSON lines .gz), then measures in
+fresh subprocesses, one after the other on the same machine:
+
+- ``ours``: ``run_ingest`` on a local Ray cluster with 2 CPUs (time excludes ``ray.init``);
+- ``naive``: ``json.load`` each file (or ``json.loads`` each line), ``canonicalize`` every
+  record in a Python loop, drop duplicate ids with a set, write one Parquet file per input file.
+
+Peak RSS is the measuring process's own (the Ray driver for ``ours``; sampled every 50 ms in a
+thread, and ``ru_maxrss``). Prints one JSON object with rows/s, peak RSS and ratios.
+
+Usage: ``python benchmarks/ingest.py [--rows N] [--quick] [--files K] [--workdir DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+WORDS = [
+    "data",
+    "model",
+    "train",
+    "answer",
+    "question",
+    "explain",
+    "simple",
+    "write",
+    "list",
+    "code",
+    "python",
+    "function",
+    "value",
+    "energy",
+    "planet",
+    "river",
+    "music",
+    "history",
+    "science",
+    "market",
+    "price",
+    "network",
+    "system",
+    "user",
+    "memory",
+    "result",
+    "method",
+    "number",
+    "letter",
+    "story",
+    "poem",
+    "summary",
+    "reason",
+    "example",
+    "step",
+    "first",
+    "second",
+    "final",
+    "because",
+    "therefore",
+    "however",
+    "quickly",
+    "carefully",
+    "small",
+    "large",
+    "bright",
+    "quiet",
+    "ancient",
+    "modern",
+]
+
+
+def _sentence(rng: random.Random, lo: int, hi: int) -> str:
+    words = rng.choices(WORDS, k=rng.randint(lo, hi))
+    return " ".join(words).capitalize() + "."
+
+
+def _record(rng: random.Random, file_no: int, i: int) -> dict | str:
+    r = rng.random()
+    if r < 0.001:
+        return '{"instruction": "broken'  # invalid JSON (JSONL) / kept as a string (arrays)
+    if r < 0.002:
+        return {"instruction": "   ", "output": "blank instruction"}
+    if r < 0.40:
+        rec = {"instruction": _sentence(rng, 4, 14), "input": "", "output": _sentence(rng, 8, 50)}
+        if rng.random() < 0.4:
+            rec["input"] = _sentence(rng, 4, 20)
+        return rec
+    if r < 0.70:
+        conv = []
+        for _ in range(rng.randint(1, 3)):
+            conv.append({"from": "human", "value": _sentence(rng, 4, 14)})
+            conv.append({"from": "gpt", "value": _sentence(rng, 8, 40)})
+        # ~0.05% of ids repeat an earlier id of the same file: planted duplicates
+        rid = f"sg-{file_no}-{i if rng.random() > 0.0005 else i // 2}"
+        return {"id": rid, "conversations": conv}
+    if r < 0.85:
+        msgs = [{"role": "system", "content": "You are a helpful assistant."}]
+        msgs += [
+            {"role": "user", "content": _sentence(rng, 4, 14)},
+            {"role": "assistant", "content": _sentence(rng, 8, 50)},
+        ]
+        return {"messages": msgs, "source": "synthetic"}
+    return {
+        "instruction": _sentence(rng, 4, 12),
+        "context": _sentence(rng, 0, 30),
+        "response": _sentence(rng, 8, 40),
+        "category": rng.choice(["open_qa", "closed_qa", "summarization"]),
+    }
+
+
+def generate_pool(folder: str, rows: int, files: int, seed: int = 0) -> list[str]:
+    """Write the synthetic pool; files rotate through .json arrays, .jsonl and .jsonl.gz."""
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    kinds = [".json", ".jsonl", ".jsonl.gz"]
+    paths = []
+    per_file = [rows // files + (1 if k < rows % files else 0) for k in range(files)]
+    for k, n in enumerate(per_file):
+        ext = kinds[k % len(kinds)]
+        path = os.path.join(folder, f"pool_{k:02d}{ext}")
+        opener = gzip.open if ext.endswith(".gz") else open
+        with opener(path, "wt", encoding="utf-8") as f:
+            if ext == ".json":
+                f.write("[\n")
+            for i in range(n):
+                rec = _record(rng, k, i)
+                if ext == ".json":
+                    text = json.dumps(rec if isinstance(rec, dict) else {"broken": rec})
+                    f.write(text + (",\n" if i < n - 1 else "\n"))
+                else:
+                    f.write((rec if isinstance(rec, str) else json.dumps(rec)) + "\n")
+            if ext == ".json":
+                f.write("]\n")
+        paths.append(path)
+    return paths
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread (psutil), alongside ``ru_maxrss``."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+def phase_ours(pool: str, out: str) -> dict:
+    import ray
+
+    from deita_ray.config import PipelineConfig
+    from deita_ray.runtime import worker_env
+    from deita_ray.stages.ingest import run_ingest
+
+    with PeakRSS() as rss:
+        t0 = time.time()
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=1 << 30,
+            runtime_env={"env_vars": worker_env(num_threads=1)},
+            log_to_driver=False,
+        )
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        init_s = time.time() - t0
+        cfg = PipelineConfig()
+        cfg.input.paths = [pool]
+        t1 = time.time()
+        res = run_ingest(cfg, out)
+        seconds = time.time() - t1
+    ray.shutdown()
+    c = res.counts
+    return {
+        "rows_in": c.rows_in,
+        "rows_out": c.rows_out,
+        "rejected_by_reason": c.rejected_by_reason,
+        "seconds": round(seconds, 2),
+        "ray_init_seconds": round(init_s, 2),
+        "rows_per_s": round(c.rows_in / seconds, 1),
+        "peak_rss_mib": _mib(rss.peak),
+        "ru_maxrss_mib": _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+    }
+
+
+def phase_naive(pool: str, out: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deita_ray.data.formats import CANONICAL_SCHEMA, Reject, canonicalize
+    from deita_ray.data.read import expand_paths, file_stem
+
+    os.makedirs(out, exist_ok=True)
+    rows_in = rows_out = 0
+    rejected: dict[str, int] = {}
+    seen: set[str] = set()
+    with PeakRSS() as rss:
+        t0 = time.time()
+        for rank, path in enumerate(expand_paths(pool)):
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                if path.endswith(".json"):
+                    records = json.load(f)
+                else:
+                    records = []
+                    for line in f:
+                        if line.strip():
+                            try:
+                                records.append(json.loads(line))
+                            except ValueError:
+                                records.append(None)
+            stem = file_stem(path)
+            rows = []
+            for i, rec in enumerate(records):
+                rows_in += 1
+                res = canonicalize(rec) if rec is not None else Reject("invalid_json", "")
+                if isinstance(res, Reject):
+                    rejected[res.reason] = rejected.get(res.reason, 0) + 1
+                    continue
+                rid = res["id"] or f"{stem}:{i}"
+                if rid in seen:
+                    rejected["duplicate_id"] = rejected.get("duplicate_id", 0) + 1
+                    continue
+                seen.add(rid)
+                rows.append(
+                    {
+                        "id": rid,
+                        "seq": (rank << 40) + i,
+                        "messages": res["messages"],
+                        "source": path,
+                        "format": res["format"],
+                        "extra": json.dumps(res["extra"], ensure_ascii=False),
+                    }
+                )
+            rows_out += len(rows)
+            pq.write_table(
+                pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA),
+                os.path.join(out, f"part-{rank:03d}.parquet"),
+            )
+            del records, rows
+        seconds = time.time() - t0
+    return {
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "rejected_by_reason": rejected,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows_in / seconds, 1),
+        "peak_rss_mib": _mib(rss.peak),
+        "ru_maxrss_mib": _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+    }
+
+
+def _run_phase(phase: str, pool: str, out: str) -> dict:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--phase",
+        phase,
+        "--pool",
+        pool,
+        "--out",
+        out,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{phase} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--quick", action="store_true", help="50k rows")
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--workdir", default=None, help="where the pool and outputs go (temp dir)")
+    ap.add_argument("--phase", choices=["ours", "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--pool", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        fn = phase_ours if args.phase == "ours" else phase_naive
+        print(json.dumps(fn(args.pool, args.out)))
+        return
+    rows = 50_000 if args.quick else args.rows
+    work = args.workdir or tempfile.mkdtemp(prefix="deita_ingest_bench_")
+    try:
+        pool = os.path.join(work, "pool")
+        t0 = time.time()
+        paths = generate_pool(pool, rows, args.files)
+        gen_s = time.time() - t0
+        size = sum(os.path.getsize(p) for p in paths)
+        naive = _run_phase("naive", pool, os.path.join(work, "out_naive"))
+        ours = _run_phase("ours", pool, os.path.join(work, "out_ours"))
+        agree = ours["rows_out"] == naive["rows_out"] and ours["rows_in"] == naive["rows_in"]
+        print(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "files": len(paths),
+                    "pool_mib": _mib(size),
+                    "generate_seconds": round(gen_s, 1),
+                    "cpus": 2,
+                    "ours": ours,
+                    "naive": naive,
+                    "same_counts": agree,
+                    "throughput_ratio_ours_over_naive": round(
+                        ours["rows_per_s"] / naive["rows_per_s"], 3
+                    ),
+                    "peak_rss_ratio_ours_over_naive": round(
+                        ours["peak_rss_mib"] / naive["peak_rss_mib"], 3
+                    ),
+                    "goal_driver_rss_below_1gib": ours["peak_rss_mib"] < 1024,
+                },
+                indent=2,
+            )
+        )
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
