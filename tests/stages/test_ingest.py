@@ -362,3 +362,12 @@ def test_demo_pool_ingest(ray_local, tmp_path):
         )
         >= 30
     )
+
+
+def test_pool_of_only_rejects_and_missing_input(ray_local, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n[1]\n{"instruction": "q"\n')
+    res, good, rej = ingest(tmp_path / "bad.jsonl", tmp_path / "out")
+    assert (res.counts.rows_in, res.counts.rows_out, len(rej), good) == (3, 0, 3, [])
+    assert res.metrics["by_format"] == {} and res.metrics["turns"] == 0
+    with pytest.raises(FileNotFoundError):
+        ingest(tmp_path / "nothing-*.json", tmp_path / "out2")
