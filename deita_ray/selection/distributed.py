@@ -147,18 +147,18 @@ def load_pool(pieces: list[Piece]) -> PoolArrays:
 class SelectShard:
     """One shard of the pool: reads its rows, screens candidates against the accepted set.
 
-    Wrapped with ``ray.remote`` by :func:`select_distributed`; a plain object otherwise (tests
+    Wrapped with ``ray.remote`` by :class:`ShardedPool`; a plain object otherwise (tests
     of the logic can run it in-process).
 
     Args:
         pieces: the row ranges this shard owns.
         offset: global position of the shard's first row.
-        tau, budget, device: as for :class:`~deita_ray.selection.greedy.GreedySelector`.
+        device: as for :class:`~deita_ray.selection.greedy.GreedySelector`.
+
+    Call :meth:`reset` before each selection.
     """
 
-    def __init__(
-        self, pieces: list[Piece], offset: int, tau: float, budget: int, device: str = "cpu"
-    ):
+    def __init__(self, pieces: list[Piece], offset: int, device: str = "cpu"):
         t0 = time.perf_counter()
         pool = load_pool(pieces)
         self.ids = pool.ids
@@ -171,9 +171,10 @@ class SelectShard:
         self.order = candidate_order(pool.scores, pool.seq, cand)
         self.neg_score = -pool.scores[self.order]
         self.seq = pool.seq[self.order]
-        self.scores = pool.scores
         self.offset = offset
+        self.device = resolve_device(device)
         self.cursor = 0
+        self.selector: GreedySelector | None = None
         self.stats = {
             "pool": int(n),
             "candidates": int(len(self.order)),
@@ -182,15 +183,23 @@ class SelectShard:
             "zero_vector": int((zero & cand).sum()),
             "load_s": time.perf_counter() - t0,
         }
-        self.selector = (
-            GreedySelector(max(self.dim, 1), tau, max(budget, 0), resolve_device(device))
-            if n
-            else None
-        )
+
+    def reset(self, tau: float, budget: int) -> None:
+        """Start a new selection: empty accepted set, cursor back at the best candidate."""
+        self.cursor = 0
+        self.selector = GreedySelector(max(self.dim, 1), tau, max(budget, 0), self.device)
 
     def info(self) -> dict[str, Any]:
-        """Pool statistics of this shard and the embedding dimension."""
-        return {**self.stats, "dim": int(self.dim)}
+        """Pool statistics of this shard, the embedding dimension and the Ray node it runs on."""
+        node = None
+        try:
+            import ray  # noqa: PLC0415
+
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+        except ImportError:  # pragma: no cover
+            pass
+        return {**self.stats, "dim": int(self.dim), "node_id": node}
 
     def next_round(self, delta: np.ndarray | None, k: int) -> dict[str, Any]:
         """Add the driver's newly accepted rows, then screen the next ``k`` candidates.
@@ -200,7 +209,7 @@ class SelectShard:
             ``last`` examined key ``(neg_score, seq)`` (None if nothing was examined) and
             ``exhausted``.
         """
-        if self.selector is None:
+        if self.selector is None or len(self.order) == 0:
             return {
                 "exhausted": True,
                 "last": None,
@@ -238,66 +247,101 @@ class SelectShard:
         return lo + int(np.searchsorted(self.seq[lo:hi], seq, side="right"))
 
 
-def select_distributed(
-    embed_dir: str | list[str],
-    tau: float,
-    budget: int,
-    num_shards: int,
-    block_size: int = 1024,
-    device: str = "cpu",
-    shard_num_cpus: float = 1.0,
-    scheduling_strategy: str = "SPREAD",
-    driver_device: str = "auto",
-) -> SelectionResult:
-    """Exact distributed selection over ``num_shards`` Ray actors (Ray must be initialised).
+class ShardedPool:
+    """The pool loaded into ``num_shards`` shard actors; any number of selections over it.
+
+    The shards read their row ranges once; :meth:`select` can then run with different tau,
+    budget and block size (a sweep, a benchmark) without re-reading. Use as a context manager
+    or call :meth:`close` (it kills the actors). Ray must be initialised.
 
     Args:
         embed_dir: the embedder's Parquet folder, or a list of Parquet files.
-        tau: cosine threshold.
-        budget: number of rows to select.
         num_shards: shard actors (any number >= 1 gives the same ids).
-        block_size: candidates each shard screens per round (and driver block size).
         device: matrix-product device of the shards (``cpu``, ``cuda``, ``numpy``, ``auto``).
         shard_num_cpus: CPUs reserved per shard actor.
         scheduling_strategy: Ray placement of the shards (``SPREAD`` puts them on
             different nodes).
-        driver_device: device of the driver's greedy over survivors.
-
-    Returns:
-        The selection; ``indices`` are global positions in the files' row order, ``stats``
-        as for :func:`~deita_ray.selection.greedy.select_diverse` plus ``rounds``,
-        ``shard_screened`` (rows the shards screened, over-scan included) and timings.
     """
-    import ray  # noqa: PLC0415 - only the distributed path needs Ray
 
-    t0 = time.perf_counter()
-    files = parquet_files(embed_dir) if isinstance(embed_dir, str) else list(embed_dir)
-    plans, total = plan_shards(files, num_shards)
-    offsets = np.cumsum([0] + [sum(b - a for _, a, b in p) for p in plans]).tolist()
-    actor_cls = ray.remote(num_cpus=shard_num_cpus, scheduling_strategy=scheduling_strategy)(
-        SelectShard
-    )
-    shards = [actor_cls.remote(p, offsets[s], tau, budget, device) for s, p in enumerate(plans)]
-    try:
-        infos = ray.get([s.info.remote() for s in shards])
-        t_load = time.perf_counter() - t0
-        stats = {
-            k: int(sum(i[k] for i in infos))
+    def __init__(
+        self,
+        embed_dir: str | list[str],
+        num_shards: int,
+        device: str = "cpu",
+        shard_num_cpus: float = 1.0,
+        scheduling_strategy: str = "SPREAD",
+    ):
+        import ray  # noqa: PLC0415 - only the distributed path needs Ray
+
+        t0 = time.perf_counter()
+        files = parquet_files(embed_dir) if isinstance(embed_dir, str) else list(embed_dir)
+        plans, self.total = plan_shards(files, num_shards)
+        offsets = np.cumsum([0] + [sum(b - a for _, a, b in p) for p in plans]).tolist()
+        actor_cls = ray.remote(num_cpus=shard_num_cpus, scheduling_strategy=scheduling_strategy)(
+            SelectShard
+        )
+        self.shards = [actor_cls.remote(p, offsets[s], device) for s, p in enumerate(plans)]
+        try:
+            self.infos = ray.get([sh.info.remote() for sh in self.shards])
+        except Exception:
+            self.close()
+            raise
+        self.num_shards = num_shards
+        self.dim = max(i["dim"] for i in self.infos)
+        self.load_s = time.perf_counter() - t0
+        self.pool_stats = {
+            k: int(sum(i[k] for i in self.infos))
             for k in ("pool", "candidates", "missing_score", "invalid_embedding", "zero_vector")
         }
-        dim = max(i["dim"] for i in infos)
+
+    def __enter__(self) -> ShardedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill the shard actors."""
+        import ray  # noqa: PLC0415
+
+        for sh in self.shards:
+            ray.kill(sh)
+        self.shards = []
+
+    def select(
+        self, tau: float, budget: int, block_size: int = 1024, driver_device: str = "auto"
+    ) -> SelectionResult:
+        """Run the exact frontier algorithm (module docstring) over the shards.
+
+        Args:
+            tau: cosine threshold.
+            budget: number of rows to select.
+            block_size: candidates each shard screens per round, and the driver's block size.
+            driver_device: device of the driver's greedy over survivors.
+
+        Returns:
+            The selection; ``indices`` are global positions in the files' row order, ``stats``
+            as for :func:`~deita_ray.selection.greedy.select_diverse` plus ``rounds``,
+            ``shard_screened`` (rows the shards screened, over-scan included),
+            ``shard_nodes`` and timings.
+        """
+        import ray  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        ray.get([sh.reset.remote(tau, budget) for sh in self.shards])
+        stats = dict(self.pool_stats)
+        dim = max(self.dim, 1)
         capacity = max(0, min(int(budget), stats["candidates"]))
-        selector = GreedySelector(max(dim, 1), tau, capacity, resolve_device(driver_device))
-        active = [i for i, info in enumerate(infos) if info["candidates"] > 0]
+        selector = GreedySelector(dim, tau, capacity, resolve_device(driver_device))
+        active = [i for i, info in enumerate(self.infos) if info["candidates"] > 0]
         last: dict[int, tuple[float, int]] = {}
-        sent = 0
-        rounds = screened = 0
+        sent = rounds = screened = 0
         pend: dict[str, Any] = {
             "neg": np.empty(0),
             "seq": np.empty(0, np.int64),
             "ids": [],
             "pos": np.empty(0, np.int64),
-            "emb": np.empty((0, max(dim, 1)), np.float32),
+            "emb": np.empty((0, dim), np.float32),
         }
         picks_pos: list[np.ndarray] = []
         picks_ids: list[str] = []
@@ -307,9 +351,12 @@ def select_distributed(
         last_taken: tuple[float, int] | None = None
         while not selector.full and (active or len(pend["neg"])):
             if active:
+                # One broadcast of the rows accepted since the last round.
                 delta = ray.put(selector.accepted[sent : selector.k].copy())
                 sent = selector.k
-                outs = ray.get([shards[i].next_round.remote(delta, block_size) for i in active])
+                outs = ray.get(
+                    [self.shards[i].next_round.remote(delta, block_size) for i in active]
+                )
                 rounds += 1
                 still = []
                 for i, out in zip(active, outs, strict=True):
@@ -359,36 +406,53 @@ def select_distributed(
                 "emb": pend["emb"][rest],
             }
         if last_taken is not None:  # scanned = candidates up to the row that filled the budget
-            scanned = int(sum(ray.get([s.count_upto.remote(*last_taken) for s in shards])))
+            scanned = int(sum(ray.get([sh.count_upto.remote(*last_taken) for sh in self.shards])))
         else:
             scanned = 0 if capacity == 0 else stats["candidates"]
-    finally:
-        for s in shards:
-            ray.kill(s)
-    indices = np.concatenate(picks_pos) if picks_pos else np.empty(0, np.int64)
-    selected = len(indices)
-    stats.update(
-        {
-            "selected": int(selected),
-            "scanned": scanned,
-            "rejected_for_similarity": int(scanned - selected),
-            "not_reached": int(stats["candidates"] - scanned),
-            "band_checks": int(selector.band_checks),
-            "rounds": int(rounds),
-            "shard_screened": int(screened),
-            "num_shards": int(num_shards),
-            "pool_rows_planned": int(total),
-        }
-    )
-    stats_t = {"load_s": round(t_load, 3), "total_s": round(time.perf_counter() - t0, 3)}
-    stats.update(stats_t)
-    neg = np.concatenate(picks_neg) if picks_neg else np.empty(0)
-    return SelectionResult(
-        indices=indices.astype(np.int64),
-        max_sim=np.concatenate(sims) if sims else np.empty(0, np.float32),
-        stats=stats,
-        ids=picks_ids,
-        seq=np.concatenate(picks_seq) if picks_seq else np.empty(0, np.int64),
-        scores=-neg,
-        method="deita",
-    )
+        indices = np.concatenate(picks_pos) if picks_pos else np.empty(0, np.int64)
+        selected = len(indices)
+        stats.update(
+            {
+                "selected": int(selected),
+                "scanned": scanned,
+                "rejected_for_similarity": int(scanned - selected),
+                "not_reached": int(stats["candidates"] - scanned),
+                "band_checks": int(selector.band_checks),
+                "rounds": int(rounds),
+                "shard_screened": int(screened),
+                "num_shards": int(self.num_shards),
+                "shard_nodes": len({i["node_id"] for i in self.infos}),
+                "load_s": round(self.load_s, 3),
+                "select_s": round(time.perf_counter() - t0, 3),
+            }
+        )
+        neg = np.concatenate(picks_neg) if picks_neg else np.empty(0)
+        return SelectionResult(
+            indices=indices.astype(np.int64),
+            max_sim=np.concatenate(sims) if sims else np.empty(0, np.float32),
+            stats=stats,
+            ids=picks_ids,
+            seq=np.concatenate(picks_seq) if picks_seq else np.empty(0, np.int64),
+            scores=-neg,
+            method="deita",
+        )
+
+
+def select_distributed(
+    embed_dir: str | list[str],
+    tau: float,
+    budget: int,
+    num_shards: int,
+    block_size: int = 1024,
+    device: str = "cpu",
+    shard_num_cpus: float = 1.0,
+    scheduling_strategy: str = "SPREAD",
+    driver_device: str = "auto",
+) -> SelectionResult:
+    """Exact distributed selection over ``num_shards`` Ray actors (Ray must be initialised).
+
+    One-shot form of :class:`ShardedPool` (load, :meth:`ShardedPool.select`, close); the
+    arguments are those of the two.
+    """
+    with ShardedPool(embed_dir, num_shards, device, shard_num_cpus, scheduling_strategy) as pool:
+        return pool.select(tau, budget, block_size, driver_device)
