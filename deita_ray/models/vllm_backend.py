@@ -11,6 +11,29 @@ from deita_ray.config import ModelConfig
 from deita_ray.models.backend import Backend, BackendContractError
 
 
+def digit_logprobs(outputs: list, digit_ids: list[int]) -> np.ndarray:
+    """``(n, 6)`` log-probabilities of the digit ids from vLLM ``RequestOutput`` objects.
+
+    Raises:
+        BackendContractError: an output's first-token log-probabilities do not cover exactly
+            the six digit ids (e.g. an engine without ``logprobs_mode="processed_logprobs"``,
+            or fewer log-probabilities requested). Never falls back to a made-up score (the
+            reference code returns 3.0 here).
+    """
+    want = set(digit_ids)
+    rows = np.empty((len(outputs), len(digit_ids)), dtype=np.float64)
+    for i, out in enumerate(outputs):
+        lps = out.outputs[0].logprobs
+        got = set(lps[0]) if lps else set()
+        if got != want:
+            raise BackendContractError(
+                f"vLLM returned log-probabilities for token ids {sorted(got)}, expected "
+                f"exactly the digit ids {sorted(want)}; the engine must run with "
+                "logprobs_mode='processed_logprobs' and return logprobs=6")
+        rows[i] = [lps[0][t].logprob for t in digit_ids]
+    return rows
+
+
 class VLLMBackend(Backend):
     """A vLLM ``LLM`` engine for one task (see :class:`deita_ray.models.backend.Backend`)."""
 
@@ -56,19 +79,7 @@ class VLLMBackend(Backend):
                                             logprobs=len(digit_ids))
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                                  self._sampling, use_tqdm=False)
-        want = set(digit_ids)
-        rows = np.empty((len(prompts), len(digit_ids)), dtype=np.float64)
-        for i, out in enumerate(outs):
-            lps = out.outputs[0].logprobs
-            got = set(lps[0]) if lps else set()
-            if got != want:
-                # Never fall back to a made-up score (the reference code returns 3.0 here).
-                raise BackendContractError(
-                    f"vLLM returned log-probabilities for token ids {sorted(got)}, expected "
-                    f"exactly the digit ids {sorted(want)}; the engine must run with "
-                    "logprobs_mode='processed_logprobs' and allow logprobs >= 6")
-            rows[i] = [lps[0][t].logprob for t in digit_ids]
-        return rows
+        return digit_logprobs(outs, digit_ids)
 
     def _last_hidden(self, prompts: list[list[int]]) -> np.ndarray:
         from vllm.inputs import TokensPrompt  # noqa: PLC0415

@@ -1,0 +1,120 @@
+"""The backend interface: factory, dtype policy, the vLLM log-probability contract, and the
+vllm/hf agreement on the real SmolLM2-135M model (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from deita_ray.config import EMBEDDED_MODEL, ModelConfig
+from deita_ray.models.backend import BackendContractError, load_backend, resolve_dtype
+from deita_ray.templates import complexity_prompt
+
+
+def test_dtype_policy():
+    import torch
+
+    assert resolve_dtype("auto") == ("bfloat16" if torch.cuda.is_available() else "float32")
+    assert resolve_dtype("bfloat16") == "bfloat16"
+    assert resolve_dtype("float32") == "float32"
+
+
+def test_factory_and_task_guard(tiny_llama):
+    from deita_ray.models.hf_backend import HFBackend
+
+    cfg = ModelConfig(path=str(tiny_llama), backend="hf", max_model_len=256)
+    scorer = load_backend(cfg, str(tiny_llama), "score")
+    assert isinstance(scorer, HFBackend) and scorer.max_prompt_tokens == 255
+    assert scorer.dtype == resolve_dtype("auto")
+    with pytest.raises(RuntimeError, match="scoring"):
+        scorer.embed([[1, 2]])
+    embedder = load_backend(cfg, str(tiny_llama), "embed")
+    assert embedder.max_prompt_tokens == 256 and embedder.hidden_size == 128
+    with pytest.raises(RuntimeError, match="embedding"):
+        embedder.digit_logits([[1, 2]], list(range(6)))
+    with pytest.raises(ValueError, match="task"):
+        load_backend(cfg, str(tiny_llama), "generate")
+    bad = ModelConfig(path=str(tiny_llama), backend="hf")
+    bad.backend = "onnx"
+    with pytest.raises(ValueError, match="onnx"):
+        load_backend(bad, str(tiny_llama), "score")
+
+
+def test_vllm_logprob_contract_fails_loudly(tiny_llama):
+    """An engine whose log-probabilities are not the six processed digit ones must raise,
+    never yield a score (the reference code silently returns 3.0 here)."""
+    from vllm import LLM, SamplingParams
+
+    from deita_ray.models.vllm_backend import digit_logprobs
+    from deita_ray.scoring import resolve_digit_ids
+
+    llm = LLM(str(tiny_llama), dtype="float32", max_model_len=256, enforce_eager=True,
+              kv_cache_memory_bytes=32 << 20, logprobs_mode="raw_logprobs")
+    try:
+        digits = resolve_digit_ids(llm.get_tokenizer())
+        prompts = [complexity_prompt(q) for q in ("What is 2+2?", "Write a poem.")]
+        raw = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0,
+                                                    allowed_token_ids=digits, logprobs=6),
+                           use_tqdm=False)
+        with pytest.raises(BackendContractError, match="processed_logprobs"):
+            digit_logprobs(raw, digits)
+        too_few = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0,
+                                                       allowed_token_ids=digits, logprobs=1),
+                               use_tqdm=False)
+        with pytest.raises(BackendContractError):
+            digit_logprobs(too_few, digits)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+# ------------------------------------------------------------------ real model (slow)
+
+
+@pytest.fixture(scope="module")
+def smollm2_path() -> str:
+    from deita_ray.models import smollm2
+    from deita_ray.models.registry import resolve_model_path
+
+    try:
+        smollm2.gguf_path()
+    except smollm2.EmbeddedModelMissing as e:
+        pytest.skip(str(e))
+    cache = os.environ.get("DEITA_CACHE_DIR") or "~/.cache/deita_ray"
+    return resolve_model_path(EMBEDDED_MODEL, cache)
+
+
+@pytest.mark.slow
+def test_smollm2_vllm_and_hf_agree_fp32(smollm2_path, shared_data: Path):
+    from deita_ray.data.formats import CANONICAL_SCHEMA, canonicalize
+    from deita_ray.scoring import resolve_digit_ids
+    from deita_ray.stages.embed import embed_table
+    from deita_ray.stages.score import score_table
+
+    records = json.loads((shared_data / "alpaca/alpaca_data.json").read_text())[:40]
+    rows = [{"id": str(k), "seq": k, "messages": canonicalize(r)["messages"], "source": "a",
+             "format": "alpaca", "extra": "{}"} for k, r in enumerate(records)]
+    table = pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
+    scored, embedded = {}, {}
+    for name in ("vllm", "hf"):
+        cfg = ModelConfig(path=smollm2_path, backend=name, dtype="float32", max_model_len=1024,
+                          enforce_eager=True, kv_cache_memory_bytes=128 << 20)
+        backend = load_backend(cfg, smollm2_path, "score")
+        scored[name] = score_table(table, backend, resolve_digit_ids(backend.tokenizer))
+        backend.close()
+        backend = load_backend(cfg, smollm2_path, "embed")
+        embedded[name] = embed_table(table, backend, 1024)
+        backend.close()
+    for col in ("complexity_scores", "quality_scores"):
+        v = np.array([x for r in scored["vllm"][col].to_pylist() for x in r])
+        h = np.array([x for r in scored["hf"][col].to_pylist() for x in r])
+        assert len(v) == 40 and np.max(np.abs(v - h)) <= 1e-4, col
+        assert np.std(v) > 1e-3
+    ev, eh = (np.array(embedded[n]["embedding"].to_pylist()) for n in ("vllm", "hf"))
+    assert ev.shape == (40, 576)
+    cos = (ev * eh).sum(1) / np.linalg.norm(ev, axis=1) / np.linalg.norm(eh, axis=1)
+    assert cos.min() >= 0.9999
