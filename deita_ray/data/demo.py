@@ -225,7 +225,7 @@ def demo_records() -> list[dict | str]:
         if k % 3 == 0:
             good.append(_alpaca(f"What is {x} + {y}?", f"{x} + {y} = {x + y}."))
         elif k % 3 == 1:
-            good.append(_alpaca(f"Compute {x} * {y}.", f"{x} * {y} = {x * y}."))
+            good.append(_messages([(f"Compute {x} * {y}.", f"{x} * {y} = {x * y}.")]))
         else:
             good.append(
                 _alpaca(
@@ -253,13 +253,8 @@ def demo_records() -> list[dict | str]:
             good.append(_alpaca("Reverse the letters of the word.", w[::-1], w))
         else:
             nums = [rng.randint(1, 50) for _ in range(rng.randint(4, 8))]
-            good.append(
-                _alpaca(
-                    "Sort these numbers from smallest to largest.",
-                    ", ".join(map(str, sorted(nums))),
-                    ", ".join(map(str, nums)),
-                )
-            )
+            question = "Sort these numbers from smallest to largest: " + ", ".join(map(str, nums))
+            good.append(_sharegpt([(question, ", ".join(map(str, sorted(nums))))]))
 
     # 5. Explain-a-topic at two lengths, as messages and Dolly (32).
     for topic, gist in TOPICS:
