@@ -1,0 +1,200 @@
+"""The select stage end to end on Parquet folders shaped like the score and embed outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_distributed import write_embed_parquet
+from test_greedy import oracle, planted_pool
+
+from deita_ray.config import PipelineConfig
+from deita_ray.selection.baselines import (
+    message_lengths,
+    select_kcenter,
+    select_random,
+    select_top_score,
+)
+from deita_ray.selection.stage import run_select
+
+MSG_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+N, D = 240, 16
+
+
+def _messages(i: int, rng: np.random.Generator) -> list[dict]:
+    turns = 1 + i % 3
+    out = [{"role": "system", "content": "be nice"}] if i % 5 == 0 else []
+    for t in range(turns):
+        out.append({"role": "user", "content": f"q{i}-{t} " + "x" * int(rng.integers(0, 50))})
+        out.append({"role": "assistant", "content": "y" * int(rng.integers(0, 80))})
+    return out
+
+
+def write_text_pool(
+    folder: Path,
+    seq: np.ndarray,
+    scores: np.ndarray | None,
+    rng: np.random.Generator,
+    files: int = 2,
+) -> None:
+    """Canonical rows (+ score columns when ``scores`` is given), in shuffled file order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    order = rng.permutation(len(seq))
+    for f, part in enumerate(np.array_split(order, files)):
+        cols = {
+            "id": pa.array([f"row-{int(seq[i])}" for i in part], pa.string()),
+            "seq": pa.array(seq[part], pa.int64()),
+            "messages": pa.array([_messages(int(seq[i]), rng) for i in part], MSG_TYPE),
+            "source": pa.array(["pool.json"] * len(part)),
+            "format": pa.array(["messages"] * len(part)),
+            "extra": pa.array([json.dumps({"k": int(seq[i])}) for i in part]),
+        }
+        if scores is not None:
+            cols["complexity_scores"] = pa.array([[1.0, 2.0]] * len(part), pa.list_(pa.float64()))
+            cols["quality_scores"] = pa.array([[3.0, 1.0]] * len(part), pa.list_(pa.float64()))
+            cols["evol_score"] = pa.array(scores[part], pa.float64(), mask=np.isnan(scores[part]))
+            cols["truncated"] = pa.array([False] * len(part))
+        pq.write_table(pa.table(cols), folder / f"part-{f:05d}.parquet", row_group_size=50)
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory) -> tuple[Path, dict]:
+    rng = np.random.default_rng(11)
+    emb, scores, seq = planted_pool(rng, N, D, 40, ties=True)
+    scores[[4, 50]] = np.nan
+    out = tmp_path_factory.mktemp("select_run")
+    write_text_pool(out / "score", seq, scores, rng)
+    write_embed_parquet(out / "embed", emb, scores, seq, files=3)
+    return out, {"emb": emb, "scores": scores, "seq": seq}
+
+
+def _cfg(**select) -> PipelineConfig:
+    cfg = PipelineConfig()
+    for k, v in select.items():
+        setattr(cfg.select, k, v)
+    return cfg
+
+
+def _read(out: Path) -> pa.Table:
+    files = sorted((out / "select").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def _check_common(out: Path, result, table: pa.Table) -> None:
+    assert table.column_names[:4] == ["id", "rank", "evol_score", "max_sim"]
+    for col in ("seq", "messages", "source", "format", "extra"):
+        assert col in table.column_names
+    assert table["rank"].to_pylist() == list(range(table.num_rows))
+    assert all(
+        i == f"row-{s}"
+        for i, s in zip(table["id"].to_pylist(), table["seq"].to_pylist(), strict=True)
+    )
+    c = result.counts
+    c.check("select")
+    assert c.rows_in == N and c.rows_out == table.num_rows
+    assert not (out / "rejects" / "select").exists()  # selection is not rejection
+    json.dumps(result.metrics)  # JSON-able for the report
+
+
+@pytest.mark.parametrize("device", ["numpy", "auto"])
+def test_deita_single_node(pool_dir, device):
+    out, p = pool_dir
+    res = run_select(
+        _cfg(method="deita", tau=0.9, budget=60, block_size=16, device=device), str(out)
+    )
+    t = _read(out)
+    want = oracle(p["emb"], p["scores"], p["seq"], 0.9, 60)[0]
+    assert t["seq"].to_pylist() == p["seq"][want].tolist()
+    assert t["evol_score"].to_pylist() == p["scores"][want].tolist()
+    sims = t["max_sim"].to_pylist()
+    assert sims[0] is None and all(s is not None and s <= 0.9 + 1e-6 for s in sims[1:])
+    _check_common(out, res, t)
+    reasons = res.counts.rejected_by_reason
+    assert reasons["missing_score"] == 2
+    assert reasons["similar_to_selected"] == res.metrics["pool"]["rejected_for_similarity"]
+    assert res.metrics["num_selected"] == 60 and res.metrics["tau"] == 0.9
+    # The text columns are those of the score output, joined on seq.
+    src = pq.read_table(out / "score").to_pandas().set_index("seq")
+    first = t.slice(0, 1).to_pylist()[0]
+    assert first["extra"] == src.loc[first["seq"], "extra"]
+
+
+def test_deita_distributed_equals_single_node(pool_dir, ray_local):
+    out, p = pool_dir
+    res = run_select(
+        _cfg(
+            method="deita",
+            tau=0.5,
+            budget=1000,
+            block_size=32,
+            num_shards=3,
+            shard_num_cpus=0.01,
+            device="numpy",
+        ),
+        str(out),
+    )
+    t = _read(out)
+    want = oracle(p["emb"], p["scores"], p["seq"], 0.5, 1000)[0]
+    assert t["seq"].to_pylist() == p["seq"][want].tolist()
+    assert res.metrics["mode"] == "distributed"
+    assert "not_reached" not in res.counts.rejected_by_reason  # budget above the pool
+    _check_common(out, res, t)
+
+
+def test_baselines_through_the_stage(pool_dir):
+    out, p = pool_dir
+    seq = p["seq"]
+    src = pq.read_table(out / "score")
+    src_seq = src["seq"].to_numpy()  # pool order as the stage reads it
+    for method, budget in (
+        ("random", 30),
+        ("score", 50),
+        ("instruction_length", 20),
+        ("response_length", 25),
+        ("kcenter", 15),
+    ):
+        res = run_select(_cfg(method=method, budget=budget, seed=3), str(out))
+        t = _read(out)
+        _check_common(out, res, t)
+        got = t["seq"].to_pylist()
+        if method == "random":
+            want = select_random(N, budget, 3, seq=src_seq).seq.tolist()
+        elif method == "score":
+            want = select_top_score(p["scores"], budget, seq=seq).seq.tolist()
+            assert res.counts.rejected_by_reason == {
+                "missing_score": 2,
+                "below_budget_cut": N - 2 - budget,
+            }
+        elif method == "kcenter":
+            want = select_kcenter(p["emb"], budget, p["scores"], seq).seq.tolist()
+            assert t["max_sim"].to_pylist()[0] is None
+        else:
+            role = "user" if method == "instruction_length" else "assistant"
+            lens = message_lengths(src["messages"], role)
+            key = sorted(range(N), key=lambda i: (-lens[i], src_seq[i]))[:budget]
+            want = [int(src_seq[i]) for i in key]
+            assert all(s is None for s in t["max_sim"].to_pylist())
+        assert got == want, method
+
+
+def test_ingest_fallback_and_rerun(tmp_path, pool_dir):
+    """Without a score folder the text comes from ingest; a re-run replaces the selection."""
+    out, p = pool_dir
+    run = tmp_path / "run"
+    shutil.copytree(out / "embed", run / "embed")
+    write_text_pool(run / "ingest", p["seq"], None, np.random.default_rng(0), files=3)
+    res = run_select(_cfg(method="deita", tau=0.99, budget=10, device="numpy"), str(run))
+    t = _read(run)
+    assert "complexity_scores" not in t.column_names and t.num_rows == 10
+    _check_common(run, res, t)
+    res = run_select(_cfg(method="random", budget=7), str(run))
+    assert len(os.listdir(run / "select")) == 1 and _read(run).num_rows == 7
+    assert res.counts.rejected_by_reason == {"below_budget_cut": N - 7}
+    with pytest.raises(ValueError, match="evol_score"):
+        run_select(_cfg(method="score", budget=7), str(run))
