@@ -96,26 +96,18 @@ def embedding_matrix(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.nd
     return mat, nulls
 
 
-def read_pieces(pieces: list[Piece], columns: tuple[str, ...] = EMBED_COLUMNS) -> pa.Table:
-    """Read row ranges of Parquet files (only the row groups that overlap them)."""
-    tables = []
+def iter_pieces(pieces: list[Piece], columns: tuple[str, ...] = EMBED_COLUMNS):
+    """Yield the rows of row ranges of Parquet files, one row group (slice) at a time."""
     for path, a, b in pieces:
         pf = pq.ParquetFile(path)
-        md, start = pf.metadata, 0
-        groups, first = [], None
-        for g in range(md.num_row_groups):
-            n = md.row_group(g).num_rows
-            if start + n > a and start < b:
-                groups.append(g)
-                first = start if first is None else first
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            lo, hi = max(a, start), min(b, start + n)
+            if lo < hi:
+                t = pf.read_row_group(g, columns=list(columns))
+                yield t.slice(lo - start, hi - lo)
             start += n
-        if not groups:
-            continue
-        t = pf.read_row_groups(groups, columns=list(columns))
-        tables.append(t.slice(a - first, b - a))
-    if not tables:
-        return pa.table({c: pa.array([], pa.null()) for c in columns})
-    return pa.concat_tables(tables, promote_options="default")
 
 
 @dataclass
@@ -129,19 +121,30 @@ class PoolArrays:
 
 
 def load_pool(pieces: list[Piece]) -> PoolArrays:
-    """Read (ids, seq, evol_score, embedding) of row ranges into arrays (nulls -> NaN)."""
-    t = read_pieces(pieces)
-    if t.num_rows == 0:
-        return PoolArrays([], np.empty(0, np.int64), np.empty(0), np.empty((0, 0), np.float32))
-    emb, _ = embedding_matrix(t["embedding"])
-    scores = t["evol_score"].cast(pa.float64()).to_numpy(zero_copy_only=False)
-    scores = np.where(np.isnan(scores), np.nan, scores).astype(np.float64)
-    return PoolArrays(
-        ids=t["id"].to_pylist(),
-        seq=t["seq"].cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64),
-        scores=scores,
-        embeddings=emb,
-    )
+    """Read (ids, seq, evol_score, embedding) of row ranges into arrays (nulls -> NaN).
+
+    Row group by row group into preallocated arrays, so the peak memory is the float32
+    matrix plus one row group (not twice the pool).
+    """
+    n = sum(b - a for _, a, b in pieces)
+    ids: list[str] = []
+    seq = np.empty(n, np.int64)
+    scores = np.empty(n, np.float64)
+    emb: np.ndarray | None = None
+    at = 0
+    for t in iter_pieces(pieces):
+        m = t.num_rows
+        mat, _ = embedding_matrix(t["embedding"])
+        if emb is None:
+            emb = np.empty((n, mat.shape[1]), np.float32)
+        emb[at : at + m] = mat
+        ids.extend(t["id"].to_pylist())
+        seq[at : at + m] = t["seq"].cast(pa.int64()).to_numpy(zero_copy_only=False)
+        scores[at : at + m] = t["evol_score"].cast(pa.float64()).to_numpy(zero_copy_only=False)
+        at += m
+    if emb is None:
+        emb = np.empty((0, 0), np.float32)
+    return PoolArrays(ids=ids, seq=seq, scores=scores, embeddings=emb)
 
 
 class SelectShard:
