@@ -502,6 +502,8 @@ def _resolve_failed(tb: _TextBuffer, pos: int, max_bytes: int) -> tuple[Item, in
             ), -1
         pos -= shift
         scanner.i -= shift
+    if end == pos:  # a stray '}' where an element should start: consume it, always progress
+        end = pos + 1
     if prefix is not None:
         return _too_large(prefix, skipped + end - pos, max_bytes), end
     text = tb.buf[pos:end]

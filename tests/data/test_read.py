@@ -190,3 +190,37 @@ def test_read_pool_all_file_kinds_with_ray(ray_local, tmp_path):
     assert [r["error"] for r in bad] == ["unreadable_file"]
     # the same pool read twice gives the same rows
     assert to_table(read_pool(str(tmp_path))).sort_by("seq").to_pylist() == out.to_pylist()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["json", "jsonl"])
+def test_fuzzed_damage_never_hangs_or_loses_earlier_records(kind):
+    import random
+
+    rng = random.Random(1234)
+    elems = [json.dumps(r, ensure_ascii=False) for r in GOOD]
+    if kind == "json":
+        sep, head, tail = ", ", "[", "]"
+    else:
+        sep, head, tail = "\n", "", "\n"
+    text = (head + sep.join(elems) + tail).encode()
+    ends, pos = [], len(head.encode())
+    for e in elems:
+        pos += len(e.encode())
+        ends.append(pos)
+        pos += len(sep.encode())
+    junk = [b"", b"}", b"]", b"{", b"[", b'"', b"\\", b",", b"\xff", b"\n", b"x", b":"]
+    for _ in range(300):
+        at = rng.randrange(len(text))
+        mode = rng.randrange(3)
+        if mode == 0:  # truncate
+            data = text[:at]
+        elif mode == 1:  # delete a span
+            data = text[:at] + text[at + rng.randint(1, 20) :]
+        else:  # insert junk
+            data = text[:at] + rng.choice(junk) + rng.choice(junk) + text[at:]
+        items = records(data, kind=kind, chunk=rng.choice([1, 3, 17, 4096]))
+        intact = [e for e, end in zip(elems, ends, strict=True) if end < at]
+        assert [t for t, _, _ in items[: len(intact)]] == intact
+        assert all(err is None for _, err, _ in items[: len(intact)])
+        assert all(isinstance(t, str) for t, _, _ in items)
