@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from deita_ray.data.formats import (
@@ -274,3 +277,56 @@ def test_extract_turns_rules():
     ]
     # works on (role, content) pairs and on Arrow-style dicts with None content
     assert extract_turns([("user", "q"), ("assistant", None)]) == [("q", "")]
+
+
+def test_random_records_never_raise():
+    import random
+
+    rng = random.Random(7)
+    atoms = [None, True, 0, 1.5, "", " ", "text", "human", "gpt", "tool", [], {}, ["a", "b"]]
+
+    def value(depth=0):
+        r = rng.random()
+        if depth > 2 or r < 0.5:
+            return rng.choice(atoms)
+        if r < 0.75:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        keys = ["from", "value", "role", "content", "input", "output", "x"]
+        return {rng.choice(keys): value(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    fields = ["id", "conversations", "messages", "instruction", "input", "output", "context",
+              "response", "instances", "history", "system", "chosen", "rejected", "other"]  # fmt: skip
+    templates = [
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+        {"instruction": "q", "input": "i", "output": "a", "history": [["u", "v"]]},
+        {"instruction": "q", "context": "c", "response": "r"},
+        {"instruction": "q", "instances": [{"input": "", "output": "a"}]},
+    ]
+
+    def mutated():
+        rec = json.loads(json.dumps(rng.choice(templates)))
+        for _ in range(rng.randint(0, 2)):
+            target = rec
+            key = rng.choice(list(rec))
+            if isinstance(rec[key], list) and rec[key] and rng.random() < 0.6:
+                target = rng.choice(rec[key])
+                if isinstance(target, dict):
+                    key = rng.choice(list(target))
+                else:
+                    target, key = rec, key
+            target[key] = value()
+        return rec
+
+    for k in range(3000):
+        rec = mutated() if k % 2 else {f: value() for f in rng.sample(fields, rng.randint(0, 5))}
+        res = canonicalize(rec, role_map={"tool": "assistant"} if rng.random() < 0.3 else None)
+        if isinstance(res, Reject):
+            assert re.fullmatch(r"[a-z_]+", res.reason)
+            continue
+        assert res["messages"] and all(
+            m["role"] in ("system", "user", "assistant") for m in res["messages"]
+        )
+        assert all(isinstance(m["content"], str) for m in res["messages"])
+        assert extract_turns(res["messages"])
+        assert res["id"] is None or isinstance(res["id"], str)
