@@ -17,18 +17,24 @@ Usage: ``python benchmarks/ingest.py [--rows N] [--quick] [--files K] [--workdir
 
 from __future__ import annotations
 
-import argparse
-import gzip
-import json
 import os
-import random
-import resource
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
-import time
+
+# Running `python benchmarks/ingest.py` puts benchmarks/ first on sys.path, where
+# benchmarks/select.py would shadow the standard library's `select` (used by subprocess).
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 
 WORDS = [
     "data",
