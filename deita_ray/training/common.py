@@ -237,7 +237,9 @@ class TokenizeSFT:
             segs_ok.append(segs)
             idx_ok.append(i)
         encoded: list[Encoded | None] = [None] * len(rows)
-        for i, enc in zip(idx_ok, encode_segments(segs_ok, self.tokenizer, self.max_length)):
+        for i, enc in zip(
+            idx_ok, encode_segments(segs_ok, self.tokenizer, self.max_length), strict=True
+        ):
             if enc.num_targets == 0:
                 reasons[i] = "no_target_tokens"
                 details[i] = f"no assistant token left within max_length={self.max_length}"
@@ -441,6 +443,10 @@ def _fail_once(config: dict, step: int, rank: int, world: int) -> None:
     if at and flag and step == int(at) and rank == world - 1 and not os.path.exists(flag):
         with open(flag, "w") as f:
             f.write(json.dumps({"step": step, "rank": rank, "time": time.time()}))
+        # Ray Train's controller collects reported checkpoints on its health-check poll
+        # (every 2 s by default); let it see the last one, as it would in a real failure
+        # that strikes some time after a checkpoint.
+        time.sleep(float(config.get("fail_delay_s", 5.0)))
         os._exit(1)
 
 

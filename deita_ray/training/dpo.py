@@ -366,10 +366,10 @@ def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: in
     Returns:
         The stage counts (rows_in = records read).
     """
+    import ray
+
     from deita_ray.data.read import read_pool
     from deita_ray.training.common import use_bf16
-
-    import ray
 
     t = cfg.dpo
     ds = read_pool(t.paths, max_record_bytes=cfg.input.max_record_bytes)

@@ -1,0 +1,269 @@
+"""DPO: the loss against its closed form, policy == reference gives log 2, the pair shapes
+(including LLaMA-Factory's dpo_en_demo.json), response-only masks, and a real 2-worker Ray Train
++ DeepSpeed ZeRO-3 run whose reward margin rises."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from deita_ray.config import PipelineConfig
+from deita_ray.data.rejects import REASON
+from deita_ray.training.common import IGNORE_INDEX, load_tokenizer
+from deita_ray.training.dpo import (
+    PairError,
+    PreparePairs,
+    ReferenceLogProbs,
+    dpo_loss,
+    parse_pair,
+    reward_accuracy,
+)
+
+
+def test_loss_matches_the_closed_form():
+    import torch
+
+    pc = torch.tensor([-10.0, -3.5, -7.25, -1.0], dtype=torch.float64)
+    pr = torch.tensor([-12.0, -2.0, -7.25, -9.0], dtype=torch.float64)
+    rc = torch.tensor([-11.0, -3.0, -6.0, -4.0], dtype=torch.float64)
+    rr = torch.tensor([-11.5, -2.5, -8.0, -2.0], dtype=torch.float64)
+    beta = 0.1
+    loss, cr, rj = dpo_loss(pc, pr, rc, rr, beta)
+    want = []
+    for i in range(4):
+        x = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+        want.append(math.log1p(math.exp(-x)))  # -log sigmoid(x)
+    assert float(loss) == pytest.approx(sum(want) / 4, rel=1e-12)
+    np.testing.assert_allclose(cr.numpy(), beta * (pc - rc).numpy())
+    np.testing.assert_allclose(rj.numpy(), beta * (pr - rr).numpy())
+    assert reward_accuracy((cr - rj).numpy()) == 0.5  # margins: +0.15, -0.2, -0.325, +1.1
+
+
+def test_reward_accuracy_counts_ties_as_half():
+    assert reward_accuracy([0.0, 0.0]) == 0.5
+    assert reward_accuracy([1.0, -1.0, 0.0, 2.0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+PAIRS = [
+    {"prompt": "Say the number 1.", "chosen": "The number is 1.", "rejected": "No."},
+    {  # LLaMA-Factory shape: conversations + chosen/rejected {from, value}
+        "conversations": [
+            {"from": "system", "value": "Be exact."},
+            {"from": "human", "value": "Hi?"},
+            {"from": "gpt", "value": "Hello."},
+            {"from": "human", "value": "Count to 3."},
+        ],
+        "chosen": {"from": "gpt", "value": "1 2 3"},
+        "rejected": {"from": "gpt", "value": "3 2 1"},
+    },
+    {  # UltraFeedback-binarized shape: prompt string, full conversations as responses
+        "prompt": "Name a colour.",
+        "chosen": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Seven."},
+        ],
+    },
+    {  # HH-RLHF transcripts
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello, how can I help?",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Go away.",
+    },
+]
+
+
+def test_parse_pair_shapes():
+    p, c, r = parse_pair(PAIRS[0])
+    assert (p, c, r) == (
+        [{"role": "user", "content": "Say the number 1."}],
+        "The number is 1.",
+        "No.",
+    )
+    p, c, r = parse_pair(PAIRS[1])
+    assert [m["role"] for m in p] == ["system", "user", "assistant", "user"]
+    assert (c, r) == ("1 2 3", "3 2 1")
+    p, c, r = parse_pair(PAIRS[2])
+    assert p == [{"role": "user", "content": "Name a colour."}] and (c, r) == ("Blue.", "Seven.")
+    p, c, r = parse_pair(PAIRS[3])
+    assert p == [{"role": "user", "content": "Hi"}]
+    assert (c, r) == ("Hello, how can I help?", "Go away.")
+
+
+@pytest.mark.parametrize(
+    "record,reason",
+    [
+        ({"prompt": "x", "chosen": "same", "rejected": "same"}, "identical_responses"),
+        ({"prompt": "x", "chosen": " ", "rejected": "b"}, "empty_response"),
+        ({"prompt": "x", "chosen": "a"}, "bad_pair"),
+        (
+            {"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
+            "bad_pair",
+        ),
+        (
+            {"prompt": "x", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+            "bad_pair",
+        ),
+        (
+            {"chosen": "\n\nHuman: A\n\nAssistant: a", "rejected": "\n\nHuman: B\n\nAssistant: b"},
+            "bad_pair",
+        ),
+        ([1, 2], "bad_pair"),
+    ],
+)
+def test_parse_pair_rejects(record, reason):
+    with pytest.raises(PairError) as e:
+        parse_pair(record)
+    assert e.value.reason == reason
+
+
+def test_dpo_en_demo_pairs_all_parse(shared_data):
+    records = json.loads((shared_data / "llama_factory" / "dpo_en_demo.json").read_text())
+    parsed = [parse_pair(r) for r in records]
+    assert len(parsed) == 300
+    assert sum(p[0][0]["role"] == "system" for p in parsed) == 80
+    assert all(p[-1]["role"] == "user" for p, _, _ in parsed)
+    assert all(
+        c == r["chosen"]["value"] and j == r["rejected"]["value"]
+        for (_, c, j), r in zip(parsed, records, strict=True)
+    )
+
+
+def read_rows(records: list) -> pa.Table:
+    """What read_pool hands the stage (record JSON text, source, index, seq, error, detail)."""
+    n = len(records)
+    return pa.table(
+        {
+            "record": [json.dumps(r) for r in records],
+            "source": ["/data/pairs.json"] * n,
+            "index": list(range(n)),
+            "seq": list(range(n)),
+            "error": [None] * n,
+            "detail": [None] * n,
+        }
+    )
+
+
+def test_prepared_pairs_mask_only_the_response(tiny_llama, shared_data):
+    demo = json.loads((shared_data / "llama_factory" / "dpo_en_demo.json").read_text())
+    records = [*PAIRS, demo[0]]
+    stage = PreparePairs(str(tiny_llama), "vicuna_v1.1", max_length=8192)
+    out = stage(read_rows(records)).to_pylist()
+    tok = load_tokenizer(str(tiny_llama))
+    assert [r[REASON] for r in out] == [None] * len(records)
+    assert out[4]["id"] == "pairs:4"
+    for row, rec in zip(out, records, strict=True):
+        _, chosen, rejected = parse_pair(rec)
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+            kept = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+            assert tok.decode(kept, clean_up_tokenization_spaces=False) == text + "</s>"
+            first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+            assert all(lab != IGNORE_INDEX for lab in labels[first:])  # one run, at the end
+
+
+def test_prepared_pairs_reject_reasons(tiny_llama):
+    long = {"prompt": "word " * 400, "chosen": "a", "rejected": "b"}
+    rows = read_rows([long, {"prompt": "x", "chosen": "s", "rejected": "s"}, PAIRS[0]])
+    rows = rows.set_column(4, "error", pa.array([None, None, "invalid_json"], pa.string()))
+    out = PreparePairs(str(tiny_llama), "vicuna_v1.1", max_length=128)(rows).to_pylist()
+    assert [r[REASON] for r in out] == ["no_target_tokens", "identical_responses", "invalid_json"]
+    assert all(r["_raw"] for r in out)
+
+
+def test_policy_equal_to_reference_gives_log2(tiny_llama):
+    import torch
+
+    stage = PreparePairs(str(tiny_llama), "vicuna_v1.1", max_length=512)
+    pairs = stage(read_rows(PAIRS))
+    ref = ReferenceLogProbs(
+        str(tiny_llama), pad_id=load_tokenizer(str(tiny_llama)).pad_token_id, batch_rows=3
+    )
+    scored = ref(pairs).to_pylist()
+    rc = torch.tensor([r["ref_chosen_logp"] for r in scored])
+    rr = torch.tensor([r["ref_rejected_logp"] for r in scored])
+    assert bool((rc < 0).all()) and bool((rr < 0).all())
+    # The batch size of the pass does not change a sequence's log-prob (padding is masked).
+    one = ReferenceLogProbs(str(tiny_llama), pad_id=ref.pad_id, batch_rows=1)(pairs).to_pylist()
+    np.testing.assert_allclose([r["ref_chosen_logp"] for r in one], rc.numpy(), atol=1e-4)
+    loss, cr, rj = dpo_loss(rc.clone(), rr.clone(), rc, rr, beta=0.1)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-7)
+    assert reward_accuracy((cr - rj).numpy()) == 0.5
+
+
+@pytest.mark.slow
+def test_run_dpo_raises_the_margin(ray_local, tiny_llama, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deita_ray.training.common import collate, sequence_logps
+    from deita_ray.training.dpo import run_dpo
+
+    records = [
+        {
+            "prompt": f"Say the number {i}.",
+            "chosen": f"The number is {i}.",
+            "rejected": f"No way, {i}!",
+        }
+        for i in range(8)
+    ]
+    records += [
+        PAIRS[1],
+        {"prompt": "x", "chosen": "same", "rejected": "same"},
+        {"prompt": "only a prompt"},
+    ]
+    (tmp_path / "pairs.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records) + "{not json\n"
+    )
+    cfg = PipelineConfig()
+    t = cfg.dpo
+    t.model, t.paths, t.num_workers, t.cpus_per_worker = (
+        str(tiny_llama),
+        [str(tmp_path / "pairs.jsonl")],
+        2,
+        1.0,
+    )
+    t.micro_batch_size, t.global_batch_size, t.max_length, t.epochs = 2, 4, 128, 2.0
+    t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.beta = 1e-3, "linear", 0.1, 0.1
+    t.zero_stage, t.gradient_checkpointing = 3, True  # the paper's DPO recipe shape
+    out = str(tmp_path / "out")
+    res = run_dpo(cfg, out)
+    c = res.counts
+    assert c.rows_in == 12 and c.rows_out == 9
+    assert c.rejected_by_reason == {"identical_responses": 1, "bad_pair": 1, "invalid_json": 1}
+    m = res.metrics
+    assert m["steps"] == m["optimizer_steps"] == 4
+    assert m["loss"][0] == pytest.approx(math.log(2), abs=1e-4)  # policy starts == reference
+    assert abs(m["reward_margin"][0]) < 1e-4
+    assert m["reward_margin"][-1] > 0.1 and m["reward_accuracy"][-1] > 0.5
+    assert m["loss"][-1] < m["loss"][0]
+    # Reference log-probs were stored once with the pairs, and equal the start model's.
+    parts = sorted(glob.glob(os.path.join(out, "dpo", "part-*.parquet")))
+    stored = pa.concat_tables([pq.read_table(p) for p in parts]).to_pylist()
+    assert len(stored) == 9 and all(r["ref_chosen_logp"] < 0 for r in stored)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    pad = load_tokenizer(str(tiny_llama)).pad_token_id
+    b = collate([r["chosen_input_ids"] for r in stored], [r["chosen_labels"] for r in stored], pad)
+    with torch.no_grad():
+        logits = model(
+            input_ids=torch.as_tensor(b["input_ids"]),
+            attention_mask=torch.as_tensor(b["attention_mask"]),
+        ).logits
+    direct = sequence_logps(logits, torch.as_tensor(b["labels"])).numpy()
+    np.testing.assert_allclose([r["ref_chosen_logp"] for r in stored], direct, atol=1e-3)
+    assert os.path.isfile(os.path.join(m["final_model"], "model.safetensors"))
+    assert m["final_model"] == os.path.join(out, "dpo", "final")
+    rejects = pq.read_table(os.path.join(out, "rejects", "dpo")).to_pylist()
+    assert sorted(r["reason"] for r in rejects) == [
+        "bad_pair",
+        "identical_responses",
+        "invalid_json",
+    ]
