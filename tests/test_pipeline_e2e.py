@@ -222,4 +222,7 @@ def test_resume_after_killed_driver_equals_uninterrupted_run(tiny_llama, tmp_pat
     assert all(manifest[s]["status"] == "done" for s in stages)
     ref = _read(ref_out / "select", ["id", "rank", "evol_score"]).to_pydict()
     cut = _read(cut_out / "select", ["id", "rank", "evol_score"]).to_pydict()
-    assert cut == ref
+    # Same rows, same order. Scores agree to float32 noise: the hf backend batches rows
+    # differently from run to run, and padding changes the kernels' summation order.
+    assert cut["id"] == ref["id"] and cut["rank"] == ref["rank"]
+    assert cut["evol_score"] == pytest.approx(ref["evol_score"], rel=1e-5)
