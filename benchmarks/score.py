@@ -1,0 +1,242 @@
+"""Benchmark: the ``score`` stage vs the bare vLLM engine and vs the reference (DEITA) way.
+
+Same run, same Alpaca rows, same prompts (complexity + quality of every row), measured one
+after the other on the same machine:
+
+- ``ours``: :func:`deita_ray.stages.score.run_score` (Ray Data + one actor + vLLM), wall time
+  from the read of ``ingest`` to the written ``score`` folder, engine start included (Ray
+  itself is started before the clock);
+- ``bare``: one vLLM ``LLM`` in this process, ``LLM.generate`` on the whole prompt list with
+  the same sampling parameters (engine start reported apart, and included in the cold ratio);
+- ``reference``: one HF ``generate(max_new_tokens=1, output_scores=True)`` call per prompt, as
+  the DEITA scorer does, then the same formula on the six digit logits;
+- ``hf_batched``: our ``hf`` backend (batched forward, right padding) on the same rows.
+
+All on the model given by ``--model`` (default: the embedded SmolLM2-135M) in fp32. Prints one
+JSON object with times, prompts/s, ratios and the largest score differences between methods.
+
+Usage: ``python benchmarks/score.py [--rows 500] [--quick] [--model PATH] [--data DIR]``
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, benchmarks/ is sys.path[0]: its select.py would shadow the stdlib module.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep stdout for the JSON
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+KV_BYTES = 512 << 20
+
+
+def shared_data(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("DEITA_SHARED_DATA") or REPO.parent / "shared" / "data")
+
+
+def alpaca_table(data: Path, n: int):
+    """The first ``n`` Alpaca records as canonical rows."""
+    import pyarrow as pa
+
+    from deita_ray.data.formats import CANONICAL_SCHEMA, canonicalize
+
+    records = json.loads((data / "alpaca" / "alpaca_data.json").read_text())[:n]
+    rows = [{"id": f"alpaca:{k}", "seq": k, "messages": canonicalize(r)["messages"],
+             "source": "alpaca", "format": "alpaca", "extra": "{}"}
+            for k, r in enumerate(records)]
+    return pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
+
+
+def prompt_list(table) -> tuple[list[tuple[str, str]], list[str]]:
+    """(row id, kind) keys and prompt strings: every turn's complexity and quality prompt."""
+    from deita_ray.data.formats import extract_turns
+    from deita_ray.templates import complexity_prompt, quality_prompt
+
+    keys, prompts = [], []
+    for rid, msgs in zip(table["id"].to_pylist(), table["messages"].to_pylist(), strict=True):
+        for t, (u, r) in enumerate(extract_turns(msgs)):
+            keys += [(rid, f"complexity_scores:{t}"), (rid, f"quality_scores:{t}")]
+            prompts += [complexity_prompt(u), quality_prompt(u, r)]
+    return keys, prompts
+
+
+def table_scores(table) -> dict:
+    out = {}
+    for row in table.select(["id", "complexity_scores", "quality_scores"]).to_pylist():
+        for col in ("complexity_scores", "quality_scores"):
+            for t, s in enumerate(row[col]):
+                out[(row["id"], f"{col}:{t}")] = s
+    return out
+
+
+def model_cfg(path: str, backend: str):
+    from deita_ray.config import ModelConfig
+
+    return ModelConfig(path=path, backend=backend, dtype="float32", max_model_len=2048,
+                       enforce_eager=True, kv_cache_memory_bytes=KV_BYTES, hf_batch_size=16)
+
+
+def bench_ours(path: str, table, batch_size: int) -> tuple[float, dict, dict]:
+    import pyarrow.dataset as pds
+    import pyarrow.parquet as pq
+    import ray
+
+    from deita_ray.config import ActorPoolConfig, PipelineConfig, RayConfig
+    from deita_ray.runtime import worker_env
+    from deita_ray.stages.score import run_score
+
+    out = Path(tempfile.mkdtemp(prefix="bench_score_"))
+    (out / "ingest").mkdir()
+    pq.write_table(table, out / "ingest" / "part-00000.parquet")
+    cfg = PipelineConfig()
+    cfg.score.complexity_model = model_cfg(path, "vllm")
+    cfg.score.quality_model = model_cfg(path, "vllm")
+    cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=batch_size)
+    # Local 2-CPU cluster with the project's worker env; worker logs stay out of stdout.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": worker_env(RayConfig(), num_threads=2)})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    t0 = time.perf_counter()
+    result = run_score(cfg, str(out))
+    seconds = time.perf_counter() - t0
+    scores = table_scores(pds.dataset(str(out / "score"), format="parquet").to_table())
+    ray.shutdown()
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds, scores, result.counts.to_dict()
+
+
+def bench_bare(path: str, keys, prompts) -> tuple[float, float, dict]:
+    from vllm import LLM, SamplingParams
+
+    from deita_ray.models.vllm_backend import digit_logprobs
+    from deita_ray.scoring import expected_score, resolve_digit_ids
+
+    t0 = time.perf_counter()
+    llm = LLM(path, dtype="float32", max_model_len=2048, enforce_eager=True,
+              kv_cache_memory_bytes=KV_BYTES, logprobs_mode="processed_logprobs", seed=0)
+    start = time.perf_counter() - t0
+    digits = resolve_digit_ids(llm.get_tokenizer())
+    sp = SamplingParams(max_tokens=1, temperature=0, allowed_token_ids=digits, logprobs=6)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    gen = time.perf_counter() - t0
+    scores = expected_score(digit_logprobs(outs, digits))
+    llm.llm_engine.engine_core.shutdown()
+    return start, gen, dict(zip(keys, scores.tolist(), strict=True))
+
+
+def bench_reference(path: str, keys, prompts) -> tuple[float, dict]:
+    """One ``generate`` call per prompt, as the DEITA scorer does (fp32, CPU)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deita_ray.scoring import expected_score, resolve_digit_ids
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    digits = resolve_digit_ids(tok)
+    logits = np.empty((len(prompts), 6))
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=1, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+        logits[i] = out.scores[0][0, digits].double().numpy()
+    seconds = time.perf_counter() - t0
+    return seconds, dict(zip(keys, expected_score(logits).tolist(), strict=True))
+
+
+def bench_hf_batched(path: str, table) -> tuple[float, dict]:
+    from deita_ray.models.backend import load_backend
+    from deita_ray.scoring import resolve_digit_ids
+    from deita_ray.stages.score import score_table
+
+    backend = load_backend(model_cfg(path, "hf"), path, "score")
+    digits = resolve_digit_ids(backend.tokenizer)
+    t0 = time.perf_counter()
+    out = score_table(table, backend, digits)
+    return time.perf_counter() - t0, table_scores(out)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), "methods scored different prompts"
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=500)
+    ap.add_argument("--quick", action="store_true", help="40 rows")
+    ap.add_argument("--model", default="embedded:smollm2")
+    ap.add_argument("--data", default=None, help="the shared data folder")
+    ap.add_argument("--batch-size", type=int, default=256, help="rows per stage batch")
+    ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    args = ap.parse_args()
+    rows = 40 if args.quick else args.rows
+
+    from deita_ray.models.registry import resolve_model_path
+
+    cache = os.environ.get("DEITA_CACHE_DIR") or "~/.cache/deita_ray"
+    path = resolve_model_path(args.model, cache)
+    table = alpaca_table(shared_data(args.data), rows)
+    keys, prompts = prompt_list(table)
+
+    ours_s, ours, counts = bench_ours(path, table, args.batch_size)
+    bare_start, bare_gen, bare = bench_bare(path, keys, prompts)
+    hf_s, hf = bench_hf_batched(path, table)
+    ref_s, ref = bench_reference(path, keys, prompts)
+    n = len(prompts)
+    report = {
+        "benchmark": "score",
+        "model": args.model,
+        "dtype": "float32",
+        "rows": rows,
+        "prompts": n,
+        "prompt_tokens": None,
+        "cpus": os.cpu_count(),
+        "counts": counts,
+        "seconds": {"ours_stage": round(ours_s, 2), "bare_engine_start": round(bare_start, 2),
+                    "bare_generate": round(bare_gen, 2), "hf_batched": round(hf_s, 2),
+                    "reference_per_sample": round(ref_s, 2)},
+        "prompts_per_s": {"ours_stage": round(n / ours_s, 2),
+                          "bare_generate": round(n / bare_gen, 2),
+                          "hf_batched": round(n / hf_s, 2),
+                          "reference_per_sample": round(n / ref_s, 2)},
+        "ratios": {
+            "ours_vs_bare_cold (goal >= 0.9)": round((bare_start + bare_gen) / ours_s, 3),
+            "ours_vs_bare_generate_only": round(bare_gen / ours_s, 3),
+            "ours_vs_reference (goal >= 2)": round(ref_s / ours_s, 3),
+            "bare_generate_vs_reference": round(ref_s / bare_gen, 3),
+            "hf_batched_vs_reference": round(ref_s / hf_s, 3),
+        },
+        "max_abs_score_diff": {"ours_vs_bare": max_diff(ours, bare),
+                               "ours_vs_reference": max_diff(ours, ref),
+                               "hf_batched_vs_reference": max_diff(hf, ref)},
+    }
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    report["prompt_tokens"] = sum(len(x) for x in tok(prompts)["input_ids"])
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
