@@ -47,8 +47,15 @@ MAX_LEN = 2048
 def model_cfg(path: str, backend: str):
     from deita_ray.config import ModelConfig
 
-    return ModelConfig(path=path, backend=backend, dtype="float32", max_model_len=MAX_LEN,
-                       enforce_eager=True, kv_cache_memory_bytes=KV_BYTES, hf_batch_size=16)
+    return ModelConfig(
+        path=path,
+        backend=backend,
+        dtype="float32",
+        max_model_len=MAX_LEN,
+        enforce_eager=True,
+        kv_cache_memory_bytes=KV_BYTES,
+        hf_batch_size=16,
+    )
 
 
 def matrix(table, ids: list[str]):
@@ -76,14 +83,19 @@ def bench_ours(path: str, table) -> tuple[float, object, dict]:
     cfg.embed.model = model_cfg(path, "vllm")
     cfg.embed.max_length = MAX_LEN
     cfg.embed.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=256)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": worker_env(RayConfig(), num_threads=2)})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": worker_env(RayConfig(), num_threads=2)},
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
     result = run_embed(cfg, str(out))
     seconds = time.perf_counter() - t0
-    emb = matrix(pds.dataset(str(out / "embed"), format="parquet").to_table(),
-                 table["id"].to_pylist())
+    emb = matrix(
+        pds.dataset(str(out / "embed"), format="parquet").to_table(), table["id"].to_pylist()
+    )
     ray.shutdown()
     shutil.rmtree(out, ignore_errors=True)
     return seconds, emb, result.counts.to_dict()
@@ -95,9 +107,16 @@ def bench_bare(path: str, texts: list[str]):
     from vllm.config import PoolerConfig
 
     t0 = time.perf_counter()
-    llm = LLM(path, dtype="float32", max_model_len=MAX_LEN, enforce_eager=True,
-              kv_cache_memory_bytes=KV_BYTES, runner="pooling", convert="embed",
-              pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
+    llm = LLM(
+        path,
+        dtype="float32",
+        max_model_len=MAX_LEN,
+        enforce_eager=True,
+        kv_cache_memory_bytes=KV_BYTES,
+        runner="pooling",
+        convert="embed",
+        pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False),
+    )
     start = time.perf_counter() - t0
     t0 = time.perf_counter()
     outs = llm.embed(texts, use_tqdm=False)
@@ -121,8 +140,13 @@ def bench_reference(path: str, texts: list[str], batch: int):
     rows = []
     t0 = time.perf_counter()
     for s in range(0, len(texts), batch):
-        enc = tok(texts[s:s + batch], padding=True, truncation=True, max_length=MAX_LEN,
-                  return_tensors="pt")
+        enc = tok(
+            texts[s : s + batch],
+            padding=True,
+            truncation=True,
+            max_length=MAX_LEN,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             out = model(**enc, output_hidden_states=True)
         last = enc["attention_mask"].sum(1) - 1
@@ -190,13 +214,19 @@ def main() -> None:
         "dim": int(ours.shape[1]),
         "cpus": os.cpu_count(),
         "counts": counts,
-        "seconds": {"ours_stage": round(ours_s, 2), "bare_engine_start": round(bare_start, 2),
-                    "bare_embed": round(bare_s, 2), "hf_batched": round(hf_s, 2),
-                    "reference_loop": round(ref_s, 2)},
-        "tokens_per_s": {"ours_stage": round(tokens / ours_s, 1),
-                         "bare_embed": round(tokens / bare_s, 1),
-                         "hf_batched": round(tokens / hf_s, 1),
-                         "reference_loop": round(tokens / ref_s, 1)},
+        "seconds": {
+            "ours_stage": round(ours_s, 2),
+            "bare_engine_start": round(bare_start, 2),
+            "bare_embed": round(bare_s, 2),
+            "hf_batched": round(hf_s, 2),
+            "reference_loop": round(ref_s, 2),
+        },
+        "tokens_per_s": {
+            "ours_stage": round(tokens / ours_s, 1),
+            "bare_embed": round(tokens / bare_s, 1),
+            "hf_batched": round(tokens / hf_s, 1),
+            "reference_loop": round(tokens / ref_s, 1),
+        },
         "ratios": {
             "ours_vs_bare_cold (goal >= 0.9)": round((bare_start + bare_s) / ours_s, 3),
             "ours_vs_bare_embed_only": round(bare_s / ours_s, 3),
@@ -204,8 +234,11 @@ def main() -> None:
             "bare_embed_vs_reference": round(ref_s / bare_s, 3),
             "hf_batched_vs_reference": round(ref_s / hf_s, 3),
         },
-        "min_cosine": {"ours_vs_bare": min_cos(ours, bare), "ours_vs_reference": min_cos(ours, ref),
-                       "hf_batched_vs_reference": min_cos(hf, ref)},
+        "min_cosine": {
+            "ours_vs_bare": min_cos(ours, bare),
+            "ours_vs_reference": min_cos(ours, ref),
+            "hf_batched_vs_reference": min_cos(hf, ref),
+        },
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -54,9 +54,17 @@ def alpaca_table(data: Path, n: int):
     from deita_ray.data.formats import CANONICAL_SCHEMA, canonicalize
 
     records = json.loads((data / "alpaca" / "alpaca_data.json").read_text())[:n]
-    rows = [{"id": f"alpaca:{k}", "seq": k, "messages": canonicalize(r)["messages"],
-             "source": "alpaca", "format": "alpaca", "extra": "{}"}
-            for k, r in enumerate(records)]
+    rows = [
+        {
+            "id": f"alpaca:{k}",
+            "seq": k,
+            "messages": canonicalize(r)["messages"],
+            "source": "alpaca",
+            "format": "alpaca",
+            "extra": "{}",
+        }
+        for k, r in enumerate(records)
+    ]
     return pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
 
 
@@ -85,8 +93,15 @@ def table_scores(table) -> dict:
 def model_cfg(path: str, backend: str):
     from deita_ray.config import ModelConfig
 
-    return ModelConfig(path=path, backend=backend, dtype="float32", max_model_len=2048,
-                       enforce_eager=True, kv_cache_memory_bytes=KV_BYTES, hf_batch_size=16)
+    return ModelConfig(
+        path=path,
+        backend=backend,
+        dtype="float32",
+        max_model_len=2048,
+        enforce_eager=True,
+        kv_cache_memory_bytes=KV_BYTES,
+        hf_batch_size=16,
+    )
 
 
 def bench_ours(path: str, table, batch_size: int) -> tuple[float, dict, dict]:
@@ -106,8 +121,12 @@ def bench_ours(path: str, table, batch_size: int) -> tuple[float, dict, dict]:
     cfg.score.quality_model = model_cfg(path, "vllm")
     cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=batch_size)
     # Local 2-CPU cluster with the project's worker env; worker logs stay out of stdout.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": worker_env(RayConfig(), num_threads=2)})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": worker_env(RayConfig(), num_threads=2)},
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
     result = run_score(cfg, str(out))
@@ -125,8 +144,15 @@ def bench_bare(path: str, keys, prompts) -> tuple[float, float, dict]:
     from deita_ray.scoring import expected_score, resolve_digit_ids
 
     t0 = time.perf_counter()
-    llm = LLM(path, dtype="float32", max_model_len=2048, enforce_eager=True,
-              kv_cache_memory_bytes=KV_BYTES, logprobs_mode="processed_logprobs", seed=0)
+    llm = LLM(
+        path,
+        dtype="float32",
+        max_model_len=2048,
+        enforce_eager=True,
+        kv_cache_memory_bytes=KV_BYTES,
+        logprobs_mode="processed_logprobs",
+        seed=0,
+    )
     start = time.perf_counter() - t0
     digits = resolve_digit_ids(llm.get_tokenizer())
     sp = SamplingParams(max_tokens=1, temperature=0, allowed_token_ids=digits, logprobs=6)
@@ -154,8 +180,14 @@ def bench_reference(path: str, keys, prompts) -> tuple[float, dict]:
     for i, p in enumerate(prompts):
         ids = tok(p, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=1, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+            out = model.generate(
+                ids,
+                max_new_tokens=1,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=tok.eos_token_id,
+            )
         logits[i] = out.scores[0][0, digits].double().numpy()
     seconds = time.perf_counter() - t0
     return seconds, dict(zip(keys, expected_score(logits).tolist(), strict=True))
@@ -210,13 +242,19 @@ def main() -> None:
         "prompt_tokens": None,
         "cpus": os.cpu_count(),
         "counts": counts,
-        "seconds": {"ours_stage": round(ours_s, 2), "bare_engine_start": round(bare_start, 2),
-                    "bare_generate": round(bare_gen, 2), "hf_batched": round(hf_s, 2),
-                    "reference_per_sample": round(ref_s, 2)},
-        "prompts_per_s": {"ours_stage": round(n / ours_s, 2),
-                          "bare_generate": round(n / bare_gen, 2),
-                          "hf_batched": round(n / hf_s, 2),
-                          "reference_per_sample": round(n / ref_s, 2)},
+        "seconds": {
+            "ours_stage": round(ours_s, 2),
+            "bare_engine_start": round(bare_start, 2),
+            "bare_generate": round(bare_gen, 2),
+            "hf_batched": round(hf_s, 2),
+            "reference_per_sample": round(ref_s, 2),
+        },
+        "prompts_per_s": {
+            "ours_stage": round(n / ours_s, 2),
+            "bare_generate": round(n / bare_gen, 2),
+            "hf_batched": round(n / hf_s, 2),
+            "reference_per_sample": round(n / ref_s, 2),
+        },
         "ratios": {
             "ours_vs_bare_cold (goal >= 0.9)": round((bare_start + bare_gen) / ours_s, 3),
             "ours_vs_bare_generate_only": round(bare_gen / ours_s, 3),
@@ -224,9 +262,11 @@ def main() -> None:
             "bare_generate_vs_reference": round(ref_s / bare_gen, 3),
             "hf_batched_vs_reference": round(ref_s / hf_s, 3),
         },
-        "max_abs_score_diff": {"ours_vs_bare": max_diff(ours, bare),
-                               "ours_vs_reference": max_diff(ours, ref),
-                               "hf_batched_vs_reference": max_diff(hf, ref)},
+        "max_abs_score_diff": {
+            "ours_vs_bare": max_diff(ours, bare),
+            "ours_vs_reference": max_diff(ours, ref),
+            "hf_batched_vs_reference": max_diff(hf, ref),
+        },
     }
     from transformers import AutoTokenizer
 

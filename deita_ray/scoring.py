@@ -62,7 +62,8 @@ def resolve_digit_ids(tokenizer: Any, override: Sequence[int] | None = None) -> 
         if len(ids) != 6 or len(set(ids)) != 6 or not all(0 <= i < vocab_size for i in ids):
             raise DigitTokenError(
                 f"score.digit_token_ids={list(override)!r} must be six distinct ids in "
-                f"[0, {vocab_size})")
+                f"[0, {vocab_size})"
+            )
         return ids
     vocab = tokenizer.get_vocab()
     ids = []
@@ -74,7 +75,8 @@ def resolve_digit_ids(tokenizer: Any, override: Sequence[int] | None = None) -> 
         if len(enc) != 1 or enc[0] == tokenizer.unk_token_id:
             raise DigitTokenError(
                 f"digit {d!r} is not a single token of this tokenizer (encodes to {enc}); set "
-                "score.digit_token_ids to the six ids of '1'..'6'")
+                "score.digit_token_ids to the six ids of '1'..'6'"
+            )
         ids.append(int(enc[0]))
     if len(set(ids)) != 6:
         raise DigitTokenError(f"digit tokens are not distinct: {ids}")
@@ -153,8 +155,9 @@ def water_fill(lengths: Sequence[int], budget: int) -> list[int]:
     return caps
 
 
-def fit_prompt(tokenizer: Any, spec: PromptSpec, max_tokens: int,
-               ids: list[int] | None = None) -> tuple[list[int], bool]:
+def fit_prompt(
+    tokenizer: Any, spec: PromptSpec, max_tokens: int, ids: list[int] | None = None
+) -> tuple[list[int], bool]:
     """Token ids of a prompt (BOS as in normal encoding), truncated to ``max_tokens``.
 
     If the prompt is too long, its text fields are cut (keeping their beginnings, the longest
@@ -179,7 +182,8 @@ def fit_prompt(tokenizer: Any, spec: PromptSpec, max_tokens: int,
     empty = _encode(tokenizer, interleave(spec.pieces, [""] * len(spec.fields)))
     if len(empty) > max_tokens:
         raise PromptTooLong(
-            f"the prompt template alone has {len(empty)} tokens > budget {max_tokens}")
+            f"the prompt template alone has {len(empty)} tokens > budget {max_tokens}"
+        )
     lengths = [len(tokenizer(f, add_special_tokens=False)["input_ids"]) for f in spec.fields]
     room = max_tokens - len(empty)
     # Token counts of pieces are not additive at boundaries: shrink the room until it fits.

@@ -62,13 +62,20 @@ def test_vicuna_trailing_user_and_empty():
     assert render_vicuna([{"role": "user", "content": "Q"}]).endswith(" USER: Q ")
 
 
-@pytest.mark.parametrize("msgs", [
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-    [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
-     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
-     {"role": "assistant", "content": ""}],
-    [{"role": "assistant", "content": "lead"}, {"role": "user", "content": "a"}],
-])
+@pytest.mark.parametrize(
+    "msgs",
+    [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": ""},
+        ],
+        [{"role": "assistant", "content": "lead"}, {"role": "user", "content": "a"}],
+    ],
+)
 def test_segments_concatenate_to_render_and_mark_only_assistant_targets(msgs):
     segs = vicuna_segments(msgs)
     assert "".join(t for t, _ in segs) == render_vicuna(msgs)

@@ -90,8 +90,9 @@ class Backend(ABC):
         """Whether an exception means the engine itself is unusable (re-raised)."""
         return isinstance(exc, (BackendContractError, MemoryError))
 
-    def digit_logits(self, prompts: Sequence[list[int]],
-                     digit_ids: list[int]) -> tuple[np.ndarray, list[str | None]]:
+    def digit_logits(
+        self, prompts: Sequence[list[int]], digit_ids: list[int]
+    ) -> tuple[np.ndarray, list[str | None]]:
         """Digit logits of every prompt, in one engine call when nothing fails.
 
         Returns:
@@ -111,8 +112,9 @@ class Backend(ABC):
             raise RuntimeError("this backend was loaded for scoring, not embedding")
         return self._isolate(self._last_hidden, list(prompts), self.hidden_size)
 
-    def _isolate(self, fn: Callable[[list[list[int]]], np.ndarray], prompts: list[list[int]],
-                 width: int) -> tuple[np.ndarray, list[str | None]]:
+    def _isolate(
+        self, fn: Callable[[list[list[int]]], np.ndarray], prompts: list[list[int]], width: int
+    ) -> tuple[np.ndarray, list[str | None]]:
         out = np.full((len(prompts), width), np.nan, dtype=np.float64)
         errors: list[str | None] = [None] * len(prompts)
         if not prompts:
@@ -133,7 +135,8 @@ class Backend(ABC):
                 return
             if vals.shape != (hi - lo, width):
                 raise BackendContractError(
-                    f"{self.name} backend returned shape {vals.shape}, expected {(hi - lo, width)}")
+                    f"{self.name} backend returned shape {vals.shape}, expected {(hi - lo, width)}"
+                )
             out[lo:hi] = vals
 
         run(0, len(prompts))

@@ -26,7 +26,8 @@ class HFBackend(Backend):
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, self.dtype), trust_remote_code=cfg.trust_remote_code)
+            path, dtype=getattr(torch, self.dtype), trust_remote_code=cfg.trust_remote_code
+        )
         self.model = model.to(self.device).eval()
         self.body = self.model.get_decoder()  # the base model: hidden states after final norm
         self.head = self.model.get_output_embeddings()
@@ -42,12 +43,13 @@ class HFBackend(Backend):
                 raise ValueError("empty prompt")
             if len(p) > self.cfg.max_model_len:
                 raise ValueError(
-                    f"prompt has {len(p)} tokens > max_model_len {self.cfg.max_model_len}")
+                    f"prompt has {len(p)} tokens > max_model_len {self.cfg.max_model_len}"
+                )
         # Similar lengths together: less padding; results do not depend on the grouping.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         bs = self.cfg.hf_batch_size
         for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             lens = [len(prompts[i]) for i in idx]
             width = max(lens)
             ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
@@ -56,10 +58,13 @@ class HFBackend(Backend):
                 ids[row, : lens[row]] = torch.tensor(prompts[i], dtype=torch.long)
                 mask[row, : lens[row]] = 1
             with torch.inference_mode():
-                hidden = self.body(input_ids=ids.to(self.device),
-                                   attention_mask=mask.to(self.device)).last_hidden_state
-                last = hidden[torch.arange(len(idx), device=hidden.device),
-                              torch.tensor(lens, device=hidden.device) - 1]
+                hidden = self.body(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                ).last_hidden_state
+                last = hidden[
+                    torch.arange(len(idx), device=hidden.device),
+                    torch.tensor(lens, device=hidden.device) - 1,
+                ]
             yield idx, last
 
     def _digit_logits(self, prompts: list[list[int]], digit_ids: list[int]) -> np.ndarray:

@@ -29,7 +29,8 @@ def digit_logprobs(outputs: list, digit_ids: list[int]) -> np.ndarray:
             raise BackendContractError(
                 f"vLLM returned log-probabilities for token ids {sorted(got)}, expected "
                 f"exactly the digit ids {sorted(want)}; the engine must run with "
-                "logprobs_mode='processed_logprobs' and return logprobs=6")
+                "logprobs_mode='processed_logprobs' and return logprobs=6"
+            )
         rows[i] = [lps[0][t].logprob for t in digit_ids]
     return rows
 
@@ -63,8 +64,11 @@ class VLLMBackend(Backend):
         else:
             from vllm.config import PoolerConfig  # noqa: PLC0415
 
-            kwargs.update(runner="pooling", convert="embed",
-                          pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
+            kwargs.update(
+                runner="pooling",
+                convert="embed",
+                pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False),
+            )
         self.llm = LLM(**kwargs)
         self.hidden_size = int(self.llm.llm_engine.model_config.get_hidden_size())
         self._sampling = None
@@ -74,18 +78,21 @@ class VLLMBackend(Backend):
         from vllm.inputs import TokensPrompt  # noqa: PLC0415
 
         if self._sampling is None or self._sampling.allowed_token_ids != list(digit_ids):
-            self._sampling = SamplingParams(max_tokens=1, temperature=0.0,
-                                            allowed_token_ids=list(digit_ids),
-                                            logprobs=len(digit_ids))
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                 self._sampling, use_tqdm=False)
+            self._sampling = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                allowed_token_ids=list(digit_ids),
+                logprobs=len(digit_ids),
+            )
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], self._sampling, use_tqdm=False
+        )
         return digit_logprobs(outs, digit_ids)
 
     def _last_hidden(self, prompts: list[list[int]]) -> np.ndarray:
         from vllm.inputs import TokensPrompt  # noqa: PLC0415
 
-        outs = self.llm.embed([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                              use_tqdm=False)
+        outs = self.llm.embed([TokensPrompt(prompt_token_ids=p) for p in prompts], use_tqdm=False)
         return np.asarray([o.outputs.embedding for o in outs], dtype=np.float32)
 
     def _fatal(self, exc: BaseException) -> bool:

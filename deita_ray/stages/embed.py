@@ -35,8 +35,7 @@ def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
     return pa.list_(ARROW_DTYPES[dtype], dim)
 
 
-def embed_table(table: pa.Table, backend: Any, max_length: int,
-                dtype: str = "float32") -> pa.Table:
+def embed_table(table: pa.Table, backend: Any, max_length: int, dtype: str = "float32") -> pa.Table:
     """Embed every row of ``table`` with one backend call (pure apart from the engine).
 
     Args:
@@ -101,16 +100,18 @@ def embed_table(table: pa.Table, backend: Any, max_length: int,
     def col(name: str, typ: pa.DataType) -> pa.Array:
         return table[name].cast(typ) if name in names else pa.nulls(n, typ)
 
-    return pa.table({
-        "id": col("id", pa.string()),
-        "seq": col("seq", pa.int64()),
-        "evol_score": col("evol_score", pa.float64()),
-        EMBEDDING: emb,
-        EMBED_TRUNCATED: pa.array(truncated, pa.bool_()),
-        REASON: pa.array(reasons, pa.string()),
-        DETAIL: pa.array(details, pa.string()),
-        RAW: pa.array(raws, pa.large_string()),
-    })
+    return pa.table(
+        {
+            "id": col("id", pa.string()),
+            "seq": col("seq", pa.int64()),
+            "evol_score": col("evol_score", pa.float64()),
+            EMBEDDING: emb,
+            EMBED_TRUNCATED: pa.array(truncated, pa.bool_()),
+            REASON: pa.array(reasons, pa.string()),
+            DETAIL: pa.array(details, pa.string()),
+            RAW: pa.array(raws, pa.large_string()),
+        }
+    )
 
 
 class Embedder:
@@ -131,8 +132,9 @@ class Embedder:
         dtype: "float32" or "float16" storage of the embedding.
     """
 
-    def __init__(self, model_cfg: ModelConfig, model_path: str, max_length: int,
-                 dtype: str = "float32"):
+    def __init__(
+        self, model_cfg: ModelConfig, model_path: str, max_length: int, dtype: str = "float32"
+    ):
         from deita_ray.models.backend import load_backend  # noqa: PLC0415
 
         if dtype not in ARROW_DTYPES:
@@ -174,9 +176,12 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     ds = skip_finished(ray.data.read_parquet(src, columns=columns), out_dir, "embed")
     ds = ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model_cfg": model_cfg, "model_path": path,
-                               "max_length": cfg.embed.max_length,
-                               "dtype": cfg.output.embedding_dtype},
+        fn_constructor_kwargs={
+            "model_cfg": model_cfg,
+            "model_path": path,
+            "max_length": cfg.embed.max_length,
+            "dtype": cfg.output.embedding_dtype,
+        },
         batch_format="pyarrow",
         **actor_pool_kwargs(cfg.embed.resources, model_cfg),
         **ACTOR_RETRY_ARGS,
@@ -185,10 +190,14 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     counts.check("embed")
     seconds = time.time() - t0
     out = stage_dir(out_dir, "embed")
-    metrics: dict = {"source": os.path.basename(src), "model": path,
-                     "backend": model_cfg.backend, "dtype": cfg.output.embedding_dtype,
-                     "seconds": round(seconds, 3),
-                     "rows_per_s": round(rows_in / seconds, 3) if seconds > 0 else None}
+    metrics: dict = {
+        "source": os.path.basename(src),
+        "model": path,
+        "backend": model_cfg.backend,
+        "dtype": cfg.output.embedding_dtype,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows_in / seconds, 3) if seconds > 0 else None,
+    }
     if _has_parquet(out):
         t = pds.dataset(out, format="parquet").to_table(columns=[EMBEDDING, EMBED_TRUNCATED])
         metrics["dim"] = t.schema.field(EMBEDDING).type.list_size

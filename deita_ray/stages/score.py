@@ -22,7 +22,7 @@ import pyarrow as pa
 from deita_ray.accounting import StageResult
 from deita_ray.config import ModelConfig, PipelineConfig
 from deita_ray.data.formats import extract_turns
-from deita_ray.data.rejects import DETAIL, RAW, REASON, to_raw
+from deita_ray.data.rejects import DETAIL, MARK_COLUMNS, RAW, REASON, to_raw
 from deita_ray.data.sink import skip_finished, stage_dir, write_with_rejects
 from deita_ray.scoring import (
     PromptTooLong,
@@ -59,14 +59,13 @@ def _set(table: pa.Table, name: str, array: pa.Array) -> pa.Table:
 
 
 def _row_raw(table: pa.Table, i: int) -> str:
-    from deita_ray.data.rejects import MARK_COLUMNS  # noqa: PLC0415
-
     row = table.slice(i, 1).to_pylist()[0]
     return to_raw({k: v for k, v in row.items() if k not in MARK_COLUMNS})
 
 
-def score_table(table: pa.Table, backend: Any, digit_ids: list[int],
-                kinds: Sequence[str] = KINDS) -> pa.Table:
+def score_table(
+    table: pa.Table, backend: Any, digit_ids: list[int], kinds: Sequence[str] = KINDS
+) -> pa.Table:
     """Score the turns of every row of ``table`` with one backend (pure apart from the engine).
 
     Every prompt of the batch goes to the engine in one call. A row that cannot be scored
@@ -88,8 +87,7 @@ def score_table(table: pa.Table, backend: Any, digit_ids: list[int],
     n = table.num_rows
     reasons, details, raws = _marks(table)
     messages = table["messages"].to_pylist() if "messages" in table.column_names else [None] * n
-    old_trunc = (table[TRUNCATED].to_pylist() if TRUNCATED in table.column_names
-                 else [False] * n)
+    old_trunc = table[TRUNCATED].to_pylist() if TRUNCATED in table.column_names else [False] * n
     truncated = [bool(t) for t in old_trunc]
 
     def reject(i: int, reason: str, detail: str) -> None:
@@ -113,8 +111,11 @@ def score_table(table: pa.Table, backend: Any, digit_ids: list[int],
         for kind in kinds:
             for t, (instruction, response) in enumerate(turns):
                 jobs.append((i, kind, t))
-                specs.append(complexity_spec(instruction) if kind == "complexity"
-                             else quality_spec(instruction, response))
+                specs.append(
+                    complexity_spec(instruction)
+                    if kind == "complexity"
+                    else quality_spec(instruction, response)
+                )
 
     # 2. Tokenise in one call, truncate inside the text fields where needed.
     tok = backend.tokenizer
@@ -137,6 +138,7 @@ def score_table(table: pa.Table, backend: Any, digit_ids: list[int],
     # 3. One engine call for the whole batch.
     live = [k for k, (i, _, _) in enumerate(jobs) if reasons[i] is None and prompts[k] is not None]
     values, errors = backend.digit_logits([prompts[k] for k in live], digit_ids)
+    all_scores = expected_score(values) if live else []  # NaN where the engine failed
     scores: dict[tuple[int, str], list[float | None]] = {}
     for pos, k in enumerate(live):
         i, kind, t = jobs[k]
@@ -145,7 +147,7 @@ def score_table(table: pa.Table, backend: Any, digit_ids: list[int],
         if errors[pos] is not None:
             reject(i, "engine_error", errors[pos])
             continue
-        s = float(expected_score(values[pos:pos + 1])[0])
+        s = float(all_scores[pos])
         if not math.isfinite(s):
             reject(i, "non_finite_score", f"{kind} score of turn {t} is {s}")
             continue
@@ -159,9 +161,12 @@ def score_table(table: pa.Table, backend: Any, digit_ids: list[int],
     if all(SCORE_COLUMNS[k] in out.column_names for k in KINDS):
         cs = out[SCORE_COLUMNS["complexity"]].to_pylist()
         qs = out[SCORE_COLUMNS["quality"]].to_pylist()
-        evol = [math.fsum(c * q for c, q in zip(cs[i], qs[i], strict=True))
-                if reasons[i] is None and cs[i] is not None and qs[i] is not None else None
-                for i in range(n)]
+        evol = [
+            math.fsum(c * q for c, q in zip(cs[i], qs[i], strict=True))
+            if reasons[i] is None and cs[i] is not None and qs[i] is not None
+            else None
+            for i in range(n)
+        ]
     else:
         evol = [None] * n
     out = _set(out, EVOL, pa.array(evol, pa.float64()))
@@ -190,8 +195,13 @@ class TurnScorer:
         digit_token_ids: ids of "1".."6" (resolved on the driver); None resolves them here.
     """
 
-    def __init__(self, model_cfg: ModelConfig, model_path: str, kinds: Sequence[str] = KINDS,
-                 digit_token_ids: list[int] | None = None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        model_path: str,
+        kinds: Sequence[str] = KINDS,
+        digit_token_ids: list[int] | None = None,
+    ):
         from deita_ray.models.backend import load_backend  # noqa: PLC0415
 
         bad = [k for k in kinds if k not in KINDS]
@@ -215,8 +225,7 @@ def scorer_plan(cfg: PipelineConfig) -> list[tuple[ModelConfig, str, tuple[str, 
     if sc.complexity_model == sc.quality_model:
         return [(sc.complexity_model, cpath, KINDS)]
     qpath = resolve_model_path(sc.quality_model.path, cfg.cache_dir)
-    return [(sc.complexity_model, cpath, ("complexity",)),
-            (sc.quality_model, qpath, ("quality",))]
+    return [(sc.complexity_model, cpath, ("complexity",)), (sc.quality_model, qpath, ("quality",))]
 
 
 def summarize_scores(folder: str) -> dict:
@@ -227,17 +236,26 @@ def summarize_scores(folder: str) -> dict:
     if not os.path.isdir(folder) or not any(f.endswith(".parquet") for f in os.listdir(folder)):
         return {"rows": 0}
     t = pds.dataset(folder, format="parquet").to_table(
-        columns=[*SCORE_COLUMNS.values(), EVOL, TRUNCATED])
+        columns=[*SCORE_COLUMNS.values(), EVOL, TRUNCATED]
+    )
 
     def stats(values: list[float]) -> dict:
         if not values:
             return {}
         a = np.asarray(values, dtype=np.float64)
-        return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
-                "p50": float(np.median(a)), "max": float(a.max())}
+        return {
+            "mean": float(a.mean()),
+            "std": float(a.std()),
+            "min": float(a.min()),
+            "p50": float(np.median(a)),
+            "max": float(a.max()),
+        }
 
-    out = {"rows": t.num_rows, "truncated_rows": int(sum(t[TRUNCATED].to_pylist())),
-           "evol_score": stats([v for v in t[EVOL].to_pylist() if v is not None])}
+    out = {
+        "rows": t.num_rows,
+        "truncated_rows": int(sum(t[TRUNCATED].to_pylist())),
+        "evol_score": stats([v for v in t[EVOL].to_pylist() if v is not None]),
+    }
     for kind, col in SCORE_COLUMNS.items():
         flat = [v for row in t[col].to_pylist() if row for v in row]
         out[f"{kind}_turn_score"] = stats(flat)
@@ -267,12 +285,19 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     for model_cfg, path, kinds in plan:
         tok = load_tokenizer(path, model_cfg.trust_remote_code)
         digit_ids = resolve_digit_ids(tok, cfg.score.digit_token_ids)
-        models["+".join(kinds)] = {"path": path, "backend": model_cfg.backend,
-                                   "digit_token_ids": digit_ids}
+        models["+".join(kinds)] = {
+            "path": path,
+            "backend": model_cfg.backend,
+            "digit_token_ids": digit_ids,
+        }
         ds = ds.map_batches(
             TurnScorer,
-            fn_constructor_kwargs={"model_cfg": model_cfg, "model_path": path, "kinds": kinds,
-                                   "digit_token_ids": digit_ids},
+            fn_constructor_kwargs={
+                "model_cfg": model_cfg,
+                "model_path": path,
+                "kinds": kinds,
+                "digit_token_ids": digit_ids,
+            },
             batch_format="pyarrow",
             **actor_pool_kwargs(cfg.score.resources, model_cfg),
             **ACTOR_RETRY_ARGS,
@@ -280,7 +305,10 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     counts = write_with_rejects(ds, "score", out_dir, rows_in=rows_in)
     counts.check("score")
     seconds = time.time() - t0
-    metrics = {"models": models, "seconds": round(seconds, 3),
-               "rows_per_s": round(rows_in / seconds, 3) if seconds > 0 else None,
-               **summarize_scores(stage_dir(out_dir, "score"))}
+    metrics = {
+        "models": models,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows_in / seconds, 3) if seconds > 0 else None,
+        **summarize_scores(stage_dir(out_dir, "score")),
+    }
     return StageResult(counts=counts, metrics=metrics)

@@ -53,19 +53,29 @@ def test_vllm_logprob_contract_fails_loudly(tiny_llama):
     from deita_ray.models.vllm_backend import digit_logprobs
     from deita_ray.scoring import resolve_digit_ids
 
-    llm = LLM(str(tiny_llama), dtype="float32", max_model_len=256, enforce_eager=True,
-              kv_cache_memory_bytes=32 << 20, logprobs_mode="raw_logprobs")
+    llm = LLM(
+        str(tiny_llama),
+        dtype="float32",
+        max_model_len=256,
+        enforce_eager=True,
+        kv_cache_memory_bytes=32 << 20,
+        logprobs_mode="raw_logprobs",
+    )
     try:
         digits = resolve_digit_ids(llm.get_tokenizer())
         prompts = [complexity_prompt(q) for q in ("What is 2+2?", "Write a poem.")]
-        raw = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0,
-                                                    allowed_token_ids=digits, logprobs=6),
-                           use_tqdm=False)
+        raw = llm.generate(
+            prompts,
+            SamplingParams(max_tokens=1, temperature=0, allowed_token_ids=digits, logprobs=6),
+            use_tqdm=False,
+        )
         with pytest.raises(BackendContractError, match="processed_logprobs"):
             digit_logprobs(raw, digits)
-        too_few = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0,
-                                                       allowed_token_ids=digits, logprobs=1),
-                               use_tqdm=False)
+        too_few = llm.generate(
+            prompts,
+            SamplingParams(max_tokens=1, temperature=0, allowed_token_ids=digits, logprobs=1),
+            use_tqdm=False,
+        )
         with pytest.raises(BackendContractError):
             digit_logprobs(too_few, digits)
     finally:
@@ -96,13 +106,28 @@ def test_smollm2_vllm_and_hf_agree_fp32(smollm2_path, shared_data: Path):
     from deita_ray.stages.score import score_table
 
     records = json.loads((shared_data / "alpaca/alpaca_data.json").read_text())[:40]
-    rows = [{"id": str(k), "seq": k, "messages": canonicalize(r)["messages"], "source": "a",
-             "format": "alpaca", "extra": "{}"} for k, r in enumerate(records)]
+    rows = [
+        {
+            "id": str(k),
+            "seq": k,
+            "messages": canonicalize(r)["messages"],
+            "source": "a",
+            "format": "alpaca",
+            "extra": "{}",
+        }
+        for k, r in enumerate(records)
+    ]
     table = pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
     scored, embedded = {}, {}
     for name in ("vllm", "hf"):
-        cfg = ModelConfig(path=smollm2_path, backend=name, dtype="float32", max_model_len=1024,
-                          enforce_eager=True, kv_cache_memory_bytes=128 << 20)
+        cfg = ModelConfig(
+            path=smollm2_path,
+            backend=name,
+            dtype="float32",
+            max_model_len=1024,
+            enforce_eager=True,
+            kv_cache_memory_bytes=128 << 20,
+        )
         backend = load_backend(cfg, smollm2_path, "score")
         scored[name] = score_table(table, backend, resolve_digit_ids(backend.tokenizer))
         backend.close()

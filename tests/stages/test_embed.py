@@ -21,8 +21,14 @@ EMBED_LEN = 384
 
 
 def model_cfg(path, backend: str) -> ModelConfig:
-    return ModelConfig(path=str(path), backend=backend, max_model_len=MAX_LEN,
-                       enforce_eager=True, kv_cache_memory_bytes=64 << 20, hf_batch_size=32)
+    return ModelConfig(
+        path=str(path),
+        backend=backend,
+        max_model_len=MAX_LEN,
+        enforce_eager=True,
+        kv_cache_memory_bytes=64 << 20,
+        hf_batch_size=32,
+    )
 
 
 def canonical_table(records: list[dict], prefix: str) -> pa.Table:
@@ -30,8 +36,16 @@ def canonical_table(records: list[dict], prefix: str) -> pa.Table:
     for k, rec in enumerate(records):
         c = canonicalize(rec)
         assert isinstance(c, dict), c
-        rows.append({"id": f"{prefix}:{k}", "seq": k, "messages": c["messages"],
-                     "source": prefix, "format": c["format"], "extra": "{}"})
+        rows.append(
+            {
+                "id": f"{prefix}:{k}",
+                "seq": k,
+                "messages": c["messages"],
+                "source": prefix,
+                "format": c["format"],
+                "extra": "{}",
+            }
+        )
     return pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
 
 
@@ -113,21 +127,45 @@ def test_independent_of_batch_size_and_batchmates(pool, vllm_out, vllm_embedder,
     want = matrix(vllm_out)[idx]
     for backend in (vllm_embedder, hf_embedder):
         for bs in (1, 7, 30):
-            got = matrix(pa.concat_tables([embed_table(sub.slice(s, bs), backend, EMBED_LEN)
-                                           for s in range(0, sub.num_rows, bs)]))
+            got = matrix(
+                pa.concat_tables(
+                    [
+                        embed_table(sub.slice(s, bs), backend, EMBED_LEN)
+                        for s in range(0, sub.num_rows, bs)
+                    ]
+                )
+            )
             assert cosine(got, want).min() >= 0.99999
             np.testing.assert_allclose(got, want, atol=1e-3)
 
 
 def test_long_conversations_truncated_not_rejected(vllm_embedder, hf_embedder, tiny_llama):
-    long = [{"role": "user", "content": "Tell me about the ocean. " * 200},
-            {"role": "assistant", "content": "The ocean is large. " * 200}]
+    long = [
+        {"role": "user", "content": "Tell me about the ocean. " * 200},
+        {"role": "assistant", "content": "The ocean is large. " * 200},
+    ]
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     table = pa.Table.from_pylist(
-        [{"id": "long", "seq": 0, "messages": long, "source": "t", "format": "messages",
-          "extra": "{}"},
-         {"id": "short", "seq": 1, "messages": short, "source": "t", "format": "messages",
-          "extra": "{}"}], schema=CANONICAL_SCHEMA)
+        [
+            {
+                "id": "long",
+                "seq": 0,
+                "messages": long,
+                "source": "t",
+                "format": "messages",
+                "extra": "{}",
+            },
+            {
+                "id": "short",
+                "seq": 1,
+                "messages": short,
+                "source": "t",
+                "format": "messages",
+                "extra": "{}",
+            },
+        ],
+        schema=CANONICAL_SCHEMA,
+    )
     outs = [embed_table(table, b, 100) for b in (vllm_embedder, hf_embedder)]
     for out in outs:
         assert out["embed_truncated"].to_pylist() == [True, False]
@@ -143,13 +181,34 @@ def test_long_conversations_truncated_not_rejected(vllm_embedder, hf_embedder, t
 def test_rows_without_messages_rejected_rest_embedded(hf_embedder, pool):
     sub = pool.slice(0, 3)
     bad = pa.Table.from_pylist(
-        [{"id": "nomsg", "seq": 99, "messages": None, "source": "t", "format": "messages",
-          "extra": "{}"},
-         {"id": "tool", "seq": 100, "messages": [{"role": "tool", "content": "x"}],
-          "source": "t", "format": "messages", "extra": "{}"}], schema=CANONICAL_SCHEMA)
+        [
+            {
+                "id": "nomsg",
+                "seq": 99,
+                "messages": None,
+                "source": "t",
+                "format": "messages",
+                "extra": "{}",
+            },
+            {
+                "id": "tool",
+                "seq": 100,
+                "messages": [{"role": "tool", "content": "x"}],
+                "source": "t",
+                "format": "messages",
+                "extra": "{}",
+            },
+        ],
+        schema=CANONICAL_SCHEMA,
+    )
     out = embed_table(pa.concat_tables([sub, bad]), hf_embedder, EMBED_LEN)
-    assert out["_reject_reason"].to_pylist() == [None, None, None, "missing_messages",
-                                                 "render_error"]
+    assert out["_reject_reason"].to_pylist() == [
+        None,
+        None,
+        None,
+        "missing_messages",
+        "render_error",
+    ]
     assert out["embedding"].null_count == 2
     assert json.loads(out["_raw"][4].as_py())["id"] == "tool"
     good = embed_table(sub, hf_embedder, EMBED_LEN)

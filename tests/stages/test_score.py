@@ -38,8 +38,14 @@ N_CONV = 40
 
 
 def model_cfg(path, backend: str, max_len: int = MAX_LEN) -> ModelConfig:
-    return ModelConfig(path=str(path), backend=backend, max_model_len=max_len,
-                       enforce_eager=True, kv_cache_memory_bytes=64 << 20, hf_batch_size=32)
+    return ModelConfig(
+        path=str(path),
+        backend=backend,
+        max_model_len=max_len,
+        enforce_eager=True,
+        kv_cache_memory_bytes=64 << 20,
+        hf_batch_size=32,
+    )
 
 
 def canonical_table(records: list[dict], prefix: str = "r") -> pa.Table:
@@ -47,8 +53,16 @@ def canonical_table(records: list[dict], prefix: str = "r") -> pa.Table:
     for k, rec in enumerate(records):
         c = canonicalize(rec)
         assert isinstance(c, dict), c
-        rows.append({"id": f"{prefix}:{k}", "seq": k, "messages": c["messages"],
-                     "source": prefix, "format": c["format"], "extra": "{}"})
+        rows.append(
+            {
+                "id": f"{prefix}:{k}",
+                "seq": k,
+                "messages": c["messages"],
+                "source": prefix,
+                "format": c["format"],
+                "extra": "{}",
+            }
+        )
     return pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
 
 
@@ -64,8 +78,9 @@ def pool(shared_data: Path) -> pa.Table:
         if len(c["conversations"]) >= 4 and key not in seen:
             seen.add(key)
             multi.append(c)
-    return pa.concat_tables([canonical_table(alpaca, "alpaca"),
-                             canonical_table(multi[:N_CONV], "conv")])
+    return pa.concat_tables(
+        [canonical_table(alpaca, "alpaca"), canonical_table(multi[:N_CONV], "conv")]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +170,7 @@ def test_fit_prompt_truncates_inside_fields(hf_scorer):
     assert cut and len(ids) <= 200
     text = tok.decode(ids, skip_special_tokens=True)
     assert text.startswith(COMPLEXITY_PIECES[0]) and text.endswith(COMPLEXITY_PIECES[1])
-    assert long_text.startswith(text[len(COMPLEXITY_PIECES[0]):-len(COMPLEXITY_PIECES[1])])
+    assert long_text.startswith(text[len(COMPLEXITY_PIECES[0]) : -len(COMPLEXITY_PIECES[1])])
     # both fields of a quality prompt are cut, the template kept whole
     ids, cut = fit_prompt(tok, quality_spec("short question", long_text), 150)
     text = tok.decode(ids, skip_special_tokens=True)
@@ -180,8 +195,9 @@ def test_vllm_and_hf_agree_on_every_score(vllm_scored, hf_scored, pool):
         assert np.max(np.abs(v - h)) <= 1e-4, col
         assert np.all((v >= 1) & (v <= 6))
         assert np.std(v) > 1e-3  # the scores really differ between prompts
-    np.testing.assert_allclose(vllm_scored["evol_score"].to_numpy(),
-                               hf_scored["evol_score"].to_numpy(), atol=1e-3)
+    np.testing.assert_allclose(
+        vllm_scored["evol_score"].to_numpy(), hf_scored["evol_score"].to_numpy(), atol=1e-3
+    )
 
 
 def test_multi_turn_one_score_per_turn_and_evol(vllm_scored, pool):
@@ -204,8 +220,9 @@ def test_truncated_flag_marks_exactly_the_long_rows(vllm_scored, vllm_scorer, po
     tok = vllm_scorer.tokenizer
     want = []
     for m in pool["messages"].to_pylist():
-        prompts = [p for u, r in extract_turns(m) for p in (complexity_prompt(u),
-                                                             quality_prompt(u, r))]
+        prompts = [
+            p for u, r in extract_turns(m) for p in (complexity_prompt(u), quality_prompt(u, r))
+        ]
         want.append(max(len(tok(p)["input_ids"]) for p in prompts) > MAX_LEN - 1)
     assert vllm_scored["truncated"].to_pylist() == want
     assert 0 < sum(want) < len(want)
@@ -222,8 +239,10 @@ def test_scores_equal_formula_by_hand(pool, vllm_scored, hf_scored, tiny_llama, 
     for i in rows:
         turns = extract_turns(pool["messages"][i].as_py())
         for t, (instruction, response) in enumerate(turns):
-            for col, prompt in (("complexity_scores", complexity_prompt(instruction)),
-                                ("quality_scores", None)):
+            for col, prompt in (
+                ("complexity_scores", complexity_prompt(instruction)),
+                ("quality_scores", None),
+            ):
                 if prompt is None:
                     from deita_ray.templates import quality_prompt
 
@@ -238,17 +257,22 @@ def test_scores_equal_formula_by_hand(pool, vllm_scored, hf_scored, tiny_llama, 
                     assert table[col][i].as_py()[t] == pytest.approx(by_hand, abs=1e-4)
 
 
-def test_scores_independent_of_batch_size_and_batchmates(pool, vllm_scored, vllm_scorer,
-                                                         hf_scorer, digit_ids):
+def test_scores_independent_of_batch_size_and_batchmates(
+    pool, vllm_scored, vllm_scorer, hf_scorer, digit_ids
+):
     rng = np.random.default_rng(0)
     idx = rng.permutation(pool.num_rows)[:24]
     sub = pool.take(pa.array(idx))
-    want = {c: [vllm_scored[c][int(i)].as_py() for i in idx]
-            for c in ("complexity_scores", "quality_scores")}
+    want = {
+        c: [vllm_scored[c][int(i)].as_py() for i in idx]
+        for c in ("complexity_scores", "quality_scores")
+    }
     for backend in (vllm_scorer, hf_scorer):
         for bs in (1, 5, 24):
-            parts = [score_table(sub.slice(s, bs), backend, digit_ids)
-                     for s in range(0, sub.num_rows, bs)]
+            parts = [
+                score_table(sub.slice(s, bs), backend, digit_ids)
+                for s in range(0, sub.num_rows, bs)
+            ]
             got = pa.concat_tables(parts)
             for c, rows in want.items():
                 g = np.array([v for r in got[c].to_pylist() for v in r])
@@ -261,23 +285,37 @@ def test_scores_independent_of_batch_size_and_batchmates(pool, vllm_scored, vllm
 
 def _rows(messages_list: list[list[dict]]) -> pa.Table:
     return pa.Table.from_pylist(
-        [{"id": f"x{k}", "seq": k, "messages": m, "source": "t", "format": "messages",
-          "extra": "{}"} for k, m in enumerate(messages_list)], schema=CANONICAL_SCHEMA)
+        [
+            {
+                "id": f"x{k}",
+                "seq": k,
+                "messages": m,
+                "source": "t",
+                "format": "messages",
+                "extra": "{}",
+            }
+            for k, m in enumerate(messages_list)
+        ],
+        schema=CANONICAL_SCHEMA,
+    )
 
 
 def test_long_prompts_truncated_and_flagged(vllm_scorer, hf_scorer, digit_ids):
     long = "Explain photosynthesis in plants. " * 300
-    table = _rows([
-        [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}],
-        [{"role": "user", "content": "short"}, {"role": "assistant", "content": long}],
-        [{"role": "user", "content": "short"}, {"role": "assistant", "content": "fine"}],
-    ])
+    table = _rows(
+        [
+            [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}],
+            [{"role": "user", "content": "short"}, {"role": "assistant", "content": long}],
+            [{"role": "user", "content": "short"}, {"role": "assistant", "content": "fine"}],
+        ]
+    )
     outs = [score_table(table, b, digit_ids) for b in (vllm_scorer, hf_scorer)]
     for out in outs:
         assert out["truncated"].to_pylist() == [True, True, False]
         assert out["_reject_reason"].null_count == 3
-    np.testing.assert_allclose(flat(outs[0], "quality_scores"), flat(outs[1], "quality_scores"),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        flat(outs[0], "quality_scores"), flat(outs[1], "quality_scores"), atol=1e-4
+    )
 
 
 def test_unscorable_rows_rejected_rest_scored(tiny_llama, vllm_scored, pool, digit_ids):
@@ -287,13 +325,18 @@ def test_unscorable_rows_rejected_rest_scored(tiny_llama, vllm_scored, pool, dig
     tight = load_backend(model_cfg(tiny_llama, "hf", max_len=40), str(tiny_llama), "score")
     n_template = len(tight.tokenizer(quality_spec("", "").text)["input_ids"])
     assert n_template > 39
-    table = pa.concat_tables([
-        pool.slice(0, 2),
-        _rows([[{"role": "assistant", "content": "no user here"}], [], None]),
-    ])
+    table = pa.concat_tables(
+        [
+            pool.slice(0, 2),
+            _rows([[{"role": "assistant", "content": "no user here"}], [], None]),
+        ]
+    )
     out = score_table(table, tight, digit_ids)
     assert out["_reject_reason"].to_pylist() == ["prompt_too_long"] * 2 + [
-        "no_turns", "no_turns", "missing_messages"]
+        "no_turns",
+        "no_turns",
+        "missing_messages",
+    ]
     assert out["complexity_scores"].null_count == 5 and out["evol_score"].null_count == 5
     raw = json.loads(out["_raw"][2].as_py())
     assert raw["id"] == "x0" and raw["messages"][0]["content"] == "no user here"
@@ -316,8 +359,9 @@ def test_engine_error_isolated_to_its_prompt(vllm_scorer, hf_scorer, digit_ids):
         vals, errors = backend.digit_logits([good[0], good[1], bad, *good[2:]], digit_ids)
         assert [e is None for e in errors] == [True, True, False, True, True, True]
         assert np.all(np.isnan(vals[2]))
-        np.testing.assert_allclose(expected_score(vals[[0, 1, 3, 4, 5]]),
-                                   expected_score(alone), atol=1e-5)
+        np.testing.assert_allclose(
+            expected_score(vals[[0, 1, 3, 4, 5]]), expected_score(alone), atol=1e-5
+        )
 
 
 # ------------------------------------------------------------------ the Ray stage
@@ -331,9 +375,11 @@ def _write_ingest(out_dir: Path, table: pa.Table, n_files: int) -> None:
         pq.write_table(table.slice(k * step, step), folder / f"part-{k:05d}.parquet")
 
 
-def _stage_cfg(tiny_llama, quality_backend: str = "vllm") -> PipelineConfig:
+def _stage_cfg(
+    tiny_llama, complexity_backend: str = "vllm", quality_backend: str = "vllm"
+) -> PipelineConfig:
     cfg = PipelineConfig()
-    cfg.score.complexity_model = model_cfg(tiny_llama, "vllm")
+    cfg.score.complexity_model = model_cfg(tiny_llama, complexity_backend)
     cfg.score.quality_model = model_cfg(tiny_llama, quality_backend)
     cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=0.5, batch_size=16)
     return cfg
@@ -355,8 +401,9 @@ def _check_stage_output(out_dir: Path, result, vllm_scored, pool, atol: float) -
     assert result.counts.rows_in == 51
     assert result.counts.rows_out == 50 and result.counts.rejected_by_reason == {"no_turns": 1}
     got = _read(out_dir / "score")
-    assert set(got) == {pool["id"][i].as_py() for i in
-                        list(range(40)) + list(range(N_ALPACA, N_ALPACA + 10))}
+    assert set(got) == {
+        pool["id"][i].as_py() for i in list(range(40)) + list(range(N_ALPACA, N_ALPACA + 10))
+    }
     want = {r["id"]: r for r in vllm_scored.to_pylist()}
     for rid, row in got.items():
         for c in ("complexity_scores", "quality_scores"):
@@ -368,8 +415,9 @@ def _check_stage_output(out_dir: Path, result, vllm_scored, pool, atol: float) -
     assert result.metrics["evol_score"]["mean"] > 0 and result.metrics["rows"] == 50
 
 
-def test_run_score_survives_a_killed_scorer_actor(ray_local, tiny_llama, tmp_path, pool,
-                                                  vllm_scored):
+def test_run_score_survives_a_killed_scorer_actor(
+    ray_local, tiny_llama, tmp_path, pool, vllm_scored
+):
     """One pool for both prompt kinds; its actor is SIGKILLed once it is up: Ray restarts it,
     retries its batches, and the output is complete and equal to the in-process scores."""
     import signal
@@ -415,10 +463,13 @@ def test_run_score_survives_a_killed_scorer_actor(ray_local, tiny_llama, tmp_pat
 
 
 def test_run_score_two_scorer_models(ray_local, tiny_llama, tmp_path, pool, vllm_scored):
-    """Different complexity / quality configs: two actor pools, scores chained per row."""
+    """Different complexity / quality configs: two actor pools, scores chained per row
+    (transformers pools here: cheap to start, and they must match the vLLM scores)."""
     from deita_ray.stages.score import run_score
 
     _write_ingest(tmp_path, _stage_input(pool), n_files=2)
-    result = run_score(_stage_cfg(tiny_llama, quality_backend="hf"), str(tmp_path))
+    cfg = _stage_cfg(tiny_llama, complexity_backend="hf", quality_backend="hf")
+    cfg.score.quality_model.hf_batch_size = 8  # a different config: a second pool
+    result = run_score(cfg, str(tmp_path))
     assert set(result.metrics["models"]) == {"complexity", "quality"}
     _check_stage_output(tmp_path, result, vllm_scored, pool, atol=1e-4)
