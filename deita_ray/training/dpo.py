@@ -417,9 +417,10 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
     """
     import ray
 
-    from deita_ray.training.sft import clean_stage, part_files
+    from deita_ray.training.sft import check_template, clean_stage, part_files
 
     model_path = dpo_model_path(cfg, out_dir)
+    check_template(cfg.dpo, model_path, STAGE)
     clean_stage(out_dir, STAGE)
     pad_id = int(load_tokenizer(model_path, cfg.dpo.trust_remote_code).pad_token_id)
     counts = prepare_pairs(cfg, out_dir, model_path, pad_id)

@@ -96,6 +96,18 @@ def clean_stage(out_dir: str, stage: str) -> None:
     )
 
 
+def check_template(t: Any, model_path: str, stage: str) -> None:
+    """Fail at start (not row by row) when ``template: chat_template`` has no template."""
+    if t.template == "chat_template":
+        from deita_ray.training.common import load_tokenizer
+
+        if not load_tokenizer(model_path, t.trust_remote_code).chat_template:
+            raise ValueError(
+                f"{stage}.template: 'chat_template' but the tokenizer of {model_path} has none "
+                "(use vicuna_v1.1)"
+            )
+
+
 def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
     """Fine-tune the model on ``<out_dir>/select`` and write ``<out_dir>/sft/final``.
 
@@ -106,6 +118,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
     import ray
 
     model_path = sft_model_path(cfg)
+    check_template(cfg.sft, model_path, "sft")
     sft_dir = stage_dir(out_dir, STAGE)
     clean_stage(out_dir, STAGE)
     selected = ray.data.read_parquet(stage_dir(out_dir, "select"))

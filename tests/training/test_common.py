@@ -236,7 +236,7 @@ def test_deepspeed_config_from_training_config():
     c = deepspeed_config(t, plan)
     assert c["gradient_accumulation_steps"] == 16 == plan.grad_accum
     assert c["train_batch_size"] == 512 and c["train_micro_batch_size_per_gpu"] == 4
-    assert c["bf16"]["enabled"] and not c["optimizer"]["params"]["torch_adam"]
+    assert c["bf16"]["enabled"] and c["optimizer"]["type"] == "AdamW"
     assert c["zero_optimization"] == {"stage": 2}
     t_cpu = TrainingConfig(zero_stage=3, global_batch_size=4, micro_batch_size=2, num_workers=2)
     c = deepspeed_config(t_cpu, plan_steps(8, t_cpu))

@@ -19,8 +19,6 @@ from deita_ray.config import PipelineConfig
 from deita_ray.templates import render_vicuna
 from deita_ray.training.common import FAIL_AT_STEP_ENV, FAIL_FLAG_ENV, TRAINER_STATE
 
-pytestmark = pytest.mark.slow
-
 
 def selection_rows() -> list[dict]:
     """A small fixed 'selection' (the select stage's columns), single- and multi-turn."""
@@ -77,6 +75,16 @@ def make_job(tmp: Path, model: Path, zero_stage: int, **over) -> tuple[PipelineC
     return cfg, str(out)
 
 
+def test_chat_template_without_template_fails_at_start(tiny_llama):
+    from deita_ray.training.sft import check_template
+
+    cfg = PipelineConfig()
+    check_template(cfg.sft, str(tiny_llama), "sft")  # vicuna_v1.1: nothing to check
+    cfg.sft.template = "chat_template"
+    with pytest.raises(ValueError, match="sft.template"):
+        check_template(cfg.sft, str(tiny_llama), "sft")
+
+
 @pytest.fixture(scope="module")
 def sft_zero2(ray_local, tiny_llama, tmp_path_factory):
     from deita_ray.training.sft import run_sft
@@ -85,6 +93,7 @@ def sft_zero2(ray_local, tiny_llama, tmp_path_factory):
     return cfg, out, run_sft(cfg, out)
 
 
+@pytest.mark.slow
 def test_sft_zero2_loss_falls_and_counts_balance(sft_zero2):
     _, out, res = sft_zero2
     c = res.counts
@@ -134,6 +143,7 @@ def greedy_transformers(path: str, prompt: str, n: int = 8) -> list[int]:
     return new
 
 
+@pytest.mark.slow
 def test_final_model_loads_in_transformers_and_vllm(sft_zero2, tmp_path):
     from safetensors import safe_open
 
@@ -163,6 +173,7 @@ def test_final_model_loads_in_transformers_and_vllm(sft_zero2, tmp_path):
     assert got == want  # same weights, same greedy continuation in both engines
 
 
+@pytest.mark.slow
 def test_zero3_run_that_loses_a_worker_resumes_with_the_same_steps(
     sft_zero2, ray_local, tiny_llama, tmp_path, monkeypatch
 ):
