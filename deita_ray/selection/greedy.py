@@ -42,7 +42,7 @@ import numpy as np
 NORMALIZE_CHUNK = 8192
 """Rows normalised at a time (bounds the float64 temporary)."""
 
-SUB_BLOCK = 1024
+SUB_BLOCK = 512
 """Survivors of a block resolved together with their own Gram matrix (one product per
 sub-block: few large operations beat many small ones, notably on busy CPUs)."""
 
