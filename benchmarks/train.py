@@ -31,6 +31,10 @@ from pathlib import Path  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread everywhere (the reference in this process, the Ray workers through worker_env):
+# set before torch loads so that OpenMP/MKL pools are sized accordingly.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 SHARED = Path(
     os.environ.get("DEITA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
