@@ -90,7 +90,8 @@ def _placement() -> dict:
 
     nodes: dict[str, Counter] = {}
     for a in list_actors(limit=10_000):
-        nodes.setdefault(a.node_id[:8], Counter())[f"actor:{a.class_name}"] += 1
+        if a.node_id:  # actors that never got a node have none
+            nodes.setdefault(a.node_id[:8], Counter())[f"actor:{a.class_name}"] += 1
     for t in list_tasks(limit=100_000, raise_on_missing_output=False):
         if t.node_id:
             name = t.name.split("->")[-1][:60]
