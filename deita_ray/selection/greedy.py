@@ -8,7 +8,8 @@ by input order ``seq`` ascending), take a row iff its cosine to EVERY already-ta
 ``<= tau``, stop after ``budget`` rows. :func:`select_diverse` returns exactly that list, at
 matrix-product speed: candidates come in blocks of ``B``; one product of the block against the
 accepted set rejects most of them; the block's survivors are then resolved in order with the
-block's own ``B x B`` similarities.
+block's own similarities (:data:`SUB_BLOCK` rows per Gram product; the in-order decisions are
+computed as a vectorised fixed point, see :meth:`GreedySelector._resolve`).
 
 Numerical policy (why every method returns the same ids):
     * Vectors are L2-normalised once per row by :func:`normalize_rows` (float64 arithmetic,
@@ -18,6 +19,8 @@ Numerical policy (why every method returns the same ids):
       evaluated in float64 (each product of two float32 numbers is exact in float64; only the
       summation rounds, by at most ``d * 2**-53``) and clamped to ``[-1, 1]``. A row is rejected
       iff some canonical cosine is ``> tau``; a pair whose cosine equals ``tau`` is TAKEN.
+      (Two float64 evaluations in different summation orders could only disagree on a pair
+      within ``~d * 2**-53`` of tau; the tests build exact boundary pairs on purpose.)
     * Bulk cosines are float32 matrix products (BLAS, torch, GPU with TF32 off). Their error on
       unit vectors is below ``kernel_margin(d) ~ d * 2**-24``, whatever the summation order.
       A float32 value above ``tau + margin`` is a certain rejection, one below ``tau - margin``
@@ -99,9 +102,10 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     out = np.empty(x.shape, dtype=np.float32)
     for start in range(0, x.shape[0], NORMALIZE_CHUNK):
         x64 = x[start : start + NORMALIZE_CHUNK].astype(np.float64)
-        norms = np.sqrt(np.sum(x64 * x64, axis=1))
+        norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))
         norms[norms == 0] = 1.0  # zero vectors stay zero: cosine 0 to everything
-        out[start : start + NORMALIZE_CHUNK] = x64 / norms[:, None]
+        np.divide(x64, norms[:, None], out=x64)
+        out[start : start + NORMALIZE_CHUNK] = x64
     return out
 
 
