@@ -12,8 +12,8 @@ block's own similarities (:data:`SUB_BLOCK` rows per Gram product; the in-order 
 computed as a vectorised fixed point, see :meth:`GreedySelector._resolve`).
 
 Numerical policy (why every method returns the same ids):
-    * Vectors are L2-normalised once per row by :func:`normalize_rows` (float64 arithmetic,
-      rounded to float32). The computation of a row depends on that row only, so every caller
+    * Vectors are L2-normalised once per row by :func:`normalize_rows` (norm accumulated in
+      float64, row scaled in float32). The computation of a row depends on that row only, so every caller
       (this module, the distributed shards, the tests' oracle) gets bit-identical unit vectors.
     * The *canonical* cosine of two rows is the dot product of their float32 unit vectors,
       evaluated in float64 (each product of two float32 numbers is exact in float64; only the
@@ -94,18 +94,21 @@ def kernel_margin(dim: int) -> float:
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """L2-normalise rows to float32 unit vectors; zero rows stay zero.
 
-    Every row is computed from that row alone (float64, then rounded), so the result is the
-    same bits whichever rows are normalised together. Non-finite rows yield non-finite output:
+    The norm is accumulated in float64; the row is then scaled by the float32 reciprocal.
+    Every row is computed from that row alone, so the result is the same bits whichever rows
+    are normalised together (and wherever they sit in memory). Non-finite rows yield non-finite output:
     filter them out first (see :func:`valid_rows`).
     """
     x = np.asarray(x)
     out = np.empty(x.shape, dtype=np.float32)
     for start in range(0, x.shape[0], NORMALIZE_CHUNK):
-        x64 = x[start : start + NORMALIZE_CHUNK].astype(np.float64)
-        norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))
-        norms[norms == 0] = 1.0  # zero vectors stay zero: cosine 0 to everything
-        np.divide(x64, norms[:, None], out=x64)
-        out[start : start + NORMALIZE_CHUNK] = x64
+        chunk = x[start : start + NORMALIZE_CHUNK]
+        norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk, dtype=np.float64))
+        # Zero vectors stay zero: cosine 0 to everything.
+        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        np.multiply(
+            chunk, inv.astype(np.float32)[:, None], out=out[start : start + NORMALIZE_CHUNK]
+        )
     return out
 
 
