@@ -148,13 +148,19 @@ def test_cosine_exactly_tau_is_taken(device):
 
 @pytest.mark.parametrize("device", ["numpy", "cpu"])
 def test_exact_duplicates_at_tau_one(device):
-    """Duplicated vectors: canonical cosine is clamped to 1.0, so tau=1.0 takes both."""
+    """Duplicated vectors: their canonical cosine is clamped to <= 1.0, so tau=1.0 takes all
+    copies; any tau a little below 1 keeps only the first."""
     rng = np.random.default_rng(5)
-    v = rng.standard_normal((1, 384)).astype(np.float32)
-    emb = np.repeat(v, 3, axis=0)
-    assert select_diverse(emb, np.ones(3), 1.0, 10, device=device).indices.tolist() == [0, 1, 2]
-    below = np.nextafter(1.0, 0.0)
-    assert select_diverse(emb, np.ones(3), below, 10, device=device).indices.tolist() == [0]
+    for d in (3, 384, 1024):
+        v = rng.standard_normal((1, d)).astype(np.float32)
+        emb = np.repeat(v, 3, axis=0)
+        u = normalize_rows(emb)
+        assert canonical_cosines(u[:1], u[1:2])[0] <= 1.0
+        for bs in (1, 3):
+            r = select_diverse(emb, np.ones(3), 1.0, 10, block_size=bs, device=device)
+            assert r.indices.tolist() == [0, 1, 2]
+            r = select_diverse(emb, np.ones(3), 1 - 1e-6, 10, block_size=bs, device=device)
+            assert r.indices.tolist() == [0]
 
 
 def test_ties_break_by_seq_and_nan_scores_are_not_candidates():
