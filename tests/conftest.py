@@ -35,6 +35,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join another cluster running on this machine
             num_cpus=2,
             num_gpus=0,
             include_dashboard=False,
