@@ -84,6 +84,7 @@ def bench_ours(path: str, table) -> tuple[float, object, dict]:
     cfg.embed.max_length = MAX_LEN
     cfg.embed.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=256)
     ray.init(
+        address="local",  # a fresh local cluster, never another one on the machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -122,6 +122,7 @@ def bench_ours(path: str, table, batch_size: int) -> tuple[float, dict, dict]:
     cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=batch_size)
     # Local 2-CPU cluster with the project's worker env; worker logs stay out of stdout.
     ray.init(
+        address="local",  # a fresh local cluster, never another one on the machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
