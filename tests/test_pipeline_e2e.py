@@ -183,6 +183,12 @@ def test_resume_after_killed_driver_equals_uninterrupted_run(tiny_llama, tmp_pat
     ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
     for out in (ref_out, cut_out):
         job = job_dict(tiny_llama, out, backend="hf", stages=stages)
+        # One row per forward pass: every row's numbers are then bit-identical from run to
+        # run (batched kernels round differently with other batch shapes), so the two runs
+        # can be compared exactly.
+        for model in (job["score"]["complexity_model"], job["score"]["quality_model"]):
+            model["hf_batch_size"] = 1
+        job["embed"]["model"]["hf_batch_size"] = 1
         job["ray"] = {"num_cpus": 2}
         (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(job))
     env = _child_env(tmp_path)
@@ -222,7 +228,4 @@ def test_resume_after_killed_driver_equals_uninterrupted_run(tiny_llama, tmp_pat
     assert all(manifest[s]["status"] == "done" for s in stages)
     ref = _read(ref_out / "select", ["id", "rank", "evol_score"]).to_pydict()
     cut = _read(cut_out / "select", ["id", "rank", "evol_score"]).to_pydict()
-    # Same rows, same order. Scores agree to float32 noise: the hf backend batches rows
-    # differently from run to run, and padding changes the kernels' summation order.
-    assert cut["id"] == ref["id"] and cut["rank"] == ref["rank"]
-    assert cut["evol_score"] == pytest.approx(ref["evol_score"], rel=1e-5)
+    assert cut == ref
