@@ -173,7 +173,7 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     columns = [c for c in ("id", "seq", "messages", "evol_score") if c in source.schema.names]
     model_cfg = cfg.embed.model
     path = resolve_model_path(model_cfg.path, cfg.cache_dir)
-    ds = skip_finished(ray.data.read_parquet(src, columns=columns), out_dir, "embed")
+    ds = skip_finished(ray.data.read_parquet(src).select_columns(columns), out_dir, "embed")
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={
