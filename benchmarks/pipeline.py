@@ -84,15 +84,15 @@ def _stage_table(report: dict) -> dict:
     }
 
 
-def _placement() -> dict:
-    """Tasks and actors per node, by name (Ray's state API)."""
+def _placement(address: str) -> dict:
+    """Tasks and actors per node, by name (Ray's state API of the cluster at ``address``)."""
     from ray.util.state import list_actors, list_tasks
 
     nodes: dict[str, Counter] = {}
-    for a in list_actors(limit=10_000):
+    for a in list_actors(address=address, limit=10_000):
         if a.node_id:  # actors that never got a node have none
             nodes.setdefault(a.node_id[:8], Counter())[f"actor:{a.class_name}"] += 1
-    for t in list_tasks(limit=100_000, raise_on_missing_output=False):
+    for t in list_tasks(address=address, limit=10_000, raise_on_missing_output=False):
         if t.node_id:
             name = t.name.split("->")[-1][:60]
             nodes.setdefault(t.node_id[:8], Counter())[f"task:{name}"] += 1
@@ -125,7 +125,10 @@ def phase(kind: str, pool: str, model: str, out: str, rows: int) -> dict:
     result = {"wall_s": round(time.perf_counter() - t0, 2), "stages": _stage_table(report)}
     if cluster is not None:
         result["nodes"] = len(ray.nodes())
-        result["placement"] = _placement()
+        try:
+            result["placement"] = _placement(cluster.address)
+        except Exception as e:  # the stage timings above stand without it
+            result["placement"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     ray.shutdown()
     if cluster is not None:
         cluster.shutdown()
