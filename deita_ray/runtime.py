@@ -58,6 +58,7 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
     else:
         ncpu = ray_cfg.num_cpus or os.cpu_count() or 1
         ray.init(
+            address="local",  # a new cluster, never one that happens to run on this machine
             num_cpus=ncpu,
             num_gpus=ray_cfg.num_gpus,
             object_store_memory=ray_cfg.object_store_memory,
