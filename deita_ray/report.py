@@ -40,6 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
+from deita_ray.data.sink import parquet_files
+
 REPORT_FILE = "report.json"
 MANIFEST_FILE = "manifest.json"
 PLOTS_DIR = "plots"
@@ -63,17 +65,6 @@ POOL_COLOR, SELECTION_COLOR = "#9e9e9e", "#d62728"
 
 # ---------------------------------------------------------------------------------------------
 # Reading the stage outputs
-
-
-def parquet_files(folder: str) -> list[str]:
-    """Finished Parquet files directly in ``folder`` (temporary ``.``-prefixed names skipped)."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(
-        os.path.join(folder, name)
-        for name in os.listdir(folder)
-        if name.endswith(".parquet") and not name.startswith(".")
-    )
 
 
 def _dataset(out_dir: str, stage: str, needed: Sequence[str]) -> pds.Dataset | None:

@@ -121,10 +121,9 @@ class SplitParquetSink(Datasink):
         return {"rows_out": rows_out, "rejected_by_reason": dict(reasons)}
 
 
-def _parts(folder: str) -> list[str]:
-    return sorted(
-        glob.glob(os.path.join(folder, "*.parquet"))
-    )  # dot-prefixed temp files do not match
+def parquet_files(folder: str) -> list[str]:
+    """Finished Parquet files directly in ``folder``, sorted (``.``-prefixed temp files skipped)."""
+    return sorted(glob.glob(os.path.join(folder, "*.parquet")))  # glob skips dotfiles
 
 
 def _column(paths: list[str], name: str) -> list[pa.ChunkedArray]:
@@ -137,16 +136,20 @@ def _column(paths: list[str], name: str) -> list[pa.ChunkedArray]:
 
 def count_written(out_dir: str, stage: str) -> StageCounts:
     """Rows out and rejects by reason of a stage, read from its Parquet footers and reasons."""
-    rows_out = sum(pq.ParquetFile(p).metadata.num_rows for p in _parts(stage_dir(out_dir, stage)))
+    rows_out = sum(
+        pq.ParquetFile(p).metadata.num_rows for p in parquet_files(stage_dir(out_dir, stage))
+    )
     reasons: Counter = Counter()
-    for col in _column(_parts(rejects_dir(out_dir, stage)), "reason"):
+    for col in _column(parquet_files(rejects_dir(out_dir, stage)), "reason"):
         reasons.update(col.to_pylist())
     return StageCounts(rows_in=0, rows_out=rows_out, rejected_by_reason=dict(reasons))
 
 
 def finished_seqs(out_dir: str, stage: str) -> np.ndarray:
     """Sorted ``seq`` values of the rows a stage has already written (accepted or rejected)."""
-    cols = _column(_parts(stage_dir(out_dir, stage)) + _parts(rejects_dir(out_dir, stage)), "seq")
+    cols = _column(
+        parquet_files(stage_dir(out_dir, stage)) + parquet_files(rejects_dir(out_dir, stage)), "seq"
+    )
     if not cols:
         return np.empty(0, dtype=np.int64)
     seqs = np.concatenate([c.to_numpy(zero_copy_only=False) for c in cols]).astype(np.int64)
