@@ -24,38 +24,26 @@ import sys
 from pathlib import Path
 
 # Run as a script, benchmarks/ is sys.path[0]: its select.py would shadow the stdlib module.
+# Drop it and put the repository root there instead (for `benchmarks._common`, `deita_ray`).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep stdout for the JSON
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-KV_BYTES = 512 << 20
-MAX_LEN = 2048
-
-
-def model_cfg(path: str, backend: str):
-    from deita_ray.config import ModelConfig
-
-    return ModelConfig(
-        path=path,
-        backend=backend,
-        dtype="float32",
-        max_model_len=MAX_LEN,
-        enforce_eager=True,
-        kv_cache_memory_bytes=KV_BYTES,
-        hf_batch_size=16,
-    )
+from benchmarks._common import (  # noqa: E402  (sets the env defaults before torch/vLLM load)
+    KV_BYTES,
+    MAX_LEN,
+    alpaca_table,
+    base_parser,
+    emit,
+    model_cfg,
+    resolve_model,
+    shared_data,
+    start_local_ray,
+)
 
 
 def matrix(table, ids: list[str]):
@@ -72,8 +60,7 @@ def bench_ours(path: str, table) -> tuple[float, object, dict]:
     import pyarrow.parquet as pq
     import ray
 
-    from deita_ray.config import ActorPoolConfig, PipelineConfig, RayConfig
-    from deita_ray.runtime import worker_env
+    from deita_ray.config import ActorPoolConfig, PipelineConfig
     from deita_ray.stages.embed import run_embed
 
     out = Path(tempfile.mkdtemp(prefix="bench_embed_"))
@@ -83,14 +70,7 @@ def bench_ours(path: str, table) -> tuple[float, object, dict]:
     cfg.embed.model = model_cfg(path, "vllm")
     cfg.embed.max_length = MAX_LEN
     cfg.embed.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=256)
-    ray.init(
-        address="local",  # a fresh local cluster, never another one on the machine
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": worker_env(RayConfig(), num_threads=2)},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_local_ray()
     t0 = time.perf_counter()
     result = run_embed(cfg, str(out))
     seconds = time.perf_counter() - t0
@@ -172,32 +152,16 @@ def min_cos(a, b) -> float:
 
 
 def main() -> None:
-    import importlib.util
-
-    # The sibling benchmark's row builder (loaded by path: benchmarks/ is not a package, and
-    # putting it on sys.path would shadow stdlib modules such as ``select``).
-    spec = importlib.util.spec_from_file_location("bench_score", REPO / "benchmarks" / "score.py")
-    bench_score = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_score)
-    alpaca_table, shared_data = bench_score.alpaca_table, bench_score.shared_data
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=500)
-    ap.add_argument("--quick", action="store_true", help="40 rows")
-    ap.add_argument("--model", default="embedded:smollm2")
-    ap.add_argument("--data", default=None, help="the shared data folder")
+    ap = base_parser(__doc__)
     ap.add_argument("--ref-batch", type=int, default=16, help="reference loop batch size")
-    ap.add_argument("--out", default=None, help="also write the JSON to this file")
     args = ap.parse_args()
     rows = 40 if args.quick else args.rows
 
     from transformers import AutoTokenizer
 
-    from deita_ray.models.registry import resolve_model_path
     from deita_ray.templates import render_vicuna
 
-    cache = os.environ.get("DEITA_CACHE_DIR") or "~/.cache/deita_ray"
-    path = resolve_model_path(args.model, cache)
+    path = resolve_model(args.model)
     table = alpaca_table(shared_data(args.data), rows)
     texts = [render_vicuna(m) for m in table["messages"].to_pylist()]
     tokens = sum(len(x) for x in AutoTokenizer.from_pretrained(path)(texts)["input_ids"])
@@ -241,10 +205,7 @@ def main() -> None:
             "hf_batched_vs_reference": min_cos(hf, ref),
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -24,48 +24,26 @@ import sys
 from pathlib import Path
 
 # Run as a script, benchmarks/ is sys.path[0]: its select.py would shadow the stdlib module.
+# Drop it and put the repository root there instead (for `benchmarks._common`, `deita_ray`).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep stdout for the JSON
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-KV_BYTES = 512 << 20
-
-
-def shared_data(arg: str | None) -> Path:
-    return Path(arg or os.environ.get("DEITA_SHARED_DATA") or REPO.parent / "shared" / "data")
-
-
-def alpaca_table(data: Path, n: int):
-    """The first ``n`` Alpaca records as canonical rows."""
-    import pyarrow as pa
-
-    from deita_ray.data.formats import CANONICAL_SCHEMA, canonicalize
-
-    records = json.loads((data / "alpaca" / "alpaca_data.json").read_text())[:n]
-    rows = [
-        {
-            "id": f"alpaca:{k}",
-            "seq": k,
-            "messages": canonicalize(r)["messages"],
-            "source": "alpaca",
-            "format": "alpaca",
-            "extra": "{}",
-        }
-        for k, r in enumerate(records)
-    ]
-    return pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
+from benchmarks._common import (  # noqa: E402  (sets the env defaults before torch/vLLM load)
+    KV_BYTES,
+    MAX_LEN,
+    alpaca_table,
+    base_parser,
+    emit,
+    model_cfg,
+    resolve_model,
+    shared_data,
+    start_local_ray,
+)
 
 
 def prompt_list(table) -> tuple[list[tuple[str, str]], list[str]]:
@@ -90,27 +68,12 @@ def table_scores(table) -> dict:
     return out
 
 
-def model_cfg(path: str, backend: str):
-    from deita_ray.config import ModelConfig
-
-    return ModelConfig(
-        path=path,
-        backend=backend,
-        dtype="float32",
-        max_model_len=2048,
-        enforce_eager=True,
-        kv_cache_memory_bytes=KV_BYTES,
-        hf_batch_size=16,
-    )
-
-
 def bench_ours(path: str, table, batch_size: int) -> tuple[float, dict, dict]:
     import pyarrow.dataset as pds
     import pyarrow.parquet as pq
     import ray
 
-    from deita_ray.config import ActorPoolConfig, PipelineConfig, RayConfig
-    from deita_ray.runtime import worker_env
+    from deita_ray.config import ActorPoolConfig, PipelineConfig
     from deita_ray.stages.score import run_score
 
     out = Path(tempfile.mkdtemp(prefix="bench_score_"))
@@ -120,15 +83,7 @@ def bench_ours(path: str, table, batch_size: int) -> tuple[float, dict, dict]:
     cfg.score.complexity_model = model_cfg(path, "vllm")
     cfg.score.quality_model = model_cfg(path, "vllm")
     cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=batch_size)
-    # Local 2-CPU cluster with the project's worker env; worker logs stay out of stdout.
-    ray.init(
-        address="local",  # a fresh local cluster, never another one on the machine
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": worker_env(RayConfig(), num_threads=2)},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_local_ray()
     t0 = time.perf_counter()
     result = run_score(cfg, str(out))
     seconds = time.perf_counter() - t0
@@ -148,7 +103,7 @@ def bench_bare(path: str, keys, prompts) -> tuple[float, float, dict]:
     llm = LLM(
         path,
         dtype="float32",
-        max_model_len=2048,
+        max_model_len=MAX_LEN,
         enforce_eager=True,
         kv_cache_memory_bytes=KV_BYTES,
         logprobs_mode="processed_logprobs",
@@ -212,20 +167,12 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=500)
-    ap.add_argument("--quick", action="store_true", help="40 rows")
-    ap.add_argument("--model", default="embedded:smollm2")
-    ap.add_argument("--data", default=None, help="the shared data folder")
+    ap = base_parser(__doc__)
     ap.add_argument("--batch-size", type=int, default=256, help="rows per stage batch")
-    ap.add_argument("--out", default=None, help="also write the JSON to this file")
     args = ap.parse_args()
     rows = 40 if args.quick else args.rows
 
-    from deita_ray.models.registry import resolve_model_path
-
-    cache = os.environ.get("DEITA_CACHE_DIR") or "~/.cache/deita_ray"
-    path = resolve_model_path(args.model, cache)
+    path = resolve_model(args.model)
     table = alpaca_table(shared_data(args.data), rows)
     keys, prompts = prompt_list(table)
 
@@ -273,10 +220,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(path)
     report["prompt_tokens"] = sum(len(x) for x in tok(prompts)["input_ids"])
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
