@@ -198,9 +198,14 @@ class ModelConfig:
         ),
     )
     hf_batch_size: int = _f(16, gt=0, doc="Forward batch size of the 'hf' backend.")
-    kv_cache_memory_bytes: int | None = _f(None, gt=0, doc=(
-        "vLLM: KV-cache size in bytes; when set it replaces gpu_memory_utilization (a fixed, "
-        "small reservation suits shared CPU machines and tests)."))
+    kv_cache_memory_bytes: int | None = _f(
+        None,
+        gt=0,
+        doc=(
+            "vLLM: KV-cache size in bytes; when set it replaces gpu_memory_utilization (a fixed, "
+            "small reservation suits shared CPU machines and tests)."
+        ),
+    )
 
 
 @dataclass
@@ -518,6 +523,13 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
                 f"{name}.global_batch_size: {t.global_batch_size} must be a multiple of "
                 f"{name}.micro_batch_size x {name}.num_workers = {per_step}"
             )
+    # SFT trains on the selection: fewer rows than one optimizer step would only fail after
+    # every earlier stage ran.
+    if {"select", "sft"} <= set(cfg.stages) and cfg.select.budget < cfg.sft.global_batch_size:
+        raise ConfigError(
+            f"sft.global_batch_size: {cfg.sft.global_batch_size} must be <= select.budget = "
+            f"{cfg.select.budget} (SFT on the selection needs one full optimizer step)"
+        )
     return cfg
 
 

@@ -126,6 +126,17 @@ def test_ingest_needs_input_and_dpo_needs_pairs():
         load_config(data={"stages": ["dpo"]})
 
 
+def test_sft_batch_larger_than_the_selection_fails_at_load():
+    job = {"input": {"paths": ["x.jsonl"]}, "stages": ["ingest", "score", "embed", "select", "sft"]}
+    with pytest.raises(ConfigError) as err:
+        load_config(data=job, overrides=["select.budget=100", "sft.global_batch_size=128"])
+    assert "sft.global_batch_size: 128 must be <= select.budget = 100" in str(err.value)
+    # one full step is enough, and without the select stage the selection's size is unknown
+    assert load_config(data=job, overrides=["select.budget=128"]).select.budget == 128
+    sft_only = {**job, "stages": ["sft"]}
+    assert load_config(data=sft_only, overrides=["select.budget=100"]).stages == ["sft"]
+
+
 def test_trust_remote_code_is_off_by_default():
     cfg = load_config(data={"input": {"paths": ["x"]}})
     models = [cfg.score.complexity_model, cfg.score.quality_model, cfg.embed.model]
