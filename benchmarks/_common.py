@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -70,13 +73,25 @@ def model_cfg(path: str, backend: str):
     )
 
 
-def start_local_ray() -> None:
-    """A fresh local 2-CPU Ray cluster with the project's worker env; worker logs off stdout."""
+def time_stage(stage: str, run, cfg, table):
+    """Time ``run(cfg, out_dir)`` on ``table`` written as the ``ingest`` output of a temp job.
+
+    Ray is started before the clock (a fresh local 2-CPU cluster with the project's worker env,
+    worker logs off stdout) and shut down after; the temp folder is removed.
+
+    Returns:
+        (seconds, the ``<stage>`` output as one table, the stage counts as a dict).
+    """
+    import pyarrow.dataset as pds
+    import pyarrow.parquet as pq
     import ray
 
     from deita_ray.config import RayConfig
     from deita_ray.runtime import worker_env
 
+    out = Path(tempfile.mkdtemp(prefix=f"bench_{stage}_"))
+    (out / "ingest").mkdir()
+    pq.write_table(table, out / "ingest" / "part-00000.parquet")
     ray.init(
         address="local",  # a fresh local cluster, never another one on the machine
         num_cpus=2,
@@ -85,6 +100,13 @@ def start_local_ray() -> None:
         runtime_env={"env_vars": worker_env(RayConfig(), num_threads=2)},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
+    t0 = time.perf_counter()
+    result = run(cfg, str(out))
+    seconds = time.perf_counter() - t0
+    written = pds.dataset(str(out / stage), format="parquet").to_table()
+    ray.shutdown()
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds, written, result.counts.to_dict()
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:

@@ -29,8 +29,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import os  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402  (sets the env defaults before torch/vLLM load)
@@ -42,7 +40,7 @@ from benchmarks._common import (  # noqa: E402  (sets the env defaults before to
     model_cfg,
     resolve_model,
     shared_data,
-    start_local_ray,
+    time_stage,
 )
 
 
@@ -56,30 +54,15 @@ def matrix(table, ids: list[str]):
 
 
 def bench_ours(path: str, table) -> tuple[float, object, dict]:
-    import pyarrow.dataset as pds
-    import pyarrow.parquet as pq
-    import ray
-
     from deita_ray.config import ActorPoolConfig, PipelineConfig
     from deita_ray.stages.embed import run_embed
 
-    out = Path(tempfile.mkdtemp(prefix="bench_embed_"))
-    (out / "ingest").mkdir()
-    pq.write_table(table, out / "ingest" / "part-00000.parquet")
     cfg = PipelineConfig()
     cfg.embed.model = model_cfg(path, "vllm")
     cfg.embed.max_length = MAX_LEN
     cfg.embed.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=256)
-    start_local_ray()
-    t0 = time.perf_counter()
-    result = run_embed(cfg, str(out))
-    seconds = time.perf_counter() - t0
-    emb = matrix(
-        pds.dataset(str(out / "embed"), format="parquet").to_table(), table["id"].to_pylist()
-    )
-    ray.shutdown()
-    shutil.rmtree(out, ignore_errors=True)
-    return seconds, emb, result.counts.to_dict()
+    seconds, written, counts = time_stage("embed", run_embed, cfg, table)
+    return seconds, matrix(written, table["id"].to_pylist()), counts
 
 
 def bench_bare(path: str, texts: list[str]):

@@ -29,8 +29,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import os  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402  (sets the env defaults before torch/vLLM load)
@@ -42,7 +40,7 @@ from benchmarks._common import (  # noqa: E402  (sets the env defaults before to
     model_cfg,
     resolve_model,
     shared_data,
-    start_local_ray,
+    time_stage,
 )
 
 
@@ -69,28 +67,15 @@ def table_scores(table) -> dict:
 
 
 def bench_ours(path: str, table, batch_size: int) -> tuple[float, dict, dict]:
-    import pyarrow.dataset as pds
-    import pyarrow.parquet as pq
-    import ray
-
     from deita_ray.config import ActorPoolConfig, PipelineConfig
     from deita_ray.stages.score import run_score
 
-    out = Path(tempfile.mkdtemp(prefix="bench_score_"))
-    (out / "ingest").mkdir()
-    pq.write_table(table, out / "ingest" / "part-00000.parquet")
     cfg = PipelineConfig()
     cfg.score.complexity_model = model_cfg(path, "vllm")
     cfg.score.quality_model = model_cfg(path, "vllm")
     cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=batch_size)
-    start_local_ray()
-    t0 = time.perf_counter()
-    result = run_score(cfg, str(out))
-    seconds = time.perf_counter() - t0
-    scores = table_scores(pds.dataset(str(out / "score"), format="parquet").to_table())
-    ray.shutdown()
-    shutil.rmtree(out, ignore_errors=True)
-    return seconds, scores, result.counts.to_dict()
+    seconds, written, counts = time_stage("score", run_score, cfg, table)
+    return seconds, table_scores(written), counts
 
 
 def bench_bare(path: str, keys, prompts) -> tuple[float, float, dict]:
