@@ -11,8 +11,8 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
 
-from deita_ray.config import ActorPoolConfig, ModelConfig, PipelineConfig
-from deita_ray.data.formats import CANONICAL_SCHEMA, canonicalize
+from deita_ray.config import ActorPoolConfig, PipelineConfig
+from deita_ray.data.formats import CANONICAL_SCHEMA
 from deita_ray.stages.embed import OUTPUT_COLUMNS, embed_table
 from deita_ray.templates import render_vicuna
 
@@ -20,37 +20,8 @@ MAX_LEN = 512
 EMBED_LEN = 384
 
 
-def model_cfg(path, backend: str) -> ModelConfig:
-    return ModelConfig(
-        path=str(path),
-        backend=backend,
-        max_model_len=MAX_LEN,
-        enforce_eager=True,
-        kv_cache_memory_bytes=64 << 20,
-        hf_batch_size=32,
-    )
-
-
-def canonical_table(records: list[dict], prefix: str) -> pa.Table:
-    rows = []
-    for k, rec in enumerate(records):
-        c = canonicalize(rec)
-        assert isinstance(c, dict), c
-        rows.append(
-            {
-                "id": f"{prefix}:{k}",
-                "seq": k,
-                "messages": c["messages"],
-                "source": prefix,
-                "format": c["format"],
-                "extra": "{}",
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
-
-
 @pytest.fixture(scope="module")
-def pool(shared_data: Path) -> pa.Table:
+def pool(shared_data: Path, canonical_table) -> pa.Table:
     """Alpaca rows, multi-turn ShareGPT rows and long LLaMA-Factory conversations."""
     alpaca = json.loads((shared_data / "alpaca/alpaca_data.json").read_text())[:200]
     convs = json.loads((shared_data / "fastchat/dummy_conversation.json").read_text())[:60]
@@ -60,19 +31,15 @@ def pool(shared_data: Path) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def vllm_embedder(tiny_llama):
-    from deita_ray.models.backend import load_backend
-
-    backend = load_backend(model_cfg(tiny_llama, "vllm"), str(tiny_llama), "embed")
+def vllm_embedder(load_tiny):
+    backend = load_tiny("vllm", "embed", MAX_LEN)
     yield backend
     backend.close()
 
 
 @pytest.fixture(scope="module")
-def hf_embedder(tiny_llama):
-    from deita_ray.models.backend import load_backend
-
-    return load_backend(model_cfg(tiny_llama, "hf"), str(tiny_llama), "embed")
+def hf_embedder(load_tiny):
+    return load_tiny("hf", "embed", MAX_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +199,7 @@ def test_parquet_round_trip_keeps_shape_and_dtype(pool, hf_embedder, tmp_path, d
         assert cosine(matrix(back), matrix(full)).min() >= 0.999
 
 
-def test_run_embed_stage(ray_local, tiny_llama, tmp_path, pool, vllm_out):
+def test_run_embed_stage(ray_local, tiny_model_cfg, tmp_path, pool, vllm_out):
     """Reads ingest (no score stage ran), writes only the selector's columns, balanced counts."""
     from deita_ray.stages.embed import run_embed
 
@@ -242,7 +209,7 @@ def test_run_embed_stage(ray_local, tiny_llama, tmp_path, pool, vllm_out):
     for k in range(2):
         pq.write_table(sub.slice(40 * k, 40), folder / f"part-{k}.parquet")
     cfg = PipelineConfig()
-    cfg.embed.model = model_cfg(tiny_llama, "vllm")
+    cfg.embed.model = tiny_model_cfg("vllm", MAX_LEN)
     cfg.embed.max_length = EMBED_LEN
     cfg.embed.resources = ActorPoolConfig(concurrency=1, num_cpus=0.5, batch_size=32)
     result = run_embed(cfg, str(tmp_path))

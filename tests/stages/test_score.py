@@ -17,8 +17,8 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
 
-from deita_ray.config import ActorPoolConfig, ModelConfig, PipelineConfig
-from deita_ray.data.formats import CANONICAL_SCHEMA, canonicalize, extract_turns
+from deita_ray.config import ActorPoolConfig, PipelineConfig
+from deita_ray.data.formats import CANONICAL_SCHEMA, extract_turns
 from deita_ray.scoring import (
     DigitTokenError,
     PromptTooLong,
@@ -37,37 +37,8 @@ N_ALPACA = 200
 N_CONV = 40
 
 
-def model_cfg(path, backend: str, max_len: int = MAX_LEN) -> ModelConfig:
-    return ModelConfig(
-        path=str(path),
-        backend=backend,
-        max_model_len=max_len,
-        enforce_eager=True,
-        kv_cache_memory_bytes=64 << 20,
-        hf_batch_size=32,
-    )
-
-
-def canonical_table(records: list[dict], prefix: str = "r") -> pa.Table:
-    rows = []
-    for k, rec in enumerate(records):
-        c = canonicalize(rec)
-        assert isinstance(c, dict), c
-        rows.append(
-            {
-                "id": f"{prefix}:{k}",
-                "seq": k,
-                "messages": c["messages"],
-                "source": prefix,
-                "format": c["format"],
-                "extra": "{}",
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
-
-
 @pytest.fixture(scope="module")
-def pool(shared_data: Path) -> pa.Table:
+def pool(shared_data: Path, canonical_table) -> pa.Table:
     """Alpaca rows (single turn) and multi-turn ShareGPT rows from ../shared/data."""
     alpaca = json.loads((shared_data / "alpaca/alpaca_data.json").read_text())[:N_ALPACA]
     convs = json.loads((shared_data / "fastchat/dummy_conversation.json").read_text())
@@ -84,19 +55,15 @@ def pool(shared_data: Path) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def vllm_scorer(tiny_llama):
-    from deita_ray.models.backend import load_backend
-
-    backend = load_backend(model_cfg(tiny_llama, "vllm"), str(tiny_llama), "score")
+def vllm_scorer(load_tiny):
+    backend = load_tiny("vllm", "score", MAX_LEN)
     yield backend
     backend.close()
 
 
 @pytest.fixture(scope="module")
-def hf_scorer(tiny_llama):
-    from deita_ray.models.backend import load_backend
-
-    return load_backend(model_cfg(tiny_llama, "hf"), str(tiny_llama), "score")
+def hf_scorer(load_tiny):
+    return load_tiny("hf", "score", MAX_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -318,11 +285,9 @@ def test_long_prompts_truncated_and_flagged(vllm_scorer, hf_scorer, digit_ids):
     )
 
 
-def test_unscorable_rows_rejected_rest_scored(tiny_llama, vllm_scored, pool, digit_ids):
-    from deita_ray.models.backend import load_backend
-
+def test_unscorable_rows_rejected_rest_scored(load_tiny, vllm_scored, pool, digit_ids):
     # a context so small that the quality template alone does not fit (complexity does)
-    tight = load_backend(model_cfg(tiny_llama, "hf", max_len=40), str(tiny_llama), "score")
+    tight = load_tiny("hf", "score", max_len=40)
     n_template = len(tight.tokenizer(quality_spec("", "").text)["input_ids"])
     assert n_template > 39
     table = pa.concat_tables(
@@ -341,7 +306,7 @@ def test_unscorable_rows_rejected_rest_scored(tiny_llama, vllm_scored, pool, dig
     raw = json.loads(out["_raw"][2].as_py())
     assert raw["id"] == "x0" and raw["messages"][0]["content"] == "no user here"
     # with room for the template, the two good rows score as before while the bad ones reject
-    ok_backend = load_backend(model_cfg(tiny_llama, "hf"), str(tiny_llama), "score")
+    ok_backend = load_tiny("hf", "score", MAX_LEN)
     out = score_table(table, ok_backend, digit_ids)
     assert out["_reject_reason"].to_pylist()[:2] == [None, None]
     for c in ("complexity_scores", "quality_scores"):
@@ -376,11 +341,11 @@ def _write_ingest(out_dir: Path, table: pa.Table, n_files: int) -> None:
 
 
 def _stage_cfg(
-    tiny_llama, complexity_backend: str = "vllm", quality_backend: str = "vllm"
+    tiny_model_cfg, complexity_backend: str = "vllm", quality_backend: str = "vllm"
 ) -> PipelineConfig:
     cfg = PipelineConfig()
-    cfg.score.complexity_model = model_cfg(tiny_llama, complexity_backend)
-    cfg.score.quality_model = model_cfg(tiny_llama, quality_backend)
+    cfg.score.complexity_model = tiny_model_cfg(complexity_backend, MAX_LEN)
+    cfg.score.quality_model = tiny_model_cfg(quality_backend, MAX_LEN)
     cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=0.5, batch_size=16)
     return cfg
 
@@ -417,7 +382,7 @@ def _check_stage_output(out_dir: Path, result, vllm_scored, pool, atol: float) -
 
 @pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
 def test_run_score_survives_a_killed_scorer_actor(
-    ray_local, tiny_llama, tmp_path, pool, vllm_scored, backend
+    ray_local, tiny_model_cfg, tmp_path, pool, vllm_scored, backend
 ):
     """One pool for both prompt kinds; its actor is SIGKILLed once it is up: Ray restarts it,
     retries its batches, and the output is complete and equal to the in-process scores.
@@ -436,7 +401,7 @@ def test_run_score_survives_a_killed_scorer_actor(
 
     before = {a["ActorID"] for a in scorer_actors()}
     _write_ingest(tmp_path, _stage_input(pool), n_files=6)
-    cfg = _stage_cfg(tiny_llama, complexity_backend=backend, quality_backend=backend)
+    cfg = _stage_cfg(tiny_model_cfg, complexity_backend=backend, quality_backend=backend)
     box: dict = {}
 
     def target():
@@ -465,13 +430,13 @@ def test_run_score_survives_a_killed_scorer_actor(
     _check_stage_output(tmp_path, box["result"], vllm_scored, pool, atol=atol)
 
 
-def test_run_score_two_scorer_models(ray_local, tiny_llama, tmp_path, pool, vllm_scored):
+def test_run_score_two_scorer_models(ray_local, tiny_model_cfg, tmp_path, pool, vllm_scored):
     """Different complexity / quality configs: two actor pools, scores chained per row
     (transformers pools here: cheap to start, and they must match the vLLM scores)."""
     from deita_ray.stages.score import run_score
 
     _write_ingest(tmp_path, _stage_input(pool), n_files=2)
-    cfg = _stage_cfg(tiny_llama, complexity_backend="hf", quality_backend="hf")
+    cfg = _stage_cfg(tiny_model_cfg, complexity_backend="hf", quality_backend="hf")
     cfg.score.quality_model.hf_batch_size = 8  # a different config: a second pool
     result = run_score(cfg, str(tmp_path))
     assert set(result.metrics["models"]) == {"complexity", "quality"}
