@@ -121,9 +121,15 @@ class SplitParquetSink(Datasink):
         return {"rows_out": rows_out, "rejected_by_reason": dict(reasons)}
 
 
-def parquet_files(folder: str) -> list[str]:
-    """Finished Parquet files directly in ``folder``, sorted (``.``-prefixed temp files skipped)."""
-    return sorted(glob.glob(os.path.join(folder, "*.parquet")))  # glob skips dotfiles
+def parquet_files(folder: str, recursive: bool = False) -> list[str]:
+    """Finished Parquet files in ``folder``, sorted (``.``-prefixed temp files skipped).
+
+    Args:
+        folder: the folder; a missing one has no files.
+        recursive: also the files in its sub-folders, at any depth.
+    """
+    parts = ("**", "*.parquet") if recursive else ("*.parquet",)
+    return sorted(glob.glob(os.path.join(folder, *parts), recursive=recursive))  # skips dotfiles
 
 
 def _column(paths: list[str], name: str) -> list[pa.ChunkedArray]:

@@ -21,8 +21,6 @@ values.
 
 from __future__ import annotations
 
-import glob
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deita_ray.data.sink import parquet_files
 from deita_ray.selection.greedy import (
     GreedySelector,
     SelectionResult,
@@ -44,11 +43,6 @@ EMBED_COLUMNS = ("id", "seq", "evol_score", "embedding")
 
 Piece = tuple[str, int, int]
 """(parquet file, first row, end row) within that file."""
-
-
-def parquet_files(folder: str) -> list[str]:
-    """Parquet files of a stage folder, in a stable (sorted) order."""
-    return sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
 
 
 def plan_shards(files: list[str], num_shards: int) -> tuple[list[list[Piece]], int]:
@@ -277,7 +271,11 @@ class ShardedPool:
         import ray  # noqa: PLC0415 - only the distributed path needs Ray
 
         t0 = time.perf_counter()
-        files = parquet_files(embed_dir) if isinstance(embed_dir, str) else list(embed_dir)
+        files = (
+            parquet_files(embed_dir, recursive=True)
+            if isinstance(embed_dir, str)
+            else list(embed_dir)
+        )
         plans, self.total = plan_shards(files, num_shards)
         offsets = np.cumsum([0] + [sum(b - a for _, a, b in p) for p in plans]).tolist()
         actor_cls = ray.remote(num_cpus=shard_num_cpus, scheduling_strategy=scheduling_strategy)(

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.config import PipelineConfig
-from deita_ray.data.sink import stage_dir
+from deita_ray.data.sink import parquet_files, stage_dir
 from deita_ray.selection.baselines import (
     message_lengths,
     select_kcenter,
@@ -42,7 +42,6 @@ from deita_ray.selection.baselines import (
 )
 from deita_ray.selection.distributed import (
     load_pool,
-    parquet_files,
     plan_shards,
     select_distributed,
 )

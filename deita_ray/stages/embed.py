@@ -19,7 +19,7 @@ import pyarrow as pa
 from deita_ray.accounting import StageResult
 from deita_ray.config import ModelConfig, PipelineConfig
 from deita_ray.data.rejects import DETAIL, RAW, REASON, to_raw
-from deita_ray.data.sink import skip_finished, stage_dir, write_with_rejects
+from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
 from deita_ray.templates import render_vicuna
 
 EMBEDDING = "embedding"
@@ -147,14 +147,10 @@ class Embedder:
         return embed_table(batch, self.backend, self.max_length, self.dtype)
 
 
-def _has_parquet(folder: str) -> bool:
-    return os.path.isdir(folder) and any(f.endswith(".parquet") for f in os.listdir(folder))
-
-
 def embed_source(out_dir: str) -> str:
     """The folder the embed stage reads: ``score`` when it ran, else ``ingest``."""
     score = stage_dir(out_dir, "score")
-    return score if _has_parquet(score) else stage_dir(out_dir, "ingest")
+    return score if parquet_files(score) else stage_dir(out_dir, "ingest")
 
 
 def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
@@ -198,7 +194,7 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows_in / seconds, 3) if seconds > 0 else None,
     }
-    if _has_parquet(out):
+    if parquet_files(out):
         t = pds.dataset(out, format="parquet").to_table(columns=[EMBEDDING, EMBED_TRUNCATED])
         metrics["dim"] = t.schema.field(EMBEDDING).type.list_size
         metrics["truncated_rows"] = int(sum(t[EMBED_TRUNCATED].to_pylist()))

@@ -45,7 +45,7 @@ from deita_ray.data.formats import (
 )
 from deita_ray.data.read import SEQ_FILE_SHIFT, expand_paths, file_stem, id_prefixes, read_pool
 from deita_ray.data.rejects import DETAIL, RAW, REASON
-from deita_ray.data.sink import rejects_dir, stage_dir, write_with_rejects
+from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir, write_with_rejects
 
 STAGE = "ingest"
 
@@ -367,11 +367,7 @@ def _post_write(out_dir: str, prefixes: dict, rows_out: int) -> tuple[dict, int]
     import ray
 
     folder = stage_dir(out_dir, STAGE)
-    parts = (
-        sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
-        if os.path.isdir(folder)
-        else []
-    )
+    parts = parquet_files(folder)
     if not parts:
         return _merge_summaries([]), 0
     num_buckets = min(64, rows_out // 500_000 + 1)

@@ -12,7 +12,6 @@ actor pools run one after the other, the second adding its scores and the evol s
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +22,7 @@ from deita_ray.accounting import StageResult
 from deita_ray.config import ModelConfig, PipelineConfig
 from deita_ray.data.formats import extract_turns
 from deita_ray.data.rejects import DETAIL, MARK_COLUMNS, RAW, REASON, to_raw
-from deita_ray.data.sink import skip_finished, stage_dir, write_with_rejects
+from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
 from deita_ray.scoring import (
     PromptTooLong,
     complexity_spec,
@@ -233,7 +232,7 @@ def summarize_scores(folder: str) -> dict:
     import numpy as np  # noqa: PLC0415
     import pyarrow.dataset as pds  # noqa: PLC0415
 
-    if not os.path.isdir(folder) or not any(f.endswith(".parquet") for f in os.listdir(folder)):
+    if not parquet_files(folder):
         return {"rows": 0}
     t = pds.dataset(folder, format="parquet").to_table(
         columns=[*SCORE_COLUMNS.values(), EVOL, TRUNCATED]

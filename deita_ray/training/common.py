@@ -197,7 +197,40 @@ def row_messages(value: Any) -> list[dict]:
     return value
 
 
-class TokenizeSFT:
+class TokenizingStage:
+    """Base of the tokenising Ray Data stages (SFT conversations, DPO pairs): the tokenizer,
+    the rendering template and the token limit, from a training section's options."""
+
+    def __init__(
+        self, model_path: str, template: str, max_length: int, trust_remote_code: bool = False
+    ):
+        self.template = template
+        self.max_length = max_length
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+
+
+def map_tokenize(
+    ds: Any, stage: type[TokenizingStage], model_path: str, t: TrainingConfig, batch_size: int
+) -> Any:
+    """``ds.map_batches(stage)`` on one single-CPU actor, built with ``t``'s template options."""
+    import ray
+
+    return ds.map_batches(
+        stage,
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "template": t.template,
+            "max_length": t.max_length,
+            "trust_remote_code": t.trust_remote_code,
+        },
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+    )
+
+
+class TokenizeSFT(TokenizingStage):
     """Ray Data stage: render and tokenise selected conversations with exact label masks.
 
     Input columns: ``id``, ``messages`` (list<struct<role, content>>), anything else (kept only
@@ -207,13 +240,6 @@ class TokenizeSFT:
     (reasons: ``bad_messages``, ``template_error``, ``no_assistant_message``,
     ``no_target_tokens`` when truncation left no assistant token).
     """
-
-    def __init__(
-        self, model_path: str, template: str, max_length: int, trust_remote_code: bool = False
-    ):
-        self.template = template
-        self.max_length = max_length
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

@@ -27,12 +27,14 @@ from deita_ray.accounting import StageResult
 from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import ROLE_ALIASES, parse_hh_transcript
 from deita_ray.data.rejects import DETAIL, RAW, REASON
-from deita_ray.data.sink import stage_dir, write_with_rejects
+from deita_ray.data.sink import parquet_files, stage_dir, write_with_rejects
 from deita_ray.training.common import (
     TemplateError,
+    TokenizingStage,
     encode_segments,
     fit,
     load_tokenizer,
+    map_tokenize,
     only_last_target,
     render_segments,
     summarize_history,
@@ -194,7 +196,7 @@ def parse_pair(record: dict) -> tuple[list[dict], str, str]:
     return prompt, chosen_text, rejected_text
 
 
-class PreparePairs:
+class PreparePairs(TokenizingStage):
     """Ray Data stage: preference records -> tokenised pairs with response-only label masks.
 
     Input columns (:func:`deita_ray.data.read.read_pool`): ``record`` (JSON text), ``source``,
@@ -205,13 +207,6 @@ class PreparePairs:
     ``bad_pair``, ``empty_response``, ``identical_responses``, ``template_error``,
     ``no_target_tokens``).
     """
-
-    def __init__(
-        self, model_path: str, template: str, max_length: int, trust_remote_code: bool = False
-    ):
-        self.template = template
-        self.max_length = max_length
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -375,19 +370,7 @@ def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: in
     ds = read_pool(t.paths, max_record_bytes=cfg.input.max_record_bytes)
     # Tokenise first and keep the (small) result, so that the reading tasks never wait for
     # CPUs held by the reference-model actors on a small cluster.
-    ds = ds.map_batches(
-        PreparePairs,
-        fn_constructor_kwargs={
-            "model_path": model_path,
-            "template": t.template,
-            "max_length": t.max_length,
-            "trust_remote_code": t.trust_remote_code,
-        },
-        batch_format="pyarrow",
-        batch_size=64,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=1,
-    ).materialize()
+    ds = map_tokenize(ds, PreparePairs, model_path, t, batch_size=64).materialize()
     ds = ds.map_batches(
         ReferenceLogProbs,
         fn_constructor_kwargs={
@@ -417,7 +400,7 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
     """
     import ray
 
-    from deita_ray.training.sft import check_template, clean_stage, part_files
+    from deita_ray.training.sft import check_template, clean_stage
 
     model_path = dpo_model_path(cfg, out_dir)
     check_template(cfg.dpo, model_path, STAGE)
@@ -428,7 +411,7 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
     if counts.rows_out == 0:
         raise RuntimeError(f"dpo: no usable preference pairs ({counts.to_dict()})")
     dpo_dir = stage_dir(out_dir, STAGE)
-    train_ds = ray.data.read_parquet(part_files(dpo_dir)).select_columns(TRAIN_COLUMNS)
+    train_ds = ray.data.read_parquet(parquet_files(dpo_dir)).select_columns(TRAIN_COLUMNS)
     train_ds = train_ds.materialize()
     state, plan = fit(
         STAGE,

@@ -16,18 +16,18 @@ Flow of :func:`run_sft`:
 
 from __future__ import annotations
 
-import glob
 import os
 from typing import Any
 
 from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.config import PipelineConfig
-from deita_ray.data.sink import rejects_dir, stage_dir, write_with_rejects
+from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir, write_with_rejects
 from deita_ray.training.common import (
     TokenizeSFT,
     clean_dirs,
     collate,
     fit,
+    map_tokenize,
     summarize_history,
 )
 
@@ -60,34 +60,14 @@ def sft_model_path(cfg: PipelineConfig) -> str:
 
 def tokenize_to_parquet(ds: Any, model_path: str, cfg: PipelineConfig, out_dir: str) -> StageCounts:
     """Tokenise ``ds`` into ``<out_dir>/sft/part-*.parquet``, its rejects into ``rejects/sft``."""
-    import ray
-
-    t = cfg.sft
-    tokenized = ds.map_batches(
-        TokenizeSFT,
-        fn_constructor_kwargs={
-            "model_path": model_path,
-            "template": t.template,
-            "max_length": t.max_length,
-            "trust_remote_code": t.trust_remote_code,
-        },
-        batch_format="pyarrow",
-        batch_size=256,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=1,
-    )
+    tokenized = map_tokenize(ds, TokenizeSFT, model_path, cfg.sft, batch_size=256)
     return write_with_rejects(tokenized, STAGE, out_dir)
-
-
-def part_files(folder: str) -> list[str]:
-    """The Parquet parts a sink wrote into ``folder`` (not the checkpoints beside them)."""
-    return sorted(glob.glob(os.path.join(folder, "part-*.parquet")))
 
 
 def clean_stage(out_dir: str, stage: str) -> None:
     """Remove a training stage's earlier outputs (a rerun rewrites them whole)."""
     folder = stage_dir(out_dir, stage)
-    for p in part_files(folder):
+    for p in parquet_files(folder):
         os.remove(p)
     clean_dirs(
         rejects_dir(out_dir, stage),
@@ -127,7 +107,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
     if counts.rows_out == 0:
         raise RuntimeError(f"sft: no trainable rows ({counts.to_dict()})")
     train_ds = (
-        ray.data.read_parquet(part_files(sft_dir))
+        ray.data.read_parquet(parquet_files(sft_dir))
         .select_columns(["input_ids", "labels"])
         .materialize()
     )

@@ -13,6 +13,7 @@ from deita_ray.data.sink import (
     TMP_PREFIX,
     count_written,
     finished_seqs,
+    parquet_files,
     rejects_dir,
     skip_finished,
     split_block,
@@ -87,6 +88,17 @@ def test_interrupted_stage_resumes_without_redoing_or_losing_rows(ray_local, tmp
 def test_count_written_of_a_missing_stage_is_zero(tmp_path):
     c = count_written(str(tmp_path), "nothing")
     assert (c.rows_out, c.rows_rejected) == (0, 0)
+
+
+def test_parquet_files_skips_temp_files_and_recurses_on_request(tmp_path):
+    for name in ("b.parquet", "a.parquet", TMP_PREFIX + "c.parquet", "d.json", "sub/e.parquet"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    assert parquet_files(str(tmp_path)) == [str(tmp_path / n) for n in ("a.parquet", "b.parquet")]
+    assert parquet_files(str(tmp_path), recursive=True) == [
+        str(tmp_path / n) for n in ("a.parquet", "b.parquet", "sub/e.parquet")
+    ]
+    assert parquet_files(str(tmp_path / "missing")) == []
 
 
 @pytest.mark.parametrize("n", [0, 1])
