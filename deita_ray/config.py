@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -613,7 +614,7 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config keys")
     if data is not None:
-        raw = data
+        raw = copy.deepcopy(data)  # overrides below must not edit the caller's mapping
     for item in overrides or []:
         keys, value = parse_override(item)
         _apply_override(raw, keys, value)

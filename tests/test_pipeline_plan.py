@@ -10,7 +10,11 @@ from deita_ray.config import load_config
 from deita_ray.pipeline import plan
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = {"input": {"paths": ["pool.jsonl"]}, "stages": ["ingest", "score", "embed", "select", "sft"]}
+BASE = {
+    "input": {"paths": ["pool.jsonl"]},
+    "stages": ["ingest", "score", "embed", "select", "sft"],
+    "sft": {"global_batch_size": 8},  # one SFT step fits the small budgets below
+}
 
 
 def _done(cfg) -> dict:
