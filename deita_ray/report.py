@@ -262,24 +262,16 @@ def plot_score_distributions(pool: ScoreData, sel: ScoreData | None, plots_dir: 
         else:
             lo, hi = float(both.min()), float(both.max())
             bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
-            if p.size:
-                ax.hist(
-                    p,
-                    bins=bins,
-                    density=True,
-                    alpha=0.6,
-                    color=POOL_COLOR,
-                    label=f"pool (n={p.size:,})",
-                )
-            if s.size:
-                ax.hist(
-                    s,
-                    bins=bins,
-                    density=True,
-                    alpha=0.6,
-                    color=SELECTION_COLOR,
-                    label=f"selection (n={s.size:,})",
-                )
+            for values, color, name in ((p, POOL_COLOR, "pool"), (s, SELECTION_COLOR, "selection")):
+                if values.size:
+                    ax.hist(
+                        values,
+                        bins=bins,
+                        density=True,
+                        alpha=0.6,
+                        color=color,
+                        label=f"{name} (n={values.size:,})",
+                    )
             ax.legend(fontsize=8)
         ax.set_title(label)
         ax.set_xlabel("score")
