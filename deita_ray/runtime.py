@@ -74,7 +74,13 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
 
 
 def actor_pool_kwargs(pool: ActorPoolConfig, model: ModelConfig | None = None) -> dict[str, Any]:
-    """``map_batches`` keyword arguments for a stage that hosts a model in an actor pool."""
+    """``map_batches`` keyword arguments for a stage that hosts a model in an actor pool.
+
+    Fault tolerance is Ray Data's default for actor pools: a killed actor is restarted (its
+    model reloaded) and its unfinished batches are retried, while an exception in the
+    constructor fails the stage at once. (Ray 2.60 deprecates passing ``max_restarts`` through
+    ``map_batches``, so the defaults are not overridden here.)
+    """
     num_gpus = pool.num_gpus
     if model is not None and model.backend == "vllm" and num_gpus > 0:
         # Tensor parallel vLLM workers need one GPU each inside the actor's reservation.

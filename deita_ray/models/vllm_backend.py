@@ -83,6 +83,8 @@ class VLLMBackend(Backend):
                 temperature=0.0,
                 allowed_token_ids=list(digit_ids),
                 logprobs=len(digit_ids),
+                # Only the ids' log-probabilities are read: decoding them to text is wasted work.
+                detokenize=False,
             )
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], self._sampling, use_tqdm=False

@@ -67,6 +67,8 @@ class SelectionResult:
         seq: global input order of the selected rows, when known.
         scores: evol scores of the selected rows (NaN where unknown).
         method: the method that produced it.
+        product_shapes: ``(rows, cols)`` of every similarity product the blocked method
+            computed (each ``rows x d`` times ``d x cols``), in order; benchmarks replay them.
     """
 
     indices: np.ndarray
@@ -76,6 +78,7 @@ class SelectionResult:
     seq: np.ndarray | None = None
     scores: np.ndarray | None = None
     method: str = "deita"
+    product_shapes: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(len(self.indices))
@@ -270,6 +273,8 @@ class GreedySelector:
         self.ops = _NumpyOps(0, dim) if device == "numpy" else _TorchOps(0, dim, device)
         self.ops.resize(self.accepted, 0)
         self.band_checks = 0
+        # (rows, cols) of every similarity product, for benchmarks that replay the bare work.
+        self.product_shapes: list[tuple[int, int]] = []
 
     def _reserve(self, n: int) -> None:
         """Make room for ``n`` accepted rows."""
@@ -332,6 +337,7 @@ class GreedySelector:
             return np.ones(n, dtype=bool), np.full(n, -np.inf, dtype=np.float32)
         xd = self.ops.put(x) if xd is None else xd
         rowmax, s = self.ops.screen(xd, self.k)
+        self.product_shapes.append((n, self.k))
         survives = rowmax <= self.hi
         band = np.flatnonzero(survives & (rowmax >= self.lo))
         if len(band):
@@ -401,6 +407,7 @@ class GreedySelector:
             if n_taken:  # screen against this block's earlier acceptances
                 tk = np.concatenate(taken)
                 prev, s = self.ops.cross(xd, sub, tk)
+                self.product_shapes.append((len(sub), len(tk)))
                 ok = prev <= hi
                 band = np.flatnonzero(ok & (prev >= lo))
                 if len(band):
@@ -410,6 +417,8 @@ class GreedySelector:
             if len(sub) == 0:
                 continue
             g = self.ops.gram(xd, sub) if len(sub) > 1 else np.ones((1, 1), np.float32)
+            if len(sub) > 1:
+                self.product_shapes.append((len(sub), len(sub)))
             acc = self._resolve(x, sub, g)
             # Max cosine of each accepted row to the block's earlier accepted rows.
             earlier = np.tri(len(sub), k=-1, dtype=bool) & acc[None, :]
@@ -512,4 +521,5 @@ def select_diverse(
         seq=seq[indices],
         scores=scores[indices],
         method="deita",
+        product_shapes=selector.product_shapes,
     )

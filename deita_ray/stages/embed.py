@@ -160,7 +160,6 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
 
     from deita_ray.models.registry import resolve_model_path  # noqa: PLC0415
     from deita_ray.runtime import actor_pool_kwargs  # noqa: PLC0415
-    from deita_ray.stages.score import ACTOR_RETRY_ARGS  # noqa: PLC0415
 
     t0 = time.time()
     src = embed_source(out_dir)
@@ -180,7 +179,6 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
         },
         batch_format="pyarrow",
         **actor_pool_kwargs(cfg.embed.resources, model_cfg),
-        **ACTOR_RETRY_ARGS,
     )
     counts = write_with_rejects(ds, "embed", out_dir, rows_in=rows_in)
     counts.check("embed")

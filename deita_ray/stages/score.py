@@ -37,10 +37,6 @@ SCORE_COLUMNS = {"complexity": "complexity_scores", "quality": "quality_scores"}
 EVOL = "evol_score"
 TRUNCATED = "truncated"
 
-ACTOR_RETRY_ARGS = {"max_restarts": 4, "max_task_retries": 4}
-"""Ray remote args of model actor pools: a killed actor is restarted (model reloaded) and its
-unfinished batches are retried on it; a deterministic crash still ends the job after 4 tries."""
-
 
 def _marks(table: pa.Table) -> tuple[list, list, list]:
     n = table.num_rows
@@ -299,7 +295,6 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
             },
             batch_format="pyarrow",
             **actor_pool_kwargs(cfg.score.resources, model_cfg),
-            **ACTOR_RETRY_ARGS,
         )
     counts = write_with_rejects(ds, "score", out_dir, rows_in=rows_in)
     counts.check("score")
