@@ -87,11 +87,12 @@ def time_stage(stage: str, run, cfg, table):
     import ray
 
     from deita_ray.config import RayConfig
-    from deita_ray.runtime import worker_env
+    from deita_ray.runtime import apply_driver_env, worker_env
 
     out = Path(tempfile.mkdtemp(prefix=f"bench_{stage}_"))
     (out / "ingest").mkdir()
     pq.write_table(table, out / "ingest" / "part-00000.parquet")
+    apply_driver_env()
     ray.init(
         address="local",  # a fresh local cluster, never another one on the machine
         num_cpus=2,

@@ -6,7 +6,7 @@ Same run, same Alpaca rows, same vicuna_v1.1 texts, measured one after the other
   runner), wall time from the read of ``ingest`` to the written ``embed`` folder, engine start
   included (Ray itself is started before the clock);
 - ``bare``: one vLLM pooling ``LLM`` in this process, ``LLM.embed`` on the whole text list
-  (engine start reported apart, and included in the cold ratio);
+  (engine start, with the vLLM import, reported apart and included in the cold ratio);
 - ``reference``: HF batched forward in a plain loop, as DEITA's embedder does (batches of
   ``--ref-batch`` texts, right padding, ``output_hidden_states=True`` on the causal LM, last
   real token of the last hidden state);
@@ -67,10 +67,12 @@ def bench_ours(path: str, table) -> tuple[float, object, dict]:
 
 def bench_bare(path: str, texts: list[str]):
     import numpy as np
+
+    # A cold start counts importing vLLM (about 10 s here), as the stage's actor must too.
+    t0 = time.perf_counter()
     from vllm import LLM
     from vllm.config import PoolerConfig
 
-    t0 = time.perf_counter()
     llm = LLM(
         path,
         dtype="float32",

@@ -31,8 +31,9 @@ def ray_local():
     """A real local Ray cluster with 2 CPUs, shared by the session's tests."""
     import ray
 
-    from deita_ray.runtime import worker_env
+    from deita_ray.runtime import apply_driver_env, worker_env
 
+    apply_driver_env()
     if not ray.is_initialized():
         ray.init(
             address="local",  # never join another cluster running on this machine

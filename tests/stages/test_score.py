@@ -396,7 +396,8 @@ def test_run_score_survives_a_killed_scorer_actor(
     def scorer_actors() -> list[dict]:
         # GCS actor table of this driver's job (no dashboard needed); Ray Data actors are
         # instances of its map worker class.
-        table = ray._private.state.actors(job_id=ray.get_runtime_context().job_id)
+        job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+        table = ray._private.state.actors(job_id=job)
         return [a for a in table.values() if "MapWorker" in a["ActorClassName"]]
 
     before = {a["ActorID"] for a in scorer_actors()}

@@ -1,0 +1,44 @@
+"""runtime.py: the worker environment and actor-pool resources the stages run with."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from deita_ray.config import ActorPoolConfig, ModelConfig, RayConfig
+from deita_ray.runtime import actor_pool_kwargs, worker_env
+
+
+def test_worker_env_defaults_threads_and_user_overrides():
+    env = worker_env(RayConfig(env_vars={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}), num_threads=3)
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"  # the user's value wins
+    assert "OMP_NUM_THREADS" not in worker_env()
+
+
+def test_actor_pool_kwargs_reserve_one_gpu_per_tensor_parallel_rank():
+    pool = ActorPoolConfig(concurrency=2, num_cpus=4, num_gpus=1, batch_size=64)
+    kw = actor_pool_kwargs(pool, ModelConfig(backend="vllm", tensor_parallel_size=4))
+    assert kw == {"concurrency": 2, "num_cpus": 4, "num_gpus": 4.0, "batch_size": 64}
+    assert actor_pool_kwargs(pool, ModelConfig(backend="hf"))["num_gpus"] == 1
+    cpu_pool = ActorPoolConfig(num_gpus=0)
+    assert actor_pool_kwargs(cpu_pool, ModelConfig(backend="vllm"))["num_gpus"] == 0
+
+
+def test_a_parquet_read_starts_few_footer_reader_actors(ray_local, tmp_path):
+    """Ray Data's default is 32 footer-reader actors per read_parquet; the driver env that
+    init_ray (and the ray_local fixture) applies caps them (on a 2-CPU node, 32 new worker
+    processes cost seconds of CPU at every stage)."""
+    ray = ray_local
+    for i in range(3):
+        pq.write_table(pa.table({"x": list(range(i * 10, i * 10 + 10))}), tmp_path / f"{i}.parquet")
+
+    def footer_readers() -> set[str]:
+        job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+        table = ray._private.state.actors(job_id=job)
+        return {a["ActorID"] for a in table.values() if "FooterReader" in a["ActorClassName"]}
+
+    before = footer_readers()
+    assert len(ray.data.read_parquet(str(tmp_path)).take_all()) == 30
+    started = footer_readers() - before
+    assert 1 <= len(started) <= 2, f"{len(started)} footer-reader actors started"
