@@ -110,6 +110,19 @@ def time_stage(stage: str, run, cfg, table):
     return seconds, written, result.counts.to_dict()
 
 
+def fresh_vllm_import_s() -> float:
+    """Seconds a fresh Python process takes to import vLLM's ``LLM`` (torch and transformers
+    included), as a stage's new actor must; in the benchmark process they are already loaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time; t = time.perf_counter(); from vllm import LLM; print(time.perf_counter() - t)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def base_parser(doc: str) -> argparse.ArgumentParser:
     """The options both benchmarks take: ``--rows --quick --model --data --out``."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
