@@ -110,7 +110,7 @@ def phase(kind: str, pool: str, model: str, out: str, rows: int) -> dict:
     env = {"runtime_env": {"env_vars": worker_env(num_threads=2)}, "include_dashboard": False}
     cluster = None
     if kind == "single_node":
-        ray.init(num_cpus=2, **env)
+        ray.init(address="local", num_cpus=2, **env)  # never join another cluster here
     else:
         from ray.cluster_utils import Cluster
 

@@ -416,9 +416,11 @@ class GreedySelector:
                 sub, prev = sub[ok], prev[ok]
             if len(sub) == 0:
                 continue
-            g = self.ops.gram(xd, sub) if len(sub) > 1 else np.ones((1, 1), np.float32)
             if len(sub) > 1:
+                g = self.ops.gram(xd, sub)
                 self.product_shapes.append((len(sub), len(sub)))
+            else:
+                g = np.ones((1, 1), np.float32)
             acc = self._resolve(x, sub, g)
             # Max cosine of each accepted row to the block's earlier accepted rows.
             earlier = np.tri(len(sub), k=-1, dtype=bool) & acc[None, :]
