@@ -155,7 +155,7 @@ def ours(out: str, rows: list[dict], model_dir: str, workers: int, cpus: float, 
     import pyarrow.parquet as pq
 
     from deita_ray.config import PipelineConfig
-    from deita_ray.training.sft import run_sft
+    from deita_ray.stages.sft import run_sft
 
     os.makedirs(os.path.join(out, "select"), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "select", "part-0.parquet"))

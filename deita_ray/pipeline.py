@@ -21,12 +21,11 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
 
 from deita_ray.config import (
     EMBEDDED_MODEL,
-    STAGES,
     ConfigError,
     PipelineConfig,
     config_hash,
@@ -34,52 +33,21 @@ from deita_ray.config import (
     load_config,
     to_dict,
 )
+from deita_ray.stages import registry
+
+if TYPE_CHECKING:
+    from deita_ray.stages.base import Stage
 
 log = logging.getLogger("deita_ray")
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-SHARD_RESUMABLE = ("ingest", "score", "embed")
-"""Stages that write through data/sink.py and so can keep the parts an interrupted run wrote."""
+MANIFEST_VERSION = 2
+"""Version 2: stage hashes come from the stage descriptors (deita_ray/stages/base.py)."""
 
 
-def stage_config(cfg: PipelineConfig, stage: str) -> dict:
+def stage_config(cfg: PipelineConfig, stage: Stage) -> dict:
     """The part of the configuration whose change must re-run ``stage`` (and what follows)."""
-    d = to_dict(cfg)
-    parts: dict[str, Any] = {
-        "ingest": {"input": d["input"], "demo_pool": d["demo_pool"]},
-        "score": {"score": d["score"]},
-        "embed": {"embed": d["embed"], "embedding_dtype": d["output"]["embedding_dtype"]},
-        "select": {"select": d["select"]},
-        "sft": {"sft": d["sft"], "base": d["embed"]["model"]["path"] if not cfg.sft.model else ""},
-        "dpo": {"dpo": d["dpo"]},
-    }
-    part = parts[stage]
-    if stage in ("score", "embed", "sft", "dpo"):
-        # Where the models come from matters; how many actors run them does not.
-        for section in ("score", "embed"):
-            if section in part:
-                part[section] = {k: v for k, v in part[section].items() if k != "resources"}
-    return part
-
-
-def _stage_runner(stage: str) -> Callable:
-    """Import a stage's entry point lazily (heavy modules load only when the stage runs)."""
-    if stage == "ingest":
-        from deita_ray.stages.ingest import run_ingest as fn
-    elif stage == "score":
-        from deita_ray.stages.score import run_score as fn
-    elif stage == "embed":
-        from deita_ray.stages.embed import run_embed as fn
-    elif stage == "select":
-        from deita_ray.selection.stage import run_select as fn
-    elif stage == "sft":
-        from deita_ray.training.sft import run_sft as fn
-    elif stage == "dpo":
-        from deita_ray.training.dpo import run_dpo as fn
-    else:  # pragma: no cover - config validation rejects unknown stages
-        raise ValueError(stage)
-    return fn
+    return stage.depends_on(cfg)
 
 
 def read_manifest(out_dir: str) -> dict:
@@ -98,26 +66,41 @@ def _write_json_atomic(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _clear_stage_outputs(out_dir: str, stage: str) -> None:
+def clear_stage_outputs(out_dir: str, stage: str) -> None:
+    """Remove a stage's outputs and rejects: the one place a stage's earlier work is dropped."""
     for path in (os.path.join(out_dir, stage), os.path.join(out_dir, "rejects", stage)):
         if os.path.isdir(path):
             shutil.rmtree(path)
 
 
-def plan(cfg: PipelineConfig, manifest: dict) -> list[tuple[str, str, bool]]:
+def plan(
+    cfg: PipelineConfig,
+    manifest: dict,
+    stages: Sequence[Stage] | None = None,
+    enabled: Collection[str] | None = None,
+) -> list[tuple[str, str, bool]]:
     """Decide, per stage of the job, its chained hash and whether it must run.
 
+    Args:
+        cfg: the validated job.
+        manifest: the output directory's manifest (:func:`read_manifest`).
+        stages: the stage descriptors in pipeline order (default: the registry).
+        enabled: names of the stages to run (default: ``cfg.stages``).
+
     Returns:
-        ``[(stage, chained_hash, must_run), ...]`` for the stages in ``cfg.stages``.
+        ``[(stage, chained_hash, must_run), ...]`` for the enabled stages, in order.
     """
+    stages = registry() if stages is None else stages
+    enabled = set(cfg.stages if enabled is None else enabled)
     done = manifest.get("stages", {})
     out: list[tuple[str, str, bool]] = []
     upstream = ""
     invalidated = False
-    for stage in STAGES:
+    for desc in stages:
+        stage = desc.name
         entry = done.get(stage)
-        if stage in cfg.stages:
-            h = config_hash({"stage": stage, "own": stage_config(cfg, stage), "up": upstream})
+        if stage in enabled:
+            h = config_hash({"stage": stage, "own": stage_config(cfg, desc), "up": upstream})
             must = invalidated or not (
                 entry and entry.get("status") == "done" and entry.get("hash") == h
             )
@@ -136,14 +119,23 @@ def plan(cfg: PipelineConfig, manifest: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
-def run(cfg: PipelineConfig) -> dict:
-    """Run a validated job. Returns the report dict (also written to ``report.json``)."""
+def run(
+    cfg: PipelineConfig,
+    stages: Sequence[Stage] | None = None,
+    enabled: Collection[str] | None = None,
+) -> dict:
+    """Run a validated job. Returns the report dict (also written to ``report.json``).
+
+    ``stages`` / ``enabled`` default to the registry and ``cfg.stages`` (see :func:`plan`).
+    """
     out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
     os.makedirs(out_dir, exist_ok=True)
     manifest = read_manifest(out_dir)
     manifest["version"] = MANIFEST_VERSION
     manifest["config"] = to_dict(cfg)
-    steps = plan(cfg, manifest)
+    stages = registry() if stages is None else stages
+    by_name = {desc.name: desc for desc in stages}
+    steps = plan(cfg, manifest, stages, enabled)
 
     from deita_ray.runtime import init_ray
 
@@ -152,22 +144,28 @@ def run(cfg: PipelineConfig) -> dict:
 
     results: dict[str, dict] = {}
     for stage, h, must_run in steps:
+        desc = by_name[stage]
         if not must_run:
             log.info("stage %s: finished earlier with the same config, skipped", stage)
             results[stage] = dict(manifest["stages"][stage]["result"], skipped=True)
             continue
         previous = manifest["stages"].get(stage, {})
-        resumable = stage in SHARD_RESUMABLE and previous.get("hash") == h
-        if resumable and previous.get("status") == "running":
-            # Same settings, interrupted run: keep the parts it finished (see data/sink.py).
+        # Resume or clear, decided here only: a shard-resumable stage interrupted with the
+        # same settings keeps the parts it finished (see data/sink.py); anything else starts
+        # from empty folders.
+        if (
+            desc.resumes_by_shard
+            and previous.get("hash") == h
+            and previous.get("status") == "running"
+        ):
             log.info("stage %s: resuming an interrupted run", stage)
         else:
             log.info("stage %s: running", stage)
-            _clear_stage_outputs(out_dir, stage)
+            clear_stage_outputs(out_dir, stage)
         manifest["stages"][stage] = {"status": "running", "hash": h}
         _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
         t0 = time.perf_counter()
-        result = _stage_runner(stage)(cfg, out_dir)
+        result = desc.run(cfg, out_dir)
         seconds = time.perf_counter() - t0
         result.counts.check(stage)
         entry = dict(

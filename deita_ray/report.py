@@ -381,8 +381,10 @@ def plot_losses(losses: dict[str, list[float]], plots_dir: str) -> str:
 
 
 def _losses(stages: dict) -> dict[str, list[float]]:
+    from deita_ray.stages import registry
+
     out = {}
-    for stage in ("sft", "dpo"):
+    for stage in (desc.name for desc in registry() if desc.trains):
         loss = (stages.get(stage) or {}).get("metrics", {}).get("loss")
         if isinstance(loss, list):
             values = [float(v) for v in loss if isinstance(v, int | float) and math.isfinite(v)]

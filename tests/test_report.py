@@ -27,7 +27,7 @@ from deita_ray.report import (
     write_report,
 )
 from deita_ray.selection.greedy import select_diverse
-from deita_ray.selection.stage import run_select
+from deita_ray.stages.select import run_select
 
 REPO = Path(__file__).resolve().parents[1]
 N, DIM, TAU, BUDGET = 300, 32, 0.9, 40

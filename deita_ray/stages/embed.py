@@ -20,6 +20,7 @@ from deita_ray.accounting import StageResult
 from deita_ray.config import ModelConfig, PipelineConfig
 from deita_ray.data.rejects import DETAIL, RAW, REASON, to_raw
 from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
+from deita_ray.stages.base import Stage
 from deita_ray.templates import render_vicuna
 
 EMBEDDING = "embedding"
@@ -197,3 +198,16 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
         metrics["dim"] = t.schema.field(EMBEDDING).type.list_size
         metrics["truncated_rows"] = int(sum(t[EMBED_TRUNCATED].to_pylist()))
     return StageResult(counts=counts, metrics=metrics)
+
+
+STAGE = Stage(
+    name="embed",
+    run=run_embed,
+    config_keys=("embed", "output.embedding_dtype"),
+    hash_ignore=("resources",),
+    reads=("score", "ingest"),
+    input_columns=("id", "seq", "messages"),
+    output_columns=OUTPUT_COLUMNS,
+    resumes_by_shard=True,
+    doc="last-token embedding of each row's vicuna_v1.1 rendering",
+)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -46,8 +45,9 @@ from deita_ray.data.formats import (
 from deita_ray.data.read import SEQ_FILE_SHIFT, expand_paths, file_stem, id_prefixes, read_pool
 from deita_ray.data.rejects import DETAIL, RAW, REASON
 from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir, write_with_rejects
+from deita_ray.stages.base import Stage
 
-STAGE = "ingest"
+NAME = "ingest"
 
 MARKED_SCHEMA = (
     CANONICAL_SCHEMA.append(pa.field(REASON, pa.string()))
@@ -353,7 +353,7 @@ def _fix_part(path: str, rejects: str, prefixes: dict, *dup_tables: pa.Table) ->
 
     dups = pa.concat_tables(dup_tables)
     table = pq.read_table(path).select(CANONICAL_SCHEMA.names).cast(CANONICAL_SCHEMA)
-    good, bad = split_block(mark_duplicates(table, dups), STAGE)
+    good, bad = split_block(mark_duplicates(table, dups), NAME)
     name = os.path.basename(path)
     pq.write_table(bad, os.path.join(rejects, "dup-" + name))
     tmp = path + ".tmp"
@@ -366,7 +366,7 @@ def _post_write(out_dir: str, prefixes: dict, rows_out: int) -> tuple[dict, int]
     """Metrics of the written rows and the duplicate-id pass; returns (summary, duplicates)."""
     import ray
 
-    folder = stage_dir(out_dir, STAGE)
+    folder = stage_dir(out_dir, NAME)
     parts = parquet_files(folder)
     if not parts:
         return _merge_summaries([]), 0
@@ -385,7 +385,7 @@ def _post_write(out_dir: str, prefixes: dict, rows_out: int) -> tuple[dict, int]
     if not to_fix:
         return merged, 0
     dup_refs = [r[0] for r in reduced]
-    rejects = rejects_dir(out_dir, STAGE)
+    rejects = rejects_dir(out_dir, NAME)
     os.makedirs(rejects, exist_ok=True)
     fix_task = ray.remote(num_cpus=1)(_fix_part)
     fixed = ray.get([fix_task.remote(parts[i], rejects, prefixes_ref, *dup_refs) for i in to_fix])
@@ -423,14 +423,12 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
             raise ValueError("input.paths is empty: give a pool file, directory or glob")
     files = expand_paths(paths)
     prefixes = id_prefixes(files)
-    for folder in (stage_dir(out_dir, STAGE), rejects_dir(out_dir, STAGE)):
-        shutil.rmtree(folder, ignore_errors=True)  # a re-run replaces the stage's output
     ds = read_pool(files, inp.file_format, inp.max_record_bytes).map_batches(
         Canonicalize(inp.format, inp.role_map, inp.id_field, prefixes),
         batch_format="pyarrow",
         batch_size=None,
     )
-    counts = write_with_rejects(ds, STAGE, out_dir)
+    counts = write_with_rejects(ds, NAME, out_dir)
     summary, n_dup = _post_write(out_dir, prefixes, counts.rows_out)
     if n_dup:
         counts = StageCounts(
@@ -440,7 +438,7 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
                 counts.rejected_by_reason, {"duplicate_id": n_dup}
             ),
         )
-    counts.check(STAGE)
+    counts.check(NAME)
     if summary["rows"] != counts.rows_out:
         raise RuntimeError(
             f"ingest: {summary['rows']} rows on disk but {counts.rows_out} counted as written"
@@ -455,3 +453,12 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
     if cfg.demo_pool:
         metrics["demo_pool"] = paths[0]
     return StageResult(counts=counts, metrics=metrics)
+
+
+STAGE = Stage(
+    name=NAME,
+    run=run_ingest,
+    config_keys=("input", "demo_pool"),
+    output_columns=tuple(f.name for f in CANONICAL_SCHEMA),
+    doc="pool files -> canonical rows (ids, messages, source, format, extra) and rejects",
+)

@@ -31,6 +31,7 @@ from deita_ray.scoring import (
     quality_spec,
     resolve_digit_ids,
 )
+from deita_ray.stages.base import Stage
 
 KINDS: tuple[str, ...] = ("complexity", "quality")
 SCORE_COLUMNS = {"complexity": "complexity_scores", "quality": "quality_scores"}
@@ -306,3 +307,16 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
         **summarize_scores(stage_dir(out_dir, "score")),
     }
     return StageResult(counts=counts, metrics=metrics)
+
+
+STAGE = Stage(
+    name="score",
+    run=run_score,
+    config_keys=("score",),
+    hash_ignore=("resources",),  # how many actors run the scorers does not change a score
+    reads=("ingest",),
+    input_columns=("id", "seq", "messages"),
+    output_columns=("complexity_scores", "quality_scores", EVOL, TRUNCATED),
+    resumes_by_shard=True,
+    doc="DEITA complexity and quality scores per turn, and the row's evol score",
+)

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +180,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_template(t: Any, model_path: str, stage: str) -> None:
+    """Fail at start (not row by row) when ``template: chat_template`` has no template."""
+    if (
+        t.template == "chat_template"
+        and not load_tokenizer(model_path, t.trust_remote_code).chat_template
+    ):
+        raise ValueError(
+            f"{stage}.template: 'chat_template' but the tokenizer of {model_path} has none "
+            "(use vicuna_v1.1)"
+        )
 
 
 def row_messages(value: Any) -> list[dict]:
@@ -478,14 +491,14 @@ def _fail_once(config: dict, step: int, rank: int, world: int) -> None:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train loop of one worker, shared by SFT and DPO (``config["task"]``).
+    """Ray Train loop of one worker; the method's per-batch ``config["step_fn"]`` is passed in.
 
     Builds the DeepSpeed engine, restores the last checkpoint if Ray Train hands one back after
     a failure, runs the planned optimizer steps over its dataset shard, checkpoints every
     ``checkpoint_every_steps`` (or each epoch), and reports a final HF-format checkpoint.
     """
     t0 = time.time()
-    task = config["task"]
+    step_fn = config["step_fn"]
     if not config["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import functools
@@ -495,11 +508,6 @@ def train_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
-
-    if task == "sft":
-        from deita_ray.training.sft import sft_step as step_fn
-    else:
-        from deita_ray.training.dpo import dpo_step as step_fn
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -682,7 +690,8 @@ def fault_injection_from_env() -> dict:
 
 
 def fit(
-    task: str,
+    name: str,
+    step_fn: Callable[[Any, dict, Any, dict], tuple[Any, int, dict]],
     t: TrainingConfig,
     model_path: str,
     train_ds: Any,
@@ -693,7 +702,10 @@ def fit(
     """Run one training job under Ray Train and export its final model.
 
     Args:
-        task: "sft" or "dpo" (selects the per-batch step function on the workers).
+        name: the stage's name (for messages).
+        step_fn: the method's ``step_fn(engine, batch, device, config) -> (loss, tokens,
+            metrics)`` run on each micro-batch by the workers (the library never imports a
+            method).
         t: the stage's training config.
         model_path: local HF folder of the starting weights.
         train_ds: Ray Dataset of tokenised examples (materialised).
@@ -711,7 +723,7 @@ def fit(
     plan = plan_steps(rows, t)
     stage_out = os.path.abspath(stage_out)
     config = {
-        "task": task,
+        "step_fn": step_fn,
         "model_path": model_path,
         "plan": plan.to_dict(),
         "ds_config": deepspeed_config(t, plan),
@@ -745,7 +757,7 @@ def fit(
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"{task}: training finished without a checkpoint")
+        raise RuntimeError(f"{name}: training finished without a checkpoint")
     final = os.path.join(stage_out, "final")
     shutil.rmtree(final, ignore_errors=True)
     import pyarrow.fs
@@ -773,9 +785,3 @@ def summarize_history(history: list[dict], keys: tuple[str, ...] = ()) -> dict:
     for k in keys:
         out[k] = [h.get(k) for h in history]
     return out
-
-
-def clean_dirs(*paths: str) -> None:
-    """Remove earlier outputs of a stage (a rerun rewrites them whole)."""
-    for p in paths:
-        shutil.rmtree(p, ignore_errors=True)

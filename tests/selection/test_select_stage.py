@@ -21,7 +21,7 @@ from deita_ray.selection.baselines import (
     select_random,
     select_top_score,
 )
-from deita_ray.selection.stage import run_select
+from deita_ray.stages.select import run_select
 
 MSG_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 N, D = 240, 16

@@ -16,8 +16,7 @@ import pytest
 
 from deita_ray.config import PipelineConfig
 from deita_ray.data.rejects import REASON
-from deita_ray.training.common import IGNORE_INDEX, load_tokenizer
-from deita_ray.training.dpo import (
+from deita_ray.stages.dpo import (
     PairError,
     PreparePairs,
     ReferenceLogProbs,
@@ -25,6 +24,7 @@ from deita_ray.training.dpo import (
     parse_pair,
     reward_accuracy,
 )
+from deita_ray.training.common import IGNORE_INDEX, load_tokenizer
 
 
 def test_loss_matches_the_closed_form():
@@ -204,8 +204,8 @@ def test_run_dpo_raises_the_margin(ray_local, tiny_llama, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from deita_ray.stages.dpo import run_dpo
     from deita_ray.training.common import collate, sequence_logps
-    from deita_ray.training.dpo import run_dpo
 
     records = [
         {

@@ -76,7 +76,7 @@ def make_job(tmp: Path, model: Path, zero_stage: int, **over) -> tuple[PipelineC
 
 
 def test_chat_template_without_template_fails_at_start(tiny_llama):
-    from deita_ray.training.sft import check_template
+    from deita_ray.training.common import check_template
 
     cfg = PipelineConfig()
     check_template(cfg.sft, str(tiny_llama), "sft")  # vicuna_v1.1: nothing to check
@@ -87,7 +87,7 @@ def test_chat_template_without_template_fails_at_start(tiny_llama):
 
 @pytest.fixture(scope="module")
 def sft_zero2(ray_local, tiny_llama, tmp_path_factory):
-    from deita_ray.training.sft import run_sft
+    from deita_ray.stages.sft import run_sft
 
     cfg, out = make_job(tmp_path_factory.mktemp("sft2"), tiny_llama, zero_stage=2)
     return cfg, out, run_sft(cfg, out)
@@ -182,7 +182,7 @@ def test_zero3_run_that_loses_a_worker_resumes_with_the_same_steps(
     run ends with as many optimizer steps, and the same lr schedule, as the unbroken run."""
     from transformers import AutoModelForCausalLM
 
-    from deita_ray.training.sft import run_sft
+    from deita_ray.stages.sft import run_sft
 
     _, _, unbroken = sft_zero2
     flag = tmp_path / "failed_once.json"

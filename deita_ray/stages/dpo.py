@@ -28,9 +28,11 @@ from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import ROLE_ALIASES, parse_hh_transcript
 from deita_ray.data.rejects import DETAIL, RAW, REASON
 from deita_ray.data.sink import parquet_files, stage_dir, write_with_rejects
+from deita_ray.stages.base import Stage
 from deita_ray.training.common import (
     TemplateError,
     TokenizingStage,
+    check_template,
     encode_segments,
     fit,
     load_tokenizer,
@@ -40,7 +42,7 @@ from deita_ray.training.common import (
     summarize_history,
 )
 
-STAGE = "dpo"
+NAME = "dpo"
 
 
 class PairError(ValueError):
@@ -389,7 +391,7 @@ def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: in
         num_cpus=t.cpus_per_worker,
         num_gpus=1 if t.use_gpu else 0,
     )
-    return write_with_rejects(ds, STAGE, out_dir)
+    return write_with_rejects(ds, NAME, out_dir)
 
 
 def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
@@ -400,21 +402,19 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
     """
     import ray
 
-    from deita_ray.training.sft import check_template, clean_stage
-
     model_path = dpo_model_path(cfg, out_dir)
-    check_template(cfg.dpo, model_path, STAGE)
-    clean_stage(out_dir, STAGE)
+    check_template(cfg.dpo, model_path, NAME)
     pad_id = int(load_tokenizer(model_path, cfg.dpo.trust_remote_code).pad_token_id)
     counts = prepare_pairs(cfg, out_dir, model_path, pad_id)
-    counts.check(STAGE)
+    counts.check(NAME)
     if counts.rows_out == 0:
         raise RuntimeError(f"dpo: no usable preference pairs ({counts.to_dict()})")
-    dpo_dir = stage_dir(out_dir, STAGE)
+    dpo_dir = stage_dir(out_dir, NAME)
     train_ds = ray.data.read_parquet(parquet_files(dpo_dir)).select_columns(TRAIN_COLUMNS)
     train_ds = train_ds.materialize()
     state, plan = fit(
-        STAGE,
+        NAME,
+        dpo_step,
         cfg.dpo,
         model_path,
         train_ds,
@@ -438,3 +438,14 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
         ),
     }
     return StageResult(counts=counts, metrics=metrics)
+
+
+STAGE = Stage(
+    name=NAME,
+    run=run_dpo,
+    config_keys=("dpo",),
+    reads=("sft",),
+    output_columns=tuple(TRAIN_COLUMNS),
+    trains=True,
+    doc="DPO (sigmoid loss) from the SFT model on dpo.paths; the model in dpo/final",
+)

@@ -21,17 +21,18 @@ from typing import Any
 
 from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.config import PipelineConfig
-from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir, write_with_rejects
+from deita_ray.data.sink import parquet_files, stage_dir, write_with_rejects
+from deita_ray.stages.base import Stage
 from deita_ray.training.common import (
     TokenizeSFT,
-    clean_dirs,
+    check_template,
     collate,
     fit,
     map_tokenize,
     summarize_history,
 )
 
-STAGE = "sft"
+NAME = "sft"
 
 
 def sft_step(engine: Any, batch: dict, device: Any, config: dict) -> tuple[Any, int, dict]:
@@ -61,31 +62,7 @@ def sft_model_path(cfg: PipelineConfig) -> str:
 def tokenize_to_parquet(ds: Any, model_path: str, cfg: PipelineConfig, out_dir: str) -> StageCounts:
     """Tokenise ``ds`` into ``<out_dir>/sft/part-*.parquet``, its rejects into ``rejects/sft``."""
     tokenized = map_tokenize(ds, TokenizeSFT, model_path, cfg.sft, batch_size=256)
-    return write_with_rejects(tokenized, STAGE, out_dir)
-
-
-def clean_stage(out_dir: str, stage: str) -> None:
-    """Remove a training stage's earlier outputs (a rerun rewrites them whole)."""
-    folder = stage_dir(out_dir, stage)
-    for p in parquet_files(folder):
-        os.remove(p)
-    clean_dirs(
-        rejects_dir(out_dir, stage),
-        os.path.join(folder, "final"),
-        os.path.join(folder, "checkpoints"),
-    )
-
-
-def check_template(t: Any, model_path: str, stage: str) -> None:
-    """Fail at start (not row by row) when ``template: chat_template`` has no template."""
-    if t.template == "chat_template":
-        from deita_ray.training.common import load_tokenizer
-
-        if not load_tokenizer(model_path, t.trust_remote_code).chat_template:
-            raise ValueError(
-                f"{stage}.template: 'chat_template' but the tokenizer of {model_path} has none "
-                "(use vicuna_v1.1)"
-            )
+    return write_with_rejects(tokenized, NAME, out_dir)
 
 
 def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
@@ -98,12 +75,11 @@ def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
     import ray
 
     model_path = sft_model_path(cfg)
-    check_template(cfg.sft, model_path, "sft")
-    sft_dir = stage_dir(out_dir, STAGE)
-    clean_stage(out_dir, STAGE)
+    check_template(cfg.sft, model_path, NAME)
+    sft_dir = stage_dir(out_dir, NAME)
     selected = ray.data.read_parquet(stage_dir(out_dir, "select"))
     counts = tokenize_to_parquet(selected, model_path, cfg, out_dir)
-    counts.check(STAGE)
+    counts.check(NAME)
     if counts.rows_out == 0:
         raise RuntimeError(f"sft: no trainable rows ({counts.to_dict()})")
     train_ds = (
@@ -115,7 +91,8 @@ def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
 
     pad_id = load_tokenizer(model_path, cfg.sft.trust_remote_code).pad_token_id
     state, plan = fit(
-        STAGE,
+        NAME,
+        sft_step,
         cfg.sft,
         model_path,
         train_ds,
@@ -136,3 +113,21 @@ def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
         **summarize_history(state["history"]),
     }
     return StageResult(counts=counts, metrics=metrics)
+
+
+def _sft_base(cfg: PipelineConfig) -> str:
+    # sft.model empty means "the embedder's model": a change there changes what SFT trains.
+    return "" if cfg.sft.model else cfg.embed.model.path
+
+
+STAGE = Stage(
+    name=NAME,
+    run=run_sft,
+    config_keys=("sft",),
+    extra_hash=_sft_base,
+    reads=("select",),
+    input_columns=("id", "messages"),
+    output_columns=("id", "input_ids", "labels"),
+    trains=True,
+    doc="full fine-tuning on the selection (Ray Train + DeepSpeed); the model in sft/final",
+)

@@ -46,8 +46,9 @@ from deita_ray.selection.distributed import (
     select_distributed,
 )
 from deita_ray.selection.greedy import SelectionResult, select_diverse
+from deita_ray.stages.base import Stage
 
-STAGE = "select"
+NAME = "select"
 REASONS = (
     "similar_to_selected",
     "not_reached",
@@ -240,10 +241,8 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
     res, facts = _select(cfg, out_dir)
     t_sel = time.perf_counter() - t0
     table = _join_text(res, out_dir)
-    out = stage_dir(out_dir, STAGE)
+    out = stage_dir(out_dir, NAME)
     os.makedirs(out, exist_ok=True)
-    for old in parquet_files(out):  # a re-run replaces the previous selection
-        os.remove(old)
     pq.write_table(table, os.path.join(out, "part-00000.parquet"))
     st = res.stats
     reasons = {}
@@ -252,7 +251,7 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
         if v:
             reasons[reason] = v
     counts = StageCounts(rows_in=int(st["pool"]), rows_out=len(res), rejected_by_reason=reasons)
-    counts.check(STAGE)
+    counts.check(NAME)
     metrics = {
         "method": sc.method,
         "mode": facts.get("mode"),
@@ -272,3 +271,14 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
         },
     }
     return StageResult(counts=counts, metrics=metrics)
+
+
+STAGE = Stage(
+    name=NAME,
+    run=run_select,
+    config_keys=("select",),
+    reads=("embed", "score", "ingest"),
+    input_columns=("id", "seq", "evol_score", "embedding"),
+    output_columns=("id", "rank", "evol_score", "max_sim"),
+    doc="score-first diversity-aware selection (or a baseline) of select.budget rows",
+)

@@ -1,0 +1,87 @@
+"""What a pipeline stage is: one :class:`Stage` descriptor per module under ``deita_ray/stages``.
+
+A stage is data, in the manner of ``ray.data.llm``'s processor stages: its name, the config
+keys whose change must re-run it, the folders and columns it reads and writes, whether it
+resumes by shard, and the function that runs it. The pipeline (``deita_ray/pipeline.py``)
+reads these descriptors for order, config hashing, resume-or-clear and dispatch, and the
+report asks them what to plot; nothing outside ``deita_ray/stages`` names a stage.
+
+A stage's ``run(cfg, out_dir)`` may assume:
+
+- Ray is initialised;
+- ``<out_dir>/<name>`` and ``<out_dir>/rejects/<name>`` are empty, or, for a stage with
+  ``resumes_by_shard``, hold only parts that an interrupted run with the same settings
+  finished (the pipeline decides which, in one place: :func:`deita_ray.pipeline.run`).
+
+It returns a :class:`~deita_ray.accounting.StageResult`; the pipeline checks its accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deita_ray.accounting import StageResult
+    from deita_ray.config import PipelineConfig
+
+
+def config_part(cfg: PipelineConfig, dotted: str) -> Any:
+    """The plain-data value of a dotted config key (``"embed.model.path"``)."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return dataclasses.asdict(node) if dataclasses.is_dataclass(node) else node
+
+
+def _drop_keys(value: Any, drop: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_keys(v, drop) for k, v in value.items() if k not in drop}
+    return value
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage, described.
+
+    Attributes:
+        name: the stage's name in ``stages:`` and its output folder ``<out_dir>/<name>``.
+        run: ``run(cfg, out_dir) -> StageResult``; heavy imports happen inside it.
+        config_keys: dotted config keys whose value this stage depends on; their change
+            re-runs it (and, through the chained hash, every stage after it).
+        hash_ignore: keys dropped anywhere inside those values before hashing: settings
+            that change how a stage runs but not what it writes (e.g. actor counts).
+        extra_hash: optional ``fn(cfg) -> JSON-able`` for dependencies that are not a plain
+            key (e.g. SFT's base model defaults to the embedder's).
+        reads: stage folders it reads, in order of preference (the first that has outputs).
+        input_columns: columns it needs from what it reads.
+        output_columns: columns of ``<out_dir>/<name>/*.parquet``.
+        resumes_by_shard: an interrupted run keeps the parts it finished and a re-run with the
+            same settings only works on the rest; otherwise a run starts from empty folders.
+        trains: it trains a model and reports a per-step ``loss`` history (plotted).
+        doc: one line for ``--help`` and the report.
+    """
+
+    name: str
+    run: Callable[[PipelineConfig, str], StageResult]
+    config_keys: tuple[str, ...]
+    hash_ignore: tuple[str, ...] = ()
+    extra_hash: Callable[[PipelineConfig], Any] | None = None
+    reads: tuple[str, ...] = ()
+    input_columns: tuple[str, ...] = ()
+    output_columns: tuple[str, ...] = ()
+    resumes_by_shard: bool = False
+    trains: bool = False
+    doc: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def depends_on(self, cfg: PipelineConfig) -> dict[str, Any]:
+        """The part of ``cfg`` whose change must re-run this stage (hashed by the pipeline)."""
+        part: dict[str, Any] = {
+            key: _drop_keys(config_part(cfg, key), self.hash_ignore) for key in self.config_keys
+        }
+        if self.extra_hash is not None:
+            part["extra"] = self.extra_hash(cfg)
+        return part
