@@ -138,6 +138,14 @@ class RayConfig:
     object_store_memory: int | None = _f(
         None, gt=0, doc=("Object store bytes of a local cluster (None: Ray's default).")
     )
+    log_to_driver: bool = _f(
+        False,
+        doc=(
+            "Print Ray workers' and actors' own log lines on the job's console. Off: the console "
+            "shows the job's stage starts, progress and summary, and Ray's chatter stays in the "
+            "session's log files (their folder is printed at start)."
+        ),
+    )
     env_vars: dict[str, str] = _f(
         factory=dict,
         doc=(

