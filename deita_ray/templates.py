@@ -10,7 +10,8 @@ followed by ``" "`` after user messages and ``"</s>"`` after assistant messages.
 System messages: a row's system message(s) *replace* the default system text (as FastChat does
 with a conversation's own system message). Several system messages are joined with ``"\\n"``
 in order; wherever they appear in the row, they are rendered only in the system slot, never as
-turns.
+turns. Empty messages and leading assistant messages follow FastChat / DEITA
+(:func:`vicuna_segments`).
 
 Example:
     >>> complexity_prompt("Hi")
@@ -81,6 +82,15 @@ def vicuna_segments(messages: Sequence[Mapping]) -> list[tuple[str, bool]]:
     assistant contents plus their ``"</s>"`` (the tokens an SFT loss is computed on); the
     ``"ASSISTANT: "`` prefix, user messages and the system text are not targets.
 
+    Matches FastChat's ``vicuna_v1.1`` (``get_conv_template("vicuna_v1.1").get_prompt()``) and
+    DEITA's embedder (docs/embedding.md, tested against FastChat's own strings):
+
+    - an empty message renders as ``ROLE + ":"`` with no separator, as FastChat writes it;
+    - assistant messages before the first user message are dropped: they answer nothing, and
+      DEITA's embedder drops a leading assistant message;
+    - a row's system message replaces the default system text (FastChat's
+      ``set_system_message``; DEITA's embedder has no system slot and fails on such rows).
+
     Args:
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
 
@@ -90,18 +100,25 @@ def vicuna_segments(messages: Sequence[Mapping]) -> list[tuple[str, bool]]:
     systems = [m["content"] for m in messages if _role(m) == "system"]
     system = "\n".join(systems) if systems else VICUNA_SYSTEM
     segments: list[tuple[str, bool]] = [(system + VICUNA_SEP, False)]
+    seen_user = False
     for msg in messages:
         role = _role(msg)
         if role == "system":
             continue
         if role not in VICUNA_ROLES:
             raise ValueError(f"vicuna_v1.1 cannot render role {role!r}")
+        if role == "assistant" and not seen_user:
+            continue
         content = msg["content"]
+        name = VICUNA_ROLES[role]
         if role == "user":
-            segments.append((f"USER: {content}{VICUNA_SEP}", False))
-        else:
-            segments.append(("ASSISTANT: ", False))
+            seen_user = True
+            segments.append((f"{name}: {content}{VICUNA_SEP}" if content else f"{name}:", False))
+        elif content:
+            segments.append((f"{name}: ", False))
             segments.append((f"{content}{VICUNA_SEP2}", True))
+        else:
+            segments.append((f"{name}:", False))
     return segments
 
 

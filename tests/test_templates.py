@@ -1,4 +1,4 @@
-"""Golden strings for the scorer prompts and the vicuna_v1.1 rendering (SPEC sections 2, 3)."""
+"""Golden strings for the scorer prompts and the vicuna_v1.1 rendering (docs/scoring.md, docs/embedding.md)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,13 @@ def test_segments_concatenate_to_render_and_mark_only_assistant_targets(msgs):
     segs = vicuna_segments(msgs)
     assert "".join(t for t, _ in segs) == render_vicuna(msgs)
     targets = [t for t, is_target in segs if is_target]
-    want = [m["content"] + "</s>" for m in msgs if m["role"] == "assistant"]
+    # Targets: every non-empty assistant reply that answers a user message, with its "</s>".
+    first_user = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+    want = [
+        m["content"] + "</s>"
+        for m in msgs[first_user:]
+        if m["role"] == "assistant" and m["content"]
+    ]
     assert targets == want
     for text, is_target in segs:
         if not is_target:
@@ -90,3 +96,71 @@ def test_segments_concatenate_to_render_and_mark_only_assistant_targets(msgs):
 def test_unknown_role_raises():
     with pytest.raises(ValueError, match="tool"):
         render_vicuna([{"role": "tool", "content": "x"}])
+
+
+# ------------------------------------------------------------------ FastChat's own strings
+
+
+def _fastchat(messages: list[dict]) -> str:
+    """FastChat's vicuna_v1.1 prompt of ``messages``, as DEITA's embedder builds it.
+
+    DEITA (src/deita/selection/embedder/utils.py in hkust-nlp/deita) drops a leading message
+    that is not from the user, then appends the rest; a row's system text goes through
+    FastChat's ``set_system_message``.
+    """
+    from fastchat.conversation import get_conv_template
+
+    conv = get_conv_template("vicuna_v1.1")
+    roles = {"user": conv.roles[0], "assistant": conv.roles[1]}
+    systems = [m["content"] for m in messages if m["role"] == "system"]
+    if systems:
+        conv.set_system_message("\n".join(systems))
+    body = [m for m in messages if m["role"] != "system"]
+    if body and body[0]["role"] != "user":
+        body = body[1:]
+    for m in body:
+        conv.append_message(roles[m["role"]], m["content"])
+    return conv.get_prompt()
+
+
+FASTCHAT_CASES = {
+    "alternating": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "More?"},
+        {"role": "assistant", "content": "Sure."},
+    ],
+    "ends_with_user": [{"role": "user", "content": "Q"}],
+    "empty_reply": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}],
+    "empty_reply_mid": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"},
+    ],
+    "leading_assistant": [
+        {"role": "assistant", "content": "Welcome!"},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ],
+    "system_message": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ],
+    "unicode": [
+        {"role": "user", "content": "naïve 日本 </s>"},
+        {"role": "assistant", "content": "ok"},
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(FASTCHAT_CASES))
+def test_vicuna_equals_fastchat(case):
+    msgs = FASTCHAT_CASES[case]
+    assert render_vicuna(msgs) == _fastchat(msgs)
+
+
+def test_empty_reply_has_no_target():
+    segs = vicuna_segments(FASTCHAT_CASES["empty_reply"])
+    assert not any(target for _, target in segs)
