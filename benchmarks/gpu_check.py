@@ -331,6 +331,8 @@ def part_selector(sz: Sizes, dev: Device, log: Callable[[dict], None]) -> dict:
     2 x 2-4 s for the timed end-to-end runs (most of it the host-side validity pass over the
     whole pool); 3 s for that pass and the ordering timed apart; 5-15 s for the numpy run on
     the 100K-row prefix (16 cores); 100K x 1024 on CUDA, torch CPU and numpy, about 10 s.
+    Memory: the pool is drawn on the GPU in 1 GiB chunks (about 6 GiB of GPU memory at most)
+    straight into one float32 host array (16 GiB; about 18 GiB of host memory at the peak).
     """
     out: dict[str, Any] = {"tau": sz.tau}
     # Warm-up: CUDA context, cuBLAS handles and kernels (not timed).
@@ -665,7 +667,9 @@ def part_score_embed(
     score["reference_per_sample"] = {
         "how": (
             "one generate per prompt as DEITA's scorer (max_new_tokens=2 as its code; 1 as the "
-            "lower bound); timed on a random sample of the prompts and extrapolated per prompt"
+            "lower bound), on the same bf16 model object on the GPU (DEITA's hf path loads "
+            "fp32 and never moves it to a GPU); timed on a random sample of the prompts and "
+            "extrapolated per prompt"
         ),
         **refs,
     }
