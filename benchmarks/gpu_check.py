@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # ------------------------------------------------------------------------------------------
 # The project's SFT step function, called as sft_step(engine, batch, device, config) and
 # returning (loss, real tokens, extra metrics). THE line to repoint when training code moves:
-from deita_ray.training.sft import sft_step
+from deita_ray.stages.sft import sft_step
 
 # ------------------------------------------------------------------------------------------
 # isort: split
@@ -964,7 +964,11 @@ def main(argv: list[str] | None = None) -> int:
                 dev.free()
             entry["seconds"] = r3(time.perf_counter() - t)
             entry["expected_s"] = EXPECTED_S[name]
+            # Each part carries its run's facts: a --part run keeps the others' entries.
             entry["date_utc"] = report["machine"]["date_utc"]
+            entry["commit"] = report["machine"]["commit"]
+            if name != "selector":
+                entry["peak_bf16_flops"] = peak
             ok = ok and bool(entry.get("ok"))
             report["parts"][name] = entry
             write_report(report, out)
