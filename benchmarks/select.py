@@ -76,6 +76,8 @@ def _planted_pool_torch(
 ) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
+    if n % dup:
+        raise ValueError(f"n={n} is not a multiple of dup={dup}")
     gen = torch.Generator(device=device).manual_seed(seed)
     nb = n // dup
     base = torch.randn((nb, d), generator=gen, device=device)
