@@ -49,10 +49,18 @@ from deita_ray.selection.greedy import candidate_order, normalize_rows, select_d
 
 
 def planted_pool(
-    n: int, d: int, seed: int = 0, dup: int = 4, noise: float = 0.3
+    n: int, d: int, seed: int = 0, dup: int = 4, noise: float = 0.3, device: str = "numpy"
 ) -> tuple[np.ndarray, np.ndarray]:
     """n rows in clusters of ``dup`` near-duplicates (pairwise cosine ~1/(1+noise^2) > 0.9)
-    whose scores are close, so a cluster's copies meet in the scan order."""
+    whose scores are close, so a cluster's copies meet in the scan order.
+
+    ``device="numpy"`` draws with numpy's generator (the pool of this script's figures). A torch
+    device (``"cuda"``, ``"cpu"``) draws the same construction with torch's generator there, in
+    row chunks copied into one host float32 array: a 1M x 4096 pool takes seconds on a GPU and
+    no full-size temporaries (a different pool of the same kind; used by gpu_check.py).
+    """
+    if device != "numpy":
+        return _planted_pool_torch(n, d, seed, dup, noise, device)
     rng = np.random.default_rng(seed)
     nb = n // dup
     base = rng.standard_normal((nb, d), dtype=np.float32)
@@ -61,6 +69,45 @@ def planted_pool(
     emb += noise * rng.standard_normal((n, d), dtype=np.float32)
     scores = rng.random(nb)[lab] * 10 + 0.002 * rng.standard_normal(n)
     return emb, scores
+
+
+def _planted_pool_torch(
+    n: int, d: int, seed: int, dup: int, noise: float, device: str, chunk_rows: int = 1 << 16
+) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    if n % dup:
+        raise ValueError(f"n={n} is not a multiple of dup={dup}")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    nb = n // dup
+    base = torch.randn((nb, d), generator=gen, device=device)
+    lab = torch.arange(nb, device=device).repeat_interleave(dup)
+    lab = lab[torch.randperm(len(lab), generator=gen, device=device)][:n]
+    emb = np.empty((n, d), dtype=np.float32)
+    for s0 in range(0, n, chunk_rows):
+        rows = lab[s0 : s0 + chunk_rows]
+        part = base[rows] + noise * torch.randn((len(rows), d), generator=gen, device=device)
+        torch.from_numpy(emb[s0 : s0 + len(rows)]).copy_(part)  # straight into the host array
+    base_score = torch.rand(nb, generator=gen, device=device, dtype=torch.float64)
+    jitter = torch.randn(n, generator=gen, device=device, dtype=torch.float64)
+    scores = (base_score[lab] * 10 + 0.002 * jitter).cpu().numpy()
+    return emb, scores
+
+
+def replay_products(xs, shapes: list[tuple[int, int]], sync=None) -> float:
+    """Seconds to compute the similarity products of ``shapes`` alone (the bare bound).
+
+    Each recorded ``(rows, cols)`` product is replayed as ``xs[:rows] @ xs[:cols].T`` and its
+    row maximum, on contiguous data (no gathers, no normalisation, no bookkeeping); ``xs`` is
+    a torch matrix of at least ``max(rows, cols)`` unit rows on the device to time. ``sync``
+    waits for the device (GPU kernels run asynchronously).
+    """
+    t = time.perf_counter()
+    for rows, cols in shapes:
+        (xs[:rows] @ xs[:cols].T).amax(dim=1)
+    if sync is not None:
+        sync()
+    return time.perf_counter() - t
 
 
 def k_before(result, order: np.ndarray, scanned: int) -> np.ndarray:
@@ -243,10 +290,7 @@ def single_node(
         return time.perf_counter() - t
 
     def bare_all_run() -> float:
-        t = time.perf_counter()
-        for rows, cols in shapes:
-            (xs[:rows] @ xs[:cols].T).amax(dim=1)
-        return time.perf_counter() - t
+        return replay_products(xs, shapes)
 
     bare, bare_screen = np.inf, np.inf
     for _ in range(reps):

@@ -65,8 +65,17 @@ def build_tiny_llama(
     max_position_embeddings: int = 4096,
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    vocab_size: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> Path:
-    """Write a random LlamaForCausalLM plus tokenizer to ``out_dir`` (safetensors, fp32).
+    """Write a random LlamaForCausalLM plus tokenizer to ``out_dir`` (safetensors).
+
+    Args:
+        vocab_size: rows of the embedding and the LM head; default the tokenizer's size (a
+            larger one gives a model the cost of a real vocabulary; its extra ids never occur).
+        dtype: weights as saved ("float32", "bfloat16").
+        device: where the weights are initialised ("cuda" builds a 1B model in a second).
 
     Returns:
         The folder, loadable by transformers and by vLLM.
@@ -78,7 +87,7 @@ def build_tiny_llama(
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(out)
     config = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=vocab_size or len(tok),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
@@ -89,12 +98,15 @@ def build_tiny_llama(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=tie_word_embeddings,
-        torch_dtype="float32",
+        torch_dtype=dtype,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
     # Spread the logits a little so that scores differ visibly between prompts.
     with torch.no_grad():
         model.lm_head.weight.mul_(4.0) if not tie_word_embeddings else None
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.to(device="cpu", dtype=getattr(torch, dtype)).save_pretrained(
+        str(out), safe_serialization=True
+    )
     return out
