@@ -52,6 +52,47 @@ class StageCounts:
         return dict(total)
 
 
+class FailureBudgetExceeded(RuntimeError):
+    """A stage rejected more rows than its failure budget allows (a systematic failure)."""
+
+    def __init__(self, stage: str, reason: str | None, rejected: int, rows_in: int, limit: float):
+        self.stage, self.reason = stage, reason
+        self.rejected, self.rows_in, self.limit = rejected, rows_in, limit
+        what = f"for reason '{reason}'" if reason else "in all"
+        super().__init__(
+            f"stage {stage}: {rejected} of {rows_in} rows rejected {what} "
+            f"({rejected / rows_in:.1%}), over the failure budget of {limit:.1%}"
+        )
+
+
+def over_budget(
+    stage: str,
+    counts: StageCounts,
+    max_fraction: float,
+    reason_limits: dict[str, float],
+    min_rows: int = 0,
+) -> FailureBudgetExceeded | None:
+    """The first budget ``counts`` exceeds (per reason first, then in all), or None.
+
+    Args:
+        stage: the stage's name (for the message).
+        counts: the stage's accounting.
+        max_fraction: largest share of rows_in rejected for all reasons together.
+        reason_limits: largest share per named reason.
+        min_rows: below this many input rows no fraction applies.
+    """
+    n = counts.rows_in
+    if n == 0 or n < min_rows:
+        return None
+    for reason, limit in sorted(reason_limits.items()):
+        k = counts.rejected_by_reason.get(reason, 0)
+        if k > limit * n:
+            return FailureBudgetExceeded(stage, reason, k, n, limit)
+    if counts.rows_rejected > max_fraction * n:
+        return FailureBudgetExceeded(stage, None, counts.rows_rejected, n, max_fraction)
+    return None
+
+
 @dataclass
 class StageResult:
     """What a stage function returns to the pipeline.

@@ -370,6 +370,51 @@ class DPOConfig(TrainingConfig):
 
 
 @dataclass
+class FailureBudgetConfig:
+    """How many rejected rows a stage may produce before the job stops (docs/data.md).
+
+    Bad rows are expected and go to rejects; a stage that rejects a large share of its rows,
+    or whose engine fails on more than a few, has a systematic problem (a wrong model, a
+    wrong record shape, a broken engine) and the job stops with an error naming the stage, the
+    reason and an example row. What the stage wrote stays on disk, so a re-run after the fix
+    resumes. The select stage's "not selected" rows are not failures and are not counted.
+    """
+
+    max_rejected_fraction: float = _f(
+        0.5,
+        ge=0,
+        le=1,
+        doc=(
+            "Largest share of a stage's input rows it may reject, all reasons together "
+            "(1: no limit)."
+        ),
+    )
+    reasons: dict[str, float] = _f(
+        factory=lambda: {"engine_error": 0.01},
+        doc=(
+            "Largest share of a stage's input rows rejected for one reason, per reason (e.g. "
+            "{engine_error: 0.01, unreadable_file: 0.1}); reasons not named here are bounded by "
+            "max_rejected_fraction only."
+        ),
+    )
+    stages: dict[str, float] = _f(
+        factory=dict,
+        doc=(
+            "max_rejected_fraction for one stage, overriding the default (e.g. {ingest: 0.9} "
+            "for a pool known to hold many unsupported rows)."
+        ),
+    )
+    min_rows: int = _f(
+        20,
+        ge=0,
+        doc=(
+            "The fractions apply to stages that read at least this many rows, so that a "
+            "handful of bad rows in a tiny job is not a systematic failure."
+        ),
+    )
+
+
+@dataclass
 class PipelineConfig:
     """A whole deita_ray job."""
 
@@ -386,6 +431,9 @@ class PipelineConfig:
     select: SelectConfig = _f(factory=SelectConfig, doc="Selection.")
     sft: SFTConfig = _f(factory=SFTConfig, doc="Supervised fine-tuning.")
     dpo: DPOConfig = _f(factory=DPOConfig, doc="Preference tuning.")
+    failure_budget: FailureBudgetConfig = _f(
+        factory=FailureBudgetConfig, doc="When rejected rows stop the job."
+    )
     cache_dir: str = _f(
         "~/.cache/deita_ray", doc=("Where converted models (the embedded default) are cached.")
     )
@@ -519,6 +567,17 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError(
             "input.paths: required when the 'ingest' stage runs (or set demo_pool: true)"
         )
+    fb = cfg.failure_budget
+    for name, value in fb.stages.items():
+        if name not in STAGES:
+            raise ConfigError(
+                f"failure_budget.stages.{name}: not a stage (allowed: {', '.join(STAGES)})"
+            )
+        if not 0 <= value <= 1:
+            raise ConfigError(f"failure_budget.stages.{name}: {value!r} must be in [0, 1]")
+    for reason, value in fb.reasons.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"failure_budget.reasons.{reason}: {value!r} must be in [0, 1]")
     ids = cfg.score.digit_token_ids
     if ids is not None and len(ids) != 6:
         raise ConfigError(f"score.digit_token_ids: {ids!r} must hold six ids (digits 1..6)")

@@ -73,6 +73,55 @@ def clear_stage_outputs(out_dir: str, stage: str) -> None:
             shutil.rmtree(path)
 
 
+def check_failure_budget(cfg: PipelineConfig, stage: str, counts: Any, out_dir: str) -> None:
+    """Stop the job when ``stage`` rejected more rows than ``failure_budget`` allows.
+
+    Raises:
+        FailureBudgetExceeded: naming the stage, the reason, and an example rejected row.
+    """
+    from deita_ray.accounting import over_budget
+
+    fb = cfg.failure_budget
+    err = over_budget(
+        stage,
+        counts,
+        fb.stages.get(stage, fb.max_rejected_fraction),
+        fb.reasons,
+        fb.min_rows,
+    )
+    if err is None:
+        return
+    example = example_reject(out_dir, stage, err.reason)
+    hint = (
+        f"failure_budget.reasons.{err.reason}" if err.reason else f"failure_budget.stages.{stage}"
+    )
+    err.args = (
+        f"{err.args[0]}. Example: {example or 'none on disk'}. The rows written so far are kept: "
+        f"fix the cause and re-run to resume (or raise {hint} if these rejects are expected).",
+    )
+    raise err
+
+
+def example_reject(out_dir: str, stage: str, reason: str | None) -> str | None:
+    """One rejected row of ``stage`` (with ``reason`` when given), as a short text."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    from deita_ray.data.sink import parquet_files, rejects_dir
+
+    files = parquet_files(rejects_dir(out_dir, stage))
+    if not files:
+        return None
+    dataset = pds.dataset(files, format="parquet")
+    filt = pc.field("reason") == reason if reason else None
+    for batch in dataset.to_batches(columns=["id", "reason", "detail", "raw"], filter=filt):
+        if batch.num_rows:
+            row = batch.slice(0, 1).to_pylist()[0]
+            raw = (row.get("raw") or "")[:200]
+            return f"id={row['id']!r} reason={row['reason']} detail={row['detail']!r} raw={raw!r}"
+    return None
+
+
 def plan(
     cfg: PipelineConfig,
     manifest: dict,
@@ -173,6 +222,9 @@ def run(
         result = desc.run(cfg, out_dir)
         seconds = time.perf_counter() - t0
         result.counts.check(stage)
+        if desc.rejects_are_failures:
+            # The manifest still says "running": what the stage wrote stays for a resume.
+            check_failure_budget(cfg, stage, result.counts, out_dir)
         entry = dict(
             result.counts.to_dict(),
             seconds=round(seconds, 3),

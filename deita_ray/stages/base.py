@@ -61,6 +61,8 @@ class Stage:
         resumes_by_shard: an interrupted run keeps the parts it finished and a re-run with the
             same settings only works on the rest; otherwise a run starts from empty folders.
         trains: it trains a model and reports a per-step ``loss`` history (plotted).
+        rejects_are_failures: its rejected rows count against the failure budget (the select
+            stage's "not selected" rows do not).
         doc: one line for ``--help`` and the report.
     """
 
@@ -74,6 +76,7 @@ class Stage:
     output_columns: tuple[str, ...] = ()
     resumes_by_shard: bool = False
     trains: bool = False
+    rejects_are_failures: bool = True
     doc: str = ""
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -226,6 +226,33 @@ def _summary(x: np.ndarray) -> dict[str, float] | None:
     }
 
 
+class NoCandidates(ValueError):
+    """The pool has rows but none of them can be selected (e.g. no row has a score)."""
+
+
+def check_candidates(stats: dict[str, Any], method: str) -> None:
+    """Fail when a non-empty pool has no candidate: selecting nothing is never a result.
+
+    Raises:
+        NoCandidates: naming the counts that explain why (missing scores, bad embeddings).
+    """
+    pool = int(stats.get("pool", 0))
+    if pool == 0 or int(stats.get("candidates", 0)) > 0:
+        return
+    causes = {k: int(stats[k]) for k in ("missing_score", "invalid_embedding") if stats.get(k)}
+    hint = ""
+    if causes.get("missing_score"):
+        hint = (
+            f" select.method={method} orders rows by their score: run the score stage "
+            "(stages: [..., score, ...]) or pick a method that needs none (random, kcenter, "
+            "instruction_length, response_length)."
+        )
+    raise NoCandidates(
+        f"select: none of the {pool} pool rows is a candidate ({causes or 'no reason recorded'})."
+        f"{hint}"
+    )
+
+
 def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
     """Select ``select.budget`` rows with ``select.method`` and write ``<out_dir>/select/``.
 
@@ -240,6 +267,7 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
     t0 = time.perf_counter()
     res, facts = _select(cfg, out_dir)
     t_sel = time.perf_counter() - t0
+    check_candidates(res.stats, sc.method)
     table = _join_text(res, out_dir)
     out = stage_dir(out_dir, NAME)
     os.makedirs(out, exist_ok=True)
@@ -280,5 +308,6 @@ STAGE = Stage(
     reads=("embed", "score", "ingest"),
     input_columns=("id", "seq", "evol_score", "embedding"),
     output_columns=("id", "rank", "evol_score", "max_sim"),
+    rejects_are_failures=False,  # rows not selected are the point of the stage, not failures
     doc="score-first diversity-aware selection (or a baseline) of select.budget rows",
 )
