@@ -196,9 +196,19 @@ def test_hub_models_of_the_paper_jobs():
     assert not any(name.startswith("/") for name in models)
 
 
-def test_verify_offline_after_staging(tiny_llama, tmp_path):
+def _model_files(folder: Path) -> Path:
+    """The files a loadable model folder has (the preflight checks their presence)."""
+    folder.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * 8)
+    return folder
+
+
+def test_verify_offline_after_staging(tmp_path):
     """Empty cache: every hub model of the paper jobs is named. Staged (the cache layout
     snapshot_download writes, with refs/main): the preflight passes offline."""
+    model = _model_files(tmp_path / "model")
     hf_cache = tmp_path / "hub"
     problems = stage.verify_offline(stage.PAPER_JOBS, hf_cache=str(hf_cache))
     models = stage.hub_models(stage.PAPER_JOBS)
@@ -206,7 +216,7 @@ def test_verify_offline_after_staging(tiny_llama, tmp_path):
     assert all("HF_HUB_OFFLINE" in p for p in problems)
     for repo_id in models:
         repo_dir = hf_cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(tiny_llama, repo_dir / "snapshots" / SNAPSHOT)
+        shutil.copytree(model, repo_dir / "snapshots" / SNAPSHOT)
         (repo_dir / "refs").mkdir()
         (repo_dir / "refs" / "main").write_text(SNAPSHOT)
     assert stage.verify_offline(stage.PAPER_JOBS, hf_cache=str(hf_cache)) == []
