@@ -437,6 +437,18 @@ def test_autoscaling_bounds():
             assert g["maxReplicas"] >= 1, (where, g["groupName"])
 
 
+def test_operator_accepts_the_autoscaler_settings():
+    """validation.go: a worker group's idleTimeoutSeconds needs autoscaler v2, and v2 needs the
+    head and worker pods' restartPolicy unset or Never."""
+    for where, spec in _cluster_specs():
+        groups = spec["workerGroupSpecs"]
+        if any("idleTimeoutSeconds" in g for g in groups):
+            assert spec["autoscalerOptions"].get("version") == "v2", where
+        if spec["autoscalerOptions"].get("version") == "v2":
+            for _, pod in _pod_specs(spec):
+                assert pod.get("restartPolicy", "Never") == "Never", where
+
+
 def test_embed_stage_uses_every_gpu_of_a_pod():
     from deita_ray.config import load_config
 
