@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,74 +60,24 @@ class ModelToLoad(NamedTuple):
 # Which models a job loads
 
 
-def _output_dir(cfg: PipelineConfig) -> str:
-    return os.path.abspath(os.path.expanduser(cfg.output.dir))
-
-
-def _sft_output(cfg: PipelineConfig) -> str:
-    """Where the sft stage writes its model (training/dpo.py dpo_model_path reads it there)."""
-    return os.path.join(_output_dir(cfg), "sft", "final")
-
-
-def _score_models(cfg: PipelineConfig) -> list[ModelToLoad]:
-    sc = cfg.score
-    return [
-        ModelToLoad(
-            "score.complexity_model.path",
-            sc.complexity_model.path,
-            sc.complexity_model.trust_remote_code,
-        ),
-        ModelToLoad(
-            "score.quality_model.path", sc.quality_model.path, sc.quality_model.trust_remote_code
-        ),
-    ]
-
-
-def _embed_models(cfg: PipelineConfig) -> list[ModelToLoad]:
-    m = cfg.embed.model
-    return [ModelToLoad("embed.model.path", m.path, m.trust_remote_code)]
-
-
-def _sft_models(cfg: PipelineConfig) -> list[ModelToLoad]:
-    if cfg.sft.model:
-        return [ModelToLoad("sft.model", cfg.sft.model, cfg.sft.trust_remote_code)]
-    # Empty sft.model trains the embedder's model (training/sft.py).
-    return [
-        ModelToLoad(
-            "sft.model (empty: embed.model.path)", cfg.embed.model.path, cfg.sft.trust_remote_code
-        )
-    ]
-
-
-def _dpo_models(cfg: PipelineConfig) -> list[ModelToLoad]:
-    if cfg.dpo.model:
-        key, path = "dpo.model", cfg.dpo.model
-    else:
-        key, path = "dpo.model (empty: <output.dir>/sft/final)", _sft_output(cfg)
-    if "sft" in cfg.stages and _same_path(path, _sft_output(cfg)):
-        return []  # written by this job's sft stage before dpo starts
-    return [ModelToLoad(key, path, cfg.dpo.trust_remote_code)]
-
-
-STAGE_MODELS: dict[str, Callable[[PipelineConfig], list[ModelToLoad]]] = {
-    "score": _score_models,
-    "embed": _embed_models,
-    "sft": _sft_models,
-    "dpo": _dpo_models,
-}
-"""Per stage, the models it loads. A new stage that loads models (an eval or judge stage) adds
-its entry here, and the preflight covers it."""
-
-
 def models_to_load(cfg: PipelineConfig) -> list[ModelToLoad]:
-    """Every model the configured stages load from outside the job, in stage order."""
+    """Every model the configured stages load from outside the job, in stage order.
+
+    Each stage declares its own (``Stage.models`` in ``deita_ray/stages``): a new stage that
+    loads models (an eval or judge stage) lists them there, and the preflight covers it.
+    """
+    from deita_ray.stages import get_stage
+
     out: list[ModelToLoad] = []
-    for stage in cfg.stages:
-        out.extend(STAGE_MODELS.get(stage, lambda _cfg: [])(cfg))
+    for name in cfg.stages:
+        models = get_stage(name).models
+        if models is not None:
+            out.extend(models(cfg))
     return out
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
+    """Whether two local paths name the same place (after ``~`` and relative resolution)."""
     return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
 
 

@@ -89,7 +89,7 @@ def test_dpo_after_sft_in_the_same_job_needs_nothing_at_start(tmp_path):
 
 
 def test_dpo_alone_needs_the_earlier_sft_output_where_training_reads_it(tmp_path):
-    from deita_ray.training.dpo import dpo_model_path
+    from deita_ray.stages.dpo import dpo_model_path
 
     cfg = _cfg(tmp_path, stages="[dpo]", dpo__paths=f"[{tmp_path / 'p.jsonl'}]")
     (model,) = models_to_load(cfg)

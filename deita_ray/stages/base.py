@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from deita_ray.accounting import StageResult
     from deita_ray.config import PipelineConfig
+    from deita_ray.preflight import ModelToLoad
 
 
 def config_part(cfg: PipelineConfig, dotted: str) -> Any:
@@ -61,6 +62,8 @@ class Stage:
         resumes_by_shard: an interrupted run keeps the parts it finished and a re-run with the
             same settings only works on the rest; otherwise a run starts from empty folders.
         trains: it trains a model and reports a per-step ``loss`` history (plotted).
+        models: optional ``fn(cfg) -> list[ModelToLoad]``: the models it loads from outside
+            the job, which :mod:`deita_ray.preflight` checks before the first stage runs.
         doc: one line for ``--help`` and the report.
     """
 
@@ -74,6 +77,7 @@ class Stage:
     output_columns: tuple[str, ...] = ()
     resumes_by_shard: bool = False
     trains: bool = False
+    models: Callable[[PipelineConfig], list[ModelToLoad]] | None = None
     doc: str = ""
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
