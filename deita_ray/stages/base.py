@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from deita_ray.accounting import StageResult
     from deita_ray.config import PipelineConfig
+    from deita_ray.preflight import ModelToLoad
 
 
 def config_part(cfg: PipelineConfig, dotted: str) -> Any:
@@ -63,6 +64,8 @@ class Stage:
         trains: it trains a model and reports a per-step ``loss`` history (plotted).
         rejects_are_failures: its rejected rows count against the failure budget (the select
             stage's "not selected" rows do not).
+        models: optional ``fn(cfg) -> list[ModelToLoad]``: the models it loads from outside
+            the job, which :mod:`deita_ray.preflight` checks before the first stage runs.
         doc: one line for ``--help`` and the report.
     """
 
@@ -77,6 +80,7 @@ class Stage:
     resumes_by_shard: bool = False
     trains: bool = False
     rejects_are_failures: bool = True
+    models: Callable[[PipelineConfig], list[ModelToLoad]] | None = None
     doc: str = ""
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -28,6 +28,7 @@ from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import ROLE_ALIASES, parse_hh_transcript
 from deita_ray.data.rejects import DETAIL, RAW, REASON
 from deita_ray.data.sink import parquet_files, stage_dir, write_with_rejects
+from deita_ray.preflight import ModelToLoad, same_path
 from deita_ray.stages.base import Stage
 from deita_ray.training.common import (
     TemplateError,
@@ -440,6 +441,17 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
     return StageResult(counts=counts, metrics=metrics)
 
 
+def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
+    """The start model (:func:`dpo_model_path`), unless this job's sft stage writes it first."""
+    out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
+    sft_final = os.path.join(stage_dir(out_dir, "sft"), "final")
+    path = cfg.dpo.model or sft_final
+    if "sft" in cfg.stages and same_path(path, sft_final):
+        return []
+    key = "dpo.model" if cfg.dpo.model else "dpo.model (empty: <output.dir>/sft/final)"
+    return [ModelToLoad(key, path, cfg.dpo.trust_remote_code)]
+
+
 STAGE = Stage(
     name=NAME,
     run=run_dpo,
@@ -447,5 +459,6 @@ STAGE = Stage(
     reads=("sft",),
     output_columns=tuple(TRAIN_COLUMNS),
     trains=True,
+    models=_models,
     doc="DPO (sigmoid loss) from the SFT model on dpo.paths; the model in dpo/final",
 )

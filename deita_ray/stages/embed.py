@@ -20,6 +20,7 @@ from deita_ray.accounting import StageResult
 from deita_ray.config import ModelConfig, PipelineConfig
 from deita_ray.data.rejects import DETAIL, RAW, REASON, to_raw
 from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
+from deita_ray.preflight import ModelToLoad
 from deita_ray.stages.base import Stage
 from deita_ray.templates import render_vicuna
 
@@ -200,6 +201,11 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     return StageResult(counts=counts, metrics=metrics)
 
 
+def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
+    m = cfg.embed.model
+    return [ModelToLoad("embed.model.path", m.path, m.trust_remote_code)]
+
+
 STAGE = Stage(
     name="embed",
     run=run_embed,
@@ -209,5 +215,6 @@ STAGE = Stage(
     input_columns=("id", "seq", "messages"),
     output_columns=OUTPUT_COLUMNS,
     resumes_by_shard=True,
+    models=_models,
     doc="last-token embedding of each row's vicuna_v1.1 rendering",
 )

@@ -23,6 +23,7 @@ from deita_ray.config import ModelConfig, PipelineConfig
 from deita_ray.data.formats import extract_turns
 from deita_ray.data.rejects import DETAIL, MARK_COLUMNS, RAW, REASON, to_raw
 from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
+from deita_ray.preflight import ModelToLoad
 from deita_ray.scoring import (
     PromptTooLong,
     complexity_spec,
@@ -309,6 +310,17 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     return StageResult(counts=counts, metrics=metrics)
 
 
+def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
+    sc = cfg.score
+    return [
+        ModelToLoad(f"score.{name}.path", m.path, m.trust_remote_code)
+        for name, m in (
+            ("complexity_model", sc.complexity_model),
+            ("quality_model", sc.quality_model),
+        )
+    ]
+
+
 STAGE = Stage(
     name="score",
     run=run_score,
@@ -318,5 +330,6 @@ STAGE = Stage(
     input_columns=("id", "seq", "messages"),
     output_columns=("complexity_scores", "quality_scores", EVOL, TRUNCATED),
     resumes_by_shard=True,
+    models=_models,
     doc="DEITA complexity and quality scores per turn, and the row's evol score",
 )

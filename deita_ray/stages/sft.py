@@ -22,6 +22,7 @@ from typing import Any
 from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.config import PipelineConfig
 from deita_ray.data.sink import parquet_files, stage_dir, write_with_rejects
+from deita_ray.preflight import ModelToLoad
 from deita_ray.stages.base import Stage
 from deita_ray.training.common import (
     TokenizeSFT,
@@ -120,6 +121,12 @@ def _sft_base(cfg: PipelineConfig) -> str:
     return "" if cfg.sft.model else cfg.embed.model.path
 
 
+def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
+    """The base model (:func:`sft_model_path`: ``sft.model``, else the embedder's)."""
+    key = "sft.model" if cfg.sft.model else "sft.model (empty: embed.model.path)"
+    return [ModelToLoad(key, cfg.sft.model or cfg.embed.model.path, cfg.sft.trust_remote_code)]
+
+
 STAGE = Stage(
     name=NAME,
     run=run_sft,
@@ -129,5 +136,6 @@ STAGE = Stage(
     input_columns=("id", "messages"),
     output_columns=("id", "input_ids", "labels"),
     trains=True,
+    models=_models,
     doc="full fine-tuning on the selection (Ray Train + DeepSpeed); the model in sft/final",
 )

