@@ -185,6 +185,12 @@ def run(
     stages = registry() if stages is None else stages
     by_name = {desc.name: desc for desc in stages}
     steps = plan(cfg, manifest, stages, enabled)
+    # Every model a stage that will run loads must be reachable now, not hours in.
+    from deita_ray.preflight import check_models_reachable
+
+    pending = [name for name, _, must_run in steps if must_run and name in by_name]
+    registered = {desc.name for desc in registry()}
+    check_models_reachable(dataclasses.replace(cfg, stages=[n for n in pending if n in registered]))
 
     from deita_ray.runtime import init_ray
 
@@ -317,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         return 0
-    report = run(cfg)
+    try:
+        report = run(cfg)
+    except ConfigError as e:  # e.g. a model the job needs is not reachable (preflight)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
     print(
         json.dumps(
