@@ -7,11 +7,50 @@ columns of :data:`READ_SCHEMA`:
 
 - ``record``: the record's JSON text exactly as it appears in the file (a JSON array element
   is the slice of the array text; a Parquet row is serialised with ``json.dumps``); for a
-  record that does not decode, its bytes decoded with backslash escapes.
-- ``source``: the file path; ``index``: record index within the file (0-based, counting every
-  record including bad ones); ``seq``: global input order, ``file rank x 2**40 + index``.
-- ``error``: null, or why the record is unusable: ``invalid_json``, ``invalid_utf8``,
-  ``record_too_large``, ``not_an_object``, ``unreadable_file``; ``detail``: a human note.
+  reject, the bytes of its range decoded as UTF-8 with invalid bytes backslash-escaped.
+- ``source``: the file path; ``index``: row index within the file (0-based, counting every
+  row including rejects); ``seq``: global input order, ``file rank x 2**40 + index``.
+- ``error``: null, or why the row is unusable (see *Reasons*); ``detail``: a human note.
+- ``range_start``, ``range_end``, ``range_unit``: the part of the input the row stands for,
+  ``[range_start, range_end)`` in ``range_unit``: ``bytes`` (offsets in the file),
+  ``decompressed_bytes`` (offsets in the decompressed stream of a ``.gz`` file) or ``rows``
+  (row numbers of a Parquet file, 0-based across its row groups).
+
+Accounting (every byte and every Parquet row lands somewhere):
+
+- JSON and JSON lines: the rows' ranges are disjoint and in file order; the bytes between them
+  are JSON syntax only (whitespace, ``,``, ``[``, ``]``, blank lines, a byte order mark). The
+  reader checks both for every file: a range that skips or overlaps, or non-syntax bytes
+  between ranges, stops the read task with an error (a reader bug, never bad input). So
+  ``sum(range lengths) + syntax bytes == file size``.
+- ``.gz``: the same in ``decompressed_bytes`` over the decompressed stream; compressed bytes
+  that cannot be decompressed become rejects with ``bytes`` ranges (offsets in the ``.gz``
+  file), so compressed bytes decoded + compressed bytes rejected == file size.
+- Parquet: the unit is the row. Each record's range is ``[i, i + 1)``; the ranges cover
+  ``[0, rows in the footer)``. A file whose footer cannot be read is rejected whole, as
+  ``bytes`` ranges covering the file.
+- Per file the read task reports its counts (rows emitted, file bytes accounted, stream size,
+  bytes in ranges, syntax bytes) to a :class:`ReadLedger` when one is given, so a stage can
+  count its input independently of what it writes (:meth:`ReadLedger.check`).
+
+Reasons (``error``):
+
+- ``invalid_json``, ``invalid_utf8``, ``not_an_object``: one record (line or array element)
+  that does not decode; ``record_too_large``: a record longer than ``max_record_bytes``.
+- ``truncated_file``: a ``.gz`` stream that ends before its end marker (a partial download):
+  every complete record before the cut is kept; the incomplete tail is this reject.
+- ``unreadable_file``: bytes that cannot be read or decompressed (a read error, corrupt gzip
+  data, data after the end of a gzip stream, a Parquet file whose footer does not read), or
+  trailing data after a JSON array.
+- ``unreadable_row_group``: a Parquet row whose row group fails to decode (corrupt page,
+  checksum mismatch); ``record`` holds the row's columns that still decode, as JSON.
+
+Raw pieces: a reject of the JSON readers never holds more than :data:`RAW_PIECE_BYTES` bytes
+of input; a longer reject (a damaged tail, an oversized record, a corrupt compressed region)
+is split into consecutive pieces, each a row with its own range and the same reason. When a
+stream fails at a record boundary (nothing is left to reject), one row with an empty range
+at the point of failure carries the reason. A Parquet row larger than ``max_record_bytes``
+keeps only its first :data:`RAW_PIECE_BYTES` characters (its row number locates it).
 
 Choices:
 
@@ -21,17 +60,18 @@ Choices:
   file is its position in this list, so ``seq`` is deterministic.
 - ``.json`` files are sniffed: a first non-blank character ``[`` means a JSON array, anything
   else JSON lines. ``.jsonl``/``.ndjson`` (optionally ``.gz``) are JSON lines; blank lines are
-  not records. ``.parquet`` rows are records.
+  not records. ``.parquet`` rows are records. Names ending in ``.gz`` are decompressed by the
+  reader itself (multi-member streams included); other codecs that Arrow detects from the
+  name are decompressed by Arrow, and only their decompressed stream is accounted.
 - JSON arrays are parsed incrementally with ``json.JSONDecoder.raw_decode`` over a text buffer
   refilled in :data:`CHUNK_BYTES` chunks. When an element does not parse, a small structural
   scanner (strings, brackets) finds where it ends, so a damaged element becomes one
-  ``invalid_json`` row and reading goes on with the next one; a truncated array yields every
-  complete element, then one ``invalid_json`` row for the damaged tail. Elements larger than
-  ``max_record_bytes`` are skipped while scanning (only a prefix is kept for the rejects),
-  so a worker never buffers much more than one chunk plus ``max_record_bytes``.
+  ``invalid_json`` reject and reading goes on with the next one; a truncated array yields
+  every complete element, then the damaged tail. Elements larger than ``max_record_bytes``
+  go out in pieces while they are scanned, so a worker never buffers much more than one
+  chunk plus ``max_record_bytes``; JSON lines likewise.
 - Bytes that are not UTF-8 make only their own record ``invalid_utf8`` (arrays are decoded with
-  ``surrogateescape`` so the damage stays local). A file that cannot be opened or decompressed
-  past some point adds one ``unreadable_file`` row after the records read before the failure.
+  ``surrogateescape`` so the damage stays local).
 """
 
 from __future__ import annotations
@@ -41,9 +81,10 @@ import glob
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
@@ -70,24 +111,37 @@ READ_SCHEMA = pa.schema(
         ("seq", pa.int64()),
         ("error", pa.string()),
         ("detail", pa.string()),
+        ("range_start", pa.int64()),
+        ("range_end", pa.int64()),
+        ("range_unit", pa.string()),
     ]
 )
 """Columns of :func:`read_pool`'s rows."""
+
+UNIT_BYTES = "bytes"
+UNIT_DECOMPRESSED = "decompressed_bytes"
+UNIT_ROWS = "rows"
+RANGE_UNITS = (UNIT_BYTES, UNIT_DECOMPRESSED, UNIT_ROWS)
 
 DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
 CHUNK_BYTES = 1 << 20
 BLOCK_ROWS = 4096
 BLOCK_CHARS = 32 << 20
-RAW_PREFIX_CHARS = 64 * 1024
-"""How much of an oversized or unparsable tail is kept as ``record`` for the rejects."""
+RAW_PIECE_BYTES = 64 * 1024
+"""Most input bytes one reject row of the JSON readers holds (longer rejects go in pieces)."""
+GZIP_PIECE_BYTES = 16 * 1024
+"""Compressed bytes fed to zlib at a time (bounds the output of one call to about 16 MiB)."""
 
 FILE_FORMATS = ("auto", "json", "jsonl", "parquet")
 
 _WS_SEP = re.compile(r"[\s,]*")
 _WS = re.compile(r"\s*")
+_LEAD = re.compile("[\\s\ufeff]*")
 _STR_SPECIAL = re.compile(r'["\\]')
 _STRUCT = re.compile(r'["\[\]{},]')
 _SURROGATE = re.compile("[\udc80-\udcff]")
+_SYNTAX_TEXT = re.compile("[\\s,\\[\\]\ufeff]*")
+_SYNTAX_BYTES = re.compile(rb"(?:[\s,\[\]]|\xef\xbb\xbf)*")
 
 # ---------------------------------------------------------------------------------------------
 # Paths
@@ -223,97 +277,217 @@ def file_kind(path: str, file_format: str = "auto") -> str:
     return "json"
 
 
-# ---------------------------------------------------------------------------------------------
-# Record iterators (pure: bytes in, (text, error, detail) out)
+def file_size(path: str) -> int:
+    """Size in bytes of a local file or a URI, from the filesystem (not from reading it)."""
+    if _is_uri(path):
+        import pyarrow.fs as pafs
 
-Item = tuple[str, "str | None", "str | None"]
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return int(fs.get_file_info(inner).size)
+    return os.path.getsize(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spans of a byte stream (pure: chunks in, spans out; every byte in exactly one span)
+
+
+class Span(NamedTuple):
+    """A consecutive part of a stream: a record, a reject (or a piece of one), or syntax."""
+
+    start: int
+    end: int
+    text: Any  # record text or escaped raw (str); for syntax the syntax itself (str or bytes)
+    error: str | None = None
+    detail: str | None = None
+    syntax: bool = False
+
+
+class Row(NamedTuple):
+    """One row of the reader: a record or a reject, and the part of the input it stands for."""
+
+    record: str
+    error: str | None
+    detail: str | None
+    start: int
+    end: int
+    unit: str
+
+
+_BOM = b"\xef\xbb\xbf"
 
 
 def _escaped(data: bytes | str) -> str:
+    """Input as text: UTF-8, with bytes that are not UTF-8 backslash-escaped (``\\xff``)."""
     if isinstance(data, str):
+        if data.isascii():
+            return data
         data = data.encode("utf-8", "surrogateescape")
     return data.decode("utf-8", "backslashreplace")
 
 
-def _check_parsed(text: str, obj: Any, max_bytes: int, dirty: bool) -> Item:
-    if len(text) * 4 > max_bytes:  # cheap bound first: a char is at most 4 UTF-8 bytes
-        nbytes = len(text.encode("utf-8", "surrogateescape"))
-        if nbytes > max_bytes:
-            return (
-                _escaped(text[:RAW_PREFIX_CHARS]),
-                "record_too_large",
-                f"{nbytes} bytes > max_record_bytes {max_bytes} (record holds a prefix)",
-            )
-    if dirty and _SURROGATE.search(text):
-        return _escaped(text), "invalid_utf8", "bytes that are not UTF-8 inside the record"
-    if not isinstance(obj, dict):
-        return text, "not_an_object", f"record is a JSON {type(obj).__name__}, not an object"
-    return text, None, None
+def _utf8_len(text: str) -> int:
+    """Bytes of text decoded with ``surrogateescape`` (escapes count one byte each)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
+
+
+def _text_piece(head: str) -> int:
+    """Chars of the longest prefix of ``head`` (at most RAW_PIECE_BYTES chars) that fits
+    RAW_PIECE_BYTES bytes."""
+    if _utf8_len(head) <= RAW_PIECE_BYTES:
+        return len(head)
+    lo, hi = 0, len(head)  # prefix of lo chars fits, of hi chars does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _utf8_len(head[:mid]) <= RAW_PIECE_BYTES:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class _Reject:
+    """A reject on its way out, possibly in several pieces (rows) of RAW_PIECE_BYTES at most."""
+
+    __slots__ = ("error", "detail", "start", "pieces")
+
+    def __init__(self, error: str, detail: str, start: int):
+        self.error, self.detail, self.start, self.pieces = error, detail, start, 0
+
+    def span(self, raw: str, start: int, end: int, last: bool) -> Span:
+        self.pieces += 1
+        detail = self.detail
+        if not (last and self.pieces == 1):
+            detail = f"{detail} [piece {self.pieces} of the reject from byte {self.start}]"
+        return Span(start, end, raw, self.error, detail)
+
+    def blame(self, source: Any) -> None:
+        """Name the stream's failure (a cut or corrupt file) as the cause of this tail."""
+        failure = getattr(source, "failure", None)
+        if failure and not self.pieces:
+            self.error, self.detail = failure[0], f"{failure[1]}; {self.detail}"
+            source.reported = True
+
+
+def _byte_pieces(data: bytes, off: int, rej: _Reject, final: bool) -> Iterator[Span]:
+    """Reject spans for ``data`` (at stream offset ``off``), cut at UTF-8 character boundaries;
+    unless ``final``, only the pieces whose end is already known. Returns the bytes emitted."""
+    i, n, size = 0, len(data), RAW_PIECE_BYTES
+    while i < n:
+        if n - i > size:
+            cut = i + size
+            while cut > i + size - 3 and 0x80 <= data[cut] < 0xC0:  # inside a character
+                cut -= 1
+        elif final:
+            cut = n
+        else:
+            break
+        yield rej.span(_escaped(data[i:cut]), off + i, off + cut, final and cut == n)
+        i = cut
+    return i
+
+
+def _bytes_rest(chunks: Iterable[bytes], off: int, rej: _Reject) -> Iterator[Span]:
+    """Every remaining byte of ``chunks`` as reject pieces, streamed."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        done = yield from _byte_pieces(pending, off, rej, final=False)
+        off += done
+        pending = pending[done:]
+    yield from _byte_pieces(pending, off, rej, final=True)
 
 
 def iter_jsonl(
-    chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_RECORD_BYTES
-) -> Iterator[Item]:
-    """Records of a JSON-lines byte stream; blank lines are skipped (not records)."""
+    chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_RECORD_BYTES, source: Any = None
+) -> Iterator[Span]:
+    """Spans of a JSON-lines byte stream: one record span per non-blank line, syntax spans for
+    whitespace, newlines and blank lines. ``source`` (optional) has ``failure``: why the
+    stream ended early, which then names the damaged last line."""
+    off = 0  # stream offset of pending[0]
     pending = b""
-    skipping = False  # inside a line longer than max_bytes: count it, keep only a prefix
-    skip_prefix = b""
-    skip_len = 0
+    big: _Reject | None = None  # a line longer than max_bytes, going out in pieces
     for chunk in chunks:
-        if skipping:
+        if big is not None:
             cut = chunk.find(b"\n")
+            pending += chunk if cut < 0 else chunk[:cut]
+            done = yield from _byte_pieces(pending, off, big, final=cut >= 0)
+            off += done
+            pending = pending[done:]
             if cut < 0:
-                skip_len += len(chunk)
                 continue
-            skip_len += cut
-            yield _too_large_line(skip_prefix, skip_len, max_bytes)
-            skipping = False
+            yield Span(off, off + 1, b"\n", syntax=True)
+            off += 1
+            big = None
             chunk = chunk[cut + 1 :]
         data = pending + chunk if pending else chunk
         lines = data.split(b"\n")
         pending = lines.pop()
         for line in lines:
-            item = _jsonl_line(line, max_bytes)
-            if item is not None:
-                yield item
+            yield from _line_spans(line, off, max_bytes, True, None)
+            off += len(line) + 1
         if len(pending) > max_bytes:
-            skipping, skip_prefix, skip_len = True, pending[: RAW_PREFIX_CHARS * 4], len(pending)
-            pending = b""
-    if skipping:
-        yield _too_large_line(skip_prefix, skip_len, max_bytes)
+            big = _Reject(
+                "record_too_large", f"a line longer than max_record_bytes {max_bytes}", off
+            )
+            done = yield from _byte_pieces(pending, off, big, final=False)
+            off += done
+            pending = pending[done:]
+    if big is not None:
+        big.blame(source)
+        yield from _byte_pieces(pending, off, big, final=True)
     elif pending:
-        item = _jsonl_line(pending, max_bytes)
-        if item is not None:
-            yield item
+        yield from _line_spans(pending, off, max_bytes, False, source)
 
 
-def _too_large_line(prefix: bytes, nbytes: int, max_bytes: int) -> Item:
-    return (
-        _escaped(prefix)[:RAW_PREFIX_CHARS],
-        "record_too_large",
-        f"{nbytes} bytes > max_record_bytes {max_bytes} (record holds a prefix)",
-    )
-
-
-def _jsonl_line(line: bytes, max_bytes: int) -> Item | None:
-    line = line.strip()
-    if line.startswith(b"\xef\xbb\xbf"):  # a byte order mark at the start of the file
-        line = line[3:].lstrip()
-    if not line:
-        return None
-    if len(line) > max_bytes:
-        return _too_large_line(line[: RAW_PREFIX_CHARS * 4], len(line), max_bytes)
+def _line_spans(
+    line: bytes, off: int, max_bytes: int, newline: bool, source: Any
+) -> Iterator[Span]:
+    """Spans of one line (without its ``\\n``; ``newline``: one follows) at offset ``off``."""
+    n = len(line)
+    nl = b"\n" if newline else b""
+    if n > max_bytes:
+        rej = _Reject("record_too_large", f"{n} bytes > max_record_bytes {max_bytes}", off)
+        if not newline:
+            rej.blame(source)
+        yield from _byte_pieces(line, off, rej, final=True)
+        if newline:
+            yield Span(off + n, off + n + 1, nl, syntax=True)
+        return
+    left = line.lstrip()
+    if left.startswith(_BOM):  # a byte order mark at the start of the file
+        left = left[3:].lstrip()
+    core = left.rstrip()
+    if not core:
+        if n or newline:
+            yield Span(off, off + n + len(nl), line + nl, syntax=True)
+        return
+    a = n - len(left)
+    b = a + len(core)
+    if a:
+        yield Span(off, off + a, line[:a], syntax=True)
+    error = None
     try:
-        text = line.decode("utf-8")
+        text = core.decode("utf-8")
     except UnicodeDecodeError as e:
-        return _escaped(line), "invalid_utf8", str(e)
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        return text, "invalid_json", str(e)[:500]
-    if not isinstance(obj, dict):
-        return text, "not_an_object", f"record is a JSON {type(obj).__name__}, not an object"
-    return text, None, None
+        error, detail = "invalid_utf8", str(e)
+    else:
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            error, detail = "invalid_json", str(e)[:500]
+        else:
+            if not isinstance(obj, dict):
+                error = "not_an_object"
+                detail = f"record is a JSON {type(obj).__name__}, not an object"
+    if error is None:
+        yield Span(off + a, off + b, text)
+    else:
+        rej = _Reject(error, detail, off + a)
+        if not newline:
+            rej.blame(source)
+        yield from _byte_pieces(core, off + a, rej, final=True)
+    if b < n or newline:
+        yield Span(off + b, off + n + len(nl), line[b:] + nl, syntax=True)
 
 
 class _Scanner:
@@ -373,12 +547,18 @@ class _Scanner:
 
 
 class _TextBuffer:
-    """Decoded text of a byte stream, refilled chunk by chunk, compacted on each refill."""
+    """Decoded text of a byte stream, refilled chunk by chunk.
+
+    ``mark`` is the position up to which spans have gone out and ``mark_byte`` its offset in
+    the stream; each refill drops the text before ``mark``.
+    """
 
     def __init__(self, chunks: Iterator[bytes], first: bytes = b""):
         self._chunks = chunks
         self._dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         self.buf = ""
+        self.mark = 0
+        self.mark_byte = 0
         self.eof = False
         self.dirty = False  # some text so far held non-UTF-8 bytes
         if first:
@@ -390,68 +570,109 @@ class _TextBuffer:
             self.dirty = True
         self.buf += text
 
-    def fill(self, keep_from: int) -> int | None:
-        """Drop text before ``keep_from``, append a chunk; return the shift, None at EOF."""
+    def fill(self) -> int | None:
+        """Drop the text before ``mark``, append a chunk; return the shift, None at EOF."""
         if self.eof:
             return None
         chunk = next(self._chunks, None)
-        self.buf = self.buf[keep_from:]
+        shift = self.mark
+        if shift:
+            self.buf = self.buf[shift:]
+            self.mark = 0
         if chunk is None:
             self._add(b"", final=True)
             self.eof = True
-            return keep_from
-        self._add(chunk)
-        return keep_from
+        else:
+            self._add(chunk)
+        return shift
+
+    def take(self, p: int, nbytes: int | None = None) -> tuple[str, int, int]:
+        """Text from ``mark`` to ``p`` with its stream offsets; ``mark`` moves to ``p``."""
+        text = self.buf[self.mark : p]
+        start = self.mark_byte
+        self.mark_byte += _utf8_len(text) if nbytes is None else nbytes
+        self.mark = p
+        return text, start, self.mark_byte
+
+    def syntax(self, p: int) -> Span | None:
+        if p <= self.mark:
+            return None
+        text, start, end = self.take(p)
+        return Span(start, end, text, syntax=True)
+
+    def pieces(self, p: int, rej: _Reject, final: bool) -> Iterator[Span]:
+        """Reject spans for the text from ``mark`` to ``p``; unless ``final``, only the
+        pieces whose end is already known (so pieces never depend on chunk boundaries)."""
+        while self.mark < p:
+            head = self.buf[self.mark : min(p, self.mark + RAW_PIECE_BYTES)]
+            k = _text_piece(head)
+            if not final and k == len(head) and k < RAW_PIECE_BYTES:
+                return  # this piece may still grow
+            text, start, end = self.take(self.mark + k)
+            yield rej.span(_escaped(text), start, end, final and self.mark >= p)
 
 
 def iter_json_array(
-    chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_RECORD_BYTES, first: bytes = b""
-) -> Iterator[Item]:
-    """Elements of a JSON array byte stream, parsed incrementally (see the module docstring)."""
+    chunks: Iterable[bytes],
+    max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    first: bytes = b"",
+    source: Any = None,
+) -> Iterator[Span]:
+    """Spans of a JSON array byte stream, parsed incrementally (see the module docstring)."""
     tb = _TextBuffer(iter(chunks), first)
     decode = json.JSONDecoder().raw_decode
     pos = 0
-    # Opening bracket (after an optional BOM).
-    while True:
-        pos = _WS.match(tb.buf, pos).end()
-        if pos < len(tb.buf) and tb.buf[pos] == "\ufeff":
-            pos += 1
-            continue
+    while True:  # whitespace and byte order marks before the opening bracket
+        pos = _LEAD.match(tb.buf, pos).end()
         if pos < len(tb.buf):
             break
-        shift = tb.fill(pos)
+        if sp := tb.syntax(pos):
+            yield sp
+        shift = tb.fill()
         if shift is None:
             return  # empty file
         pos -= shift
-        if tb.eof and not tb.buf[pos:].strip():
-            return
     if tb.buf[pos] != "[":
-        yield _escaped(tb.buf[pos : pos + RAW_PREFIX_CHARS]), "invalid_json", "not a JSON array"
+        if sp := tb.syntax(pos):
+            yield sp
+        yield from _text_rest(tb, _Reject("invalid_json", "not a JSON array", tb.mark_byte))
         return
     pos += 1
     while True:
         buf = tb.buf
         pos = _WS_SEP.match(buf, pos).end()
         if pos >= len(buf):
-            shift = tb.fill(pos)
+            if sp := tb.syntax(pos):
+                yield sp
+            shift = tb.fill()
             if shift is None:
-                return  # array not closed, but no element was damaged
+                return  # array not closed, but no element was cut
             pos -= shift
             continue
         c = buf[pos]
         if c == "]":
             pos += 1
-            pos = _WS.match(buf, pos).end()
-            while pos >= len(tb.buf) and not tb.eof:
-                pos -= tb.fill(pos)
+            while True:  # whitespace after the array
                 pos = _WS.match(tb.buf, pos).end()
-            if pos >= len(tb.buf):
-                return
+                if pos < len(tb.buf):
+                    break
+                if sp := tb.syntax(pos):
+                    yield sp
+                shift = tb.fill()
+                if shift is None:
+                    return
+                pos -= shift
             if tb.buf[pos] == "[":  # concatenated arrays: read on
                 pos += 1
                 continue
-            yield _trailing(tb, pos)
+            if sp := tb.syntax(pos):
+                yield sp
+            yield from _text_rest(
+                tb, _Reject("invalid_json", "trailing data after the JSON array", tb.mark_byte)
+            )
             return
+        if sp := tb.syntax(pos):
+            yield sp
         try:
             obj, end = decode(buf, pos)
             ok = True
@@ -460,119 +681,525 @@ def iter_json_array(
         # Objects, arrays and strings end with their own delimiter; a number or literal is
         # complete only when a separator (or the end of the file) follows it.
         if ok and (c in '{["' or tb.eof or (end < len(buf) and buf[end] in " \t\r\n,]")):
-            yield _check_parsed(buf[pos:end], obj, max_bytes, tb.dirty)
+            yield from _element(tb, end, obj, max_bytes)
             pos = end
             continue
         if ok and end >= len(buf):  # the number may continue in the next chunk
-            shift = tb.fill(pos)
+            shift = tb.fill()
             pos -= shift or 0
             continue
-        item, pos = _resolve_failed(tb, pos, max_bytes)
-        yield item
+        pos = yield from _resolve_failed(tb, max_bytes, source)
         if pos < 0:
             return
 
 
-def _resolve_failed(tb: _TextBuffer, pos: int, max_bytes: int) -> tuple[Item, int]:
-    """An element that did not parse from the buffer: incomplete, damaged or too large.
+def _element(tb: _TextBuffer, end: int, obj: Any, max_bytes: int) -> Iterator[Span]:
+    """The parsed element from ``tb.mark`` to ``end``: a record span or a reject."""
+    text = tb.buf[tb.mark : end]
+    nbytes = _utf8_len(text)
+    if nbytes > max_bytes:
+        error, detail = "record_too_large", f"{nbytes} bytes > max_record_bytes {max_bytes}"
+    elif tb.dirty and _SURROGATE.search(text):
+        error, detail = "invalid_utf8", "bytes that are not UTF-8 inside the record"
+    elif not isinstance(obj, dict):
+        error, detail = "not_an_object", f"record is a JSON {type(obj).__name__}, not an object"
+    else:
+        text, start, stop = tb.take(end, nbytes)
+        yield Span(start, stop, text)
+        return
+    yield from tb.pieces(end, _Reject(error, detail, tb.mark_byte), final=True)
 
-    Returns the row for it and the position after it (-1 when the file ended inside it).
-    """
-    scanner = _Scanner(pos)
-    prefix = None  # set once the element is known to be too large
-    skipped = 0
+
+def _resolve_failed(tb: _TextBuffer, max_bytes: int, source: Any) -> Iterator[Span]:
+    """The element at ``tb.mark`` did not parse from the buffer: incomplete, damaged or too
+    large. Yields its spans; returns the position after it (-1 when the stream ended in it)."""
+    scanner = _Scanner(tb.mark)
+    big: _Reject | None = None  # set once the element is known to be too large
     while True:
         end = scanner.scan(tb.buf)
         if end >= 0:
             break
-        if prefix is None and scanner.i - pos > max_bytes:
-            prefix = tb.buf[pos : pos + RAW_PREFIX_CHARS]
-        if prefix is not None:  # drop what was scanned; only the prefix is kept
-            skipped += scanner.i - pos
-            pos = scanner.i
-        shift = tb.fill(pos)
-        if shift is None:
-            tail = tb.buf[pos:]
-            if prefix is not None:
-                return _too_large(prefix, skipped + len(tail), max_bytes, truncated=True), -1
-            return (
-                _escaped(tail[:RAW_PREFIX_CHARS]),
-                "invalid_json",
-                f"truncated: the file ends inside this element ({len(tail)} chars)",
-            ), -1
-        pos -= shift
+        if big is None and scanner.i - tb.mark > max_bytes:  # chars <= bytes
+            big = _Reject(
+                "record_too_large",
+                f"an element longer than max_record_bytes {max_bytes}",
+                tb.mark_byte,
+            )
+        if big is not None:
+            yield from tb.pieces(scanner.i, big, final=False)
+        shift = tb.fill()
+        if shift is None:  # the stream ends inside this element
+            rej = big or _Reject(
+                "invalid_json", "truncated: the file ends inside this element", tb.mark_byte
+            )
+            rej.blame(source)
+            yield from tb.pieces(len(tb.buf), rej, final=True)
+            return -1
         scanner.i -= shift
-    if end == pos:  # a stray '}' where an element should start: consume it, always progress
-        end = pos + 1
-    if prefix is not None:
-        return _too_large(prefix, skipped + end - pos, max_bytes), end
-    text = tb.buf[pos:end]
+    if big is None and end == tb.mark:  # a stray '}' where an element starts: consume it
+        end += 1
+    if big is not None:
+        yield from tb.pieces(end, big, final=True)
+        return end
     try:
-        obj = json.loads(text)
+        obj = json.loads(tb.buf[tb.mark : end])
     except (ValueError, RecursionError) as e:
-        return (_escaped(text[: max_bytes + 1]), "invalid_json", str(e)[:500]), end
-    return _check_parsed(text, obj, max_bytes, tb.dirty), end
+        yield from tb.pieces(end, _Reject("invalid_json", str(e)[:500], tb.mark_byte), True)
+        return end
+    yield from _element(tb, end, obj, max_bytes)
+    return end
 
 
-def _too_large(prefix: str, nchars: int, max_bytes: int, truncated: bool = False) -> Item:
-    note = ", truncated at end of file" if truncated else ""
-    return (
-        _escaped(prefix),
-        "record_too_large",
-        f"{nchars} chars > max_record_bytes {max_bytes}{note} (record holds a prefix)",
-    )
+def _text_rest(tb: _TextBuffer, rej: _Reject) -> Iterator[Span]:
+    """Everything from ``tb.mark`` to the end of the stream as one reject, in pieces."""
+    while True:
+        yield from tb.pieces(len(tb.buf), rej, final=False)
+        if tb.fill() is None:
+            break
+    yield from tb.pieces(len(tb.buf), rej, final=True)
 
 
-def _trailing(tb: _TextBuffer, pos: int) -> Item:
-    kept = tb.buf[pos : pos + RAW_PREFIX_CHARS]
-    total = len(tb.buf) - pos
-    while not tb.eof:
-        tb.fill(len(tb.buf))
-        total += len(tb.buf)
-        if len(kept) < RAW_PREFIX_CHARS:
-            kept += tb.buf[: RAW_PREFIX_CHARS - len(kept)]
-    return _escaped(kept), "invalid_json", f"{total} chars of trailing data after the JSON array"
-
-
-def iter_parquet(f: Any, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Item]:
-    """Rows of a Parquet file as JSON object text (values json.dumps cannot encode use str())."""
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(f)
-    for batch in pf.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            text = json.dumps(row, ensure_ascii=False, default=str)
-            yield _check_parsed(text, row, max_bytes, False)
-
-
-def iter_records(f: Any, kind: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Item]:
-    """Records of one open binary file of the given kind (``json``, ``jsonl``, ``parquet``)."""
-    if kind == "parquet":
-        yield from iter_parquet(f, max_bytes)
-        return
-    chunks = iter(lambda: f.read(CHUNK_BYTES), b"")
+def iter_spans(
+    chunks: Iterable[bytes], kind: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES, source=None
+) -> Iterator[Span]:
+    """Spans of a ``json`` (array or lines, sniffed) or ``jsonl`` byte stream."""
+    chunks = iter(chunks)
     if kind == "jsonl":
-        yield from iter_jsonl(chunks, max_bytes)
+        yield from iter_jsonl(chunks, max_bytes, source)
         return
-    # json: sniff array vs lines from the first non-blank byte
     first = b""
     for chunk in chunks:
         first += chunk
         if first.lstrip(b" \t\r\n\xef\xbb\xbf"):
             break
     head = first.lstrip(b" \t\r\n")
-    if head.startswith(b"\xef\xbb\xbf"):
+    if head.startswith(_BOM):
         head = head[3:].lstrip(b" \t\r\n")
     if head.startswith(b"["):
-        yield from iter_json_array(chunks, max_bytes, first=first)
+        yield from iter_json_array(chunks, max_bytes, first, source)
     else:
-        yield from iter_jsonl(_prepend(first, chunks), max_bytes)
+        yield from iter_jsonl(_prepend(first, chunks), max_bytes, source)
 
 
 def _prepend(first: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
     if first:
         yield first
     yield from chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte streams of one file: raw bytes, or a gzip stream decompressed here
+
+
+class _RawStream:
+    """A binary file as chunks, counting bytes; a read error ends it (``failure``)."""
+
+    def __init__(self, f: Any, chunk_bytes: int = CHUNK_BYTES):
+        self._f = f
+        self._chunk_bytes = chunk_bytes
+        self.nbytes = 0
+        self.failure: tuple[str, str] | None = None
+        self.reported = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            try:
+                data = self._f.read(self._chunk_bytes)
+            except Exception as e:  # an I/O failure is the file's, never the job's
+                self.failure = (
+                    "unreadable_file",
+                    f"read failed at byte {self.nbytes}: {type(e).__name__}: {e}"[:1000],
+                )
+                return
+            if not data:
+                return
+            self.nbytes += len(data)
+            yield data
+
+
+class _GunzipStream:
+    """The decompressed chunks of a gzip file (every member), keeping all output before damage.
+
+    Compressed input goes to zlib :data:`GZIP_PIECE_BYTES` at a time; when a piece fails, it is
+    fed again byte by byte from a copy of the decompressor taken before it, so the output up to
+    the exact failing byte is kept and ``rest_at`` is that byte's offset. ``decoded``: compressed
+    bytes decoded; ``nbytes``: decompressed bytes produced; ``failure``: why it stopped early.
+    """
+
+    def __init__(self, raw: _RawStream):
+        self.raw = raw
+        self._it = iter(raw)
+        self.nbytes = 0
+        self.decoded = 0
+        self.failure: tuple[str, str] | None = None
+        self.reported = False
+        self.rest_at: int | None = None
+        self._rest_head = b""
+
+    def __iter__(self) -> Iterator[bytes]:
+        d = None
+        buf, i = b"", 0
+        pos = 0  # compressed offset of buf[i]
+        member_at = member_out = 0  # compressed offset of the current member, its output
+        member_head: bytes | None = b""  # its bytes while it has no output (None: too many)
+        while True:
+            if i >= len(buf):
+                buf, i = next(self._it, b""), 0
+                if not buf:
+                    break
+            if d is None:
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip header and trailer
+                member_at, member_out, member_head = pos, 0, b""
+            piece = buf[i : i + GZIP_PIECE_BYTES]
+            i += len(piece)
+            before = d.copy()
+            try:
+                out = d.decompress(piece)
+            except zlib.error as e:
+                out, used = _gunzip_until_error(before, piece)
+                if out:
+                    self.nbytes += len(out)
+                    member_out += len(out)
+                    yield out
+                self.failure = ("unreadable_file", _gzip_error(e, pos + used))
+                if not member_out and member_head is not None:
+                    # nothing of this member decoded: the reject holds all of it
+                    self._rest_head = member_head + piece + buf[i:]
+                    self.decoded = self.rest_at = member_at
+                else:
+                    self._rest_head = piece[used:] + buf[i:]
+                    self.decoded = self.rest_at = pos + used
+                return
+            if out:
+                self.nbytes += len(out)
+                member_out += len(out)
+                yield out
+            elif not member_out and member_head is not None:
+                # no output yet (a header): keep the bytes in case the member proves corrupt
+                member_head = member_head + piece if len(member_head) < RAW_PIECE_BYTES else None
+            if d.eof:  # end of a member: what follows is the next member (or not gzip)
+                tail = d.unused_data
+                pos += len(piece) - len(tail)
+                buf, i = tail + buf[i:], 0
+                d = None
+            else:
+                pos += len(piece)
+        self.decoded = pos
+        if self.raw.failure:
+            self.failure = self.raw.failure
+        elif d is not None:  # the input ended inside a member
+            out = d.flush()
+            if out:
+                self.nbytes += len(out)
+                yield out
+            self.failure = (
+                "truncated_file",
+                f"the gzip stream ends before its end marker, after {pos} compressed bytes "
+                "(a partial download?)",
+            )
+
+    def rest(self) -> Iterator[bytes]:
+        """The compressed bytes from ``rest_at`` to the end of the file."""
+        if self._rest_head:
+            yield self._rest_head
+        yield from self._it
+
+
+def _gunzip_until_error(d: Any, piece: bytes) -> tuple[bytes, int]:
+    """Feed ``piece`` byte by byte: (output before the failing byte, bytes used before it)."""
+    out = []
+    for k in range(len(piece)):
+        try:
+            out.append(d.decompress(piece[k : k + 1]))
+        except zlib.error:
+            return b"".join(out), k
+        if d.eof:
+            return b"".join(out), k + 1
+    return b"".join(out), len(piece)
+
+
+def _gzip_error(e: Exception, at: int) -> str:
+    msg = str(e)
+    if "incorrect data check" in msg or "incorrect length check" in msg:
+        return (
+            f"gzip check failed at compressed byte {at} ({msg}): the member's data is damaged "
+            "somewhere before it"
+        )
+    return f"gzip data unreadable from compressed byte {at}: {msg}"
+
+
+# ---------------------------------------------------------------------------------------------
+# One file -> rows, with its counts
+
+
+def _is_syntax(text: str | bytes) -> bool:
+    pattern = _SYNTAX_BYTES if isinstance(text, bytes) else _SYNTAX_TEXT
+    return pattern.fullmatch(text) is not None
+
+
+class FileReader:
+    """The rows of one open file, and the counts that show every part of it is accounted.
+
+    Iterate once; then :attr:`counts` holds ``rows`` (rows yielded), ``unit`` (the unit of the
+    file's ranges), ``stream`` (its size in that unit: file bytes, decompressed bytes, or rows
+    in the Parquet footer), ``covered`` (sum of the rows' ranges in that unit), ``syntax``
+    (bytes between them that are JSON syntax), ``file_bytes`` (bytes of the file decoded or
+    rejected; None when Arrow decompressed the file) and ``decompressed`` (for ``.gz``). The
+    reader raises ``RuntimeError`` when its own spans skip or overlap (a bug, never bad input).
+
+    Args:
+        f: the open binary file (random access for Parquet).
+        kind: ``json``, ``jsonl`` or ``parquet``.
+        max_record_bytes: records larger than this are ``record_too_large`` rejects.
+        gzip: decompress the file here (``.gz``).
+        arrow_decompressed: ``f`` is already a decompressed stream (another codec).
+        size: the file's size when a read fails part way (for the unreadable remainder).
+    """
+
+    def __init__(
+        self,
+        f: Any,
+        kind: str,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        *,
+        gzip: bool = False,
+        arrow_decompressed: bool = False,
+        size: Callable[[], int | None] | None = None,
+    ):
+        self.f, self.kind, self.max_bytes = f, kind, max_record_bytes
+        self.gzip, self.arrow_decompressed = gzip, arrow_decompressed
+        self._size = size or (lambda: None)
+        self.counts: dict[str, Any] = {}
+
+    def __iter__(self) -> Iterator[Row]:
+        if self.kind == "parquet":
+            yield from self._parquet()
+            return
+        raw = _RawStream(self.f)
+        stream: Any = _GunzipStream(raw) if self.gzip else raw
+        unit = UNIT_DECOMPRESSED if self.gzip or self.arrow_decompressed else UNIT_BYTES
+        rows = covered = syntax = at = 0
+        for sp in iter_spans(stream, self.kind, self.max_bytes, stream):
+            if sp.start != at or sp.end < sp.start:
+                raise RuntimeError(f"reader bug: span [{sp.start}, {sp.end}) after byte {at}")
+            at = sp.end
+            if sp.syntax:
+                if not _is_syntax(sp.text):
+                    raise RuntimeError(f"reader bug: bytes [{sp.start}, {sp.end}) are not syntax")
+                syntax += sp.end - sp.start
+                continue
+            covered += sp.end - sp.start
+            rows += 1
+            yield Row(sp.text, sp.error, sp.detail, sp.start, sp.end, unit)
+        if at != stream.nbytes:
+            raise RuntimeError(f"reader bug: spans cover {at} of {stream.nbytes} stream bytes")
+        file_bytes = stream.decoded if self.gzip else raw.nbytes
+        reported = stream.reported
+        if self.gzip and stream.rest_at is not None:  # compressed bytes that do not decompress
+            rej = _Reject(*stream.failure, stream.rest_at)
+            for sp in _bytes_rest(stream.rest(), stream.rest_at, rej):
+                file_bytes += sp.end - sp.start
+                rows += 1
+                yield Row(sp.text, sp.error, sp.detail, sp.start, sp.end, UNIT_BYTES)
+            reported = True
+        if raw.failure:
+            size = self._size()
+            if size is not None and size > raw.nbytes:
+                detail = f"{raw.failure[1]} (bytes to the end of the file not read)"
+                rows += 1
+                yield Row("", raw.failure[0], detail, raw.nbytes, size, UNIT_BYTES)
+                file_bytes += size - raw.nbytes
+                reported = True
+        if stream.failure and not reported:  # failed at a record boundary: say so
+            rows += 1
+            yield Row("", stream.failure[0], stream.failure[1], at, at, unit)
+        self.counts = {
+            "rows": rows,
+            "unit": unit,
+            "stream": stream.nbytes,
+            "covered": covered,
+            "syntax": syntax,
+            "file_bytes": None if self.arrow_decompressed else file_bytes,
+            "decompressed": stream.nbytes if self.gzip else None,
+        }
+
+    def _parquet(self) -> Iterator[Row]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.f, page_checksum_verification=True)
+            meta = pf.metadata
+        except Exception as e:  # no readable footer: the whole file is one reject, in pieces
+            yield from self._unreadable_parquet(
+                f"not a readable Parquet file: {type(e).__name__}: {e}"
+            )
+            return
+        rows = covered = at = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            done = 0
+            try:
+                for batch in pf.iter_batches(batch_size=1024, row_groups=[g], use_threads=False):
+                    for row in batch.to_pylist():
+                        if done >= n:
+                            raise ValueError(f"more rows than the {n} of the footer")
+                        text = json.dumps(row, ensure_ascii=False, default=str)
+                        error, detail, text = _parquet_record(text, self.max_bytes)
+                        yield Row(text, error, detail, at + done, at + done + 1, UNIT_ROWS)
+                        done += 1
+                        rows += 1
+                        covered += 1
+                if done < n:
+                    raise ValueError(f"the row group ended after {done} of its {n} rows")
+            except Exception as e:  # a corrupt page or checksum: the rest of the group
+                for k, (raw, detail) in enumerate(_salvage_row_group(pf, g, done, n, e)):
+                    r = at + done + k
+                    yield Row(raw, "unreadable_row_group", detail, r, r + 1, UNIT_ROWS)
+                    rows += 1
+                    covered += 1
+            at += n
+        self.counts = {
+            "rows": rows,
+            "unit": UNIT_ROWS,
+            "stream": meta.num_rows,
+            "covered": covered,
+            "syntax": 0,
+            "file_bytes": self.f.size(),  # the footer read: the file is read as a whole
+            "decompressed": None,
+        }
+
+    def _unreadable_parquet(self, detail: str) -> Iterator[Row]:
+        self.f.seek(0)
+        raw = _RawStream(self.f, RAW_PIECE_BYTES)
+        rows = covered = 0
+        for sp in _bytes_rest(raw, 0, _Reject("unreadable_file", detail, 0)):
+            rows += 1
+            covered += sp.end - sp.start
+            yield Row(sp.text, sp.error, sp.detail, sp.start, sp.end, UNIT_BYTES)
+        size = self.f.size()
+        if raw.failure and size > raw.nbytes:
+            rows += 1
+            covered += size - raw.nbytes
+            yield Row("", raw.failure[0], raw.failure[1], raw.nbytes, size, UNIT_BYTES)
+        self.counts = {
+            "rows": rows,
+            "unit": UNIT_BYTES,
+            "stream": size,
+            "covered": covered,
+            "syntax": 0,
+            "file_bytes": covered,
+            "decompressed": None,
+        }
+
+
+def _parquet_record(text: str, max_bytes: int) -> tuple[str | None, str | None, str]:
+    if len(text) * 4 > max_bytes:  # cheap bound first: a char is at most 4 UTF-8 bytes
+        nbytes = len(text.encode("utf-8", "surrogatepass"))
+        if nbytes > max_bytes:
+            return (
+                "record_too_large",
+                f"{nbytes} bytes > max_record_bytes {max_bytes} (record holds a prefix)",
+                text[:RAW_PIECE_BYTES],
+            )
+    return None, None, text
+
+
+def _salvage_row_group(
+    pf: Any, group: int, first: int, n: int, error: Exception
+) -> Iterator[tuple[str, str]]:
+    """Rows ``first``..``n-1`` of a row group that failed: per row, its columns that still
+    decode, as JSON, and a detail naming the error and the columns lost."""
+    cols: dict[str, list] = {}
+    lost = []
+    for name in pf.schema_arrow.names:
+        try:
+            col = pf.read_row_group(group, columns=[name], use_threads=False).column(0)
+            if len(col) != n:
+                raise ValueError(f"{len(col)} values for {n} rows")
+            cols[name] = col.slice(first).to_pylist()
+        except Exception:
+            lost.append(name)
+    detail = (
+        f"row group {group} does not decode ({type(error).__name__}: {error}); columns lost: {lost}"
+    )[:1000]
+    for i in range(n - first):
+        row = {name: values[i] for name, values in cols.items()}
+        yield json.dumps(row, ensure_ascii=False, default=str), detail
+
+
+def iter_records(
+    f: Any, kind: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES, *, gzip: bool = False
+) -> Iterator[Row]:
+    """Rows of one open binary file of the given kind (``json``, ``jsonl``, ``parquet``)."""
+    return iter(FileReader(f, kind, max_bytes, gzip=gzip))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-file counts, reported by the read tasks
+
+
+class _LedgerActor:
+    def __init__(self) -> None:
+        self._files: dict[int, dict] = {}
+
+    def put(self, rank: int, counts: dict) -> None:
+        self._files[rank] = counts  # a retried read task replaces its file's counts
+
+    def get(self) -> dict[int, dict]:
+        return self._files
+
+
+class ReadLedger:
+    """What the read tasks of :func:`read_pool` counted, per file (a small Ray actor).
+
+    Each read task reports one file's :attr:`FileReader.counts` when it finishes the file; rows
+    never pass through it. After the dataset has run, :meth:`check` verifies every file and
+    returns the rows read, a count independent of what the stage writes.
+    """
+
+    def __init__(self) -> None:
+        import ray
+
+        self.actor = ray.remote(num_cpus=0)(_LedgerActor).remote()
+        self.files: list[str] = []  # set by read_pool
+
+    def counts(self) -> dict[str, dict]:
+        """Counts per file path (files not read yet are missing)."""
+        import ray
+
+        got = ray.get(self.actor.get.remote())
+        return {self.files[rank]: c for rank, c in sorted(got.items())}
+
+    def check(self) -> int:
+        """Rows read in all, after checking each file's counts.
+
+        Raises:
+            RuntimeError: a file was not read, its ranges and syntax do not add up to its
+                stream, or the bytes it accounts for differ from its size on disk.
+        """
+        counts = self.counts()
+        problems = []
+        for path in self.files:
+            c = counts.get(path)
+            if c is None:
+                problems.append(f"{path}: no counts (the file was not read)")
+                continue
+            if c["covered"] + c["syntax"] != c["stream"]:
+                problems.append(
+                    f"{path}: ranges {c['covered']} + syntax {c['syntax']} != {c['stream']} "
+                    f"{c['unit']}"
+                )
+            size = file_size(path)
+            if c["file_bytes"] is not None and c["file_bytes"] != size:
+                problems.append(f"{path}: {c['file_bytes']} bytes accounted, {size} on disk")
+        if problems:
+            raise RuntimeError("read accounting broken: " + "; ".join(problems[:5]))
+        return sum(c["rows"] for c in counts.values())
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,11 +1216,13 @@ class PoolDatasource(FileBasedDatasource):
         file_format: str = "auto",
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         block_rows: int = BLOCK_ROWS,
+        ledger: ReadLedger | None = None,
     ):
         super().__init__(files)
         self._file_format = file_format
         self._max_record_bytes = max_record_bytes
         self._block_rows = block_rows
+        self._ledger = ledger.actor if ledger is not None else None
         self._ranks = {os.path.normpath(f) if not _is_uri(f) else f: r for r, f in enumerate(files)}
 
     def _rank(self, path: str) -> int:
@@ -607,46 +1236,66 @@ class PoolDatasource(FileBasedDatasource):
                 return rank
         raise KeyError(f"file {path!r} was not in the expanded pool")
 
+    def resolve_compression(self, path: str, open_args: dict[str, Any]) -> str | None:
+        codec = super().resolve_compression(path, open_args)
+        return None if codec == "gzip" else codec  # gzip: decompressed by FileReader
+
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
         if file_kind(path, self._file_format) == "parquet":
             return filesystem.open_input_file(path)  # Parquet needs random access
         return super()._open_input_source(filesystem, path, **open_args)
 
+    def _file_size(self, path: str) -> int | None:
+        try:
+            return int(self._filesystem.get_file_info(path).size)
+        except Exception:
+            return None
+
     def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
-        base = self._rank(path) << SEQ_FILE_SHIFT
+        rank = self._rank(path)
+        base = rank << SEQ_FILE_SHIFT
         kind = file_kind(path, self._file_format)
-        cols: dict[str, list] = {"record": [], "index": [], "error": [], "detail": []}
+        gz = kind != "parquet" and path.lower().endswith(".gz")
+        other_codec = kind != "parquet" and self.resolve_compression(path, {}) is not None
+        reader = FileReader(
+            f,
+            kind,
+            self._max_record_bytes,
+            gzip=gz,
+            arrow_decompressed=other_codec,
+            size=lambda: self._file_size(path),
+        )
+        cols: dict[str, list] = {k: [] for k in ("record", "error", "detail", "start", "end")}
+        units: list[str] = []
         chars = 0
         index = 0
-        items = iter_records(f, kind, self._max_record_bytes)
-        while True:
-            try:
-                item = next(items)
-            except StopIteration:
-                break
-            except Exception as e:  # corrupt gzip/Parquet, I/O failure: count it, go on
-                item = ("", "unreadable_file", f"{type(e).__name__}: {e}"[:1000])
-                items = iter(())
-            text, error, detail = item
-            cols["record"].append(text)
-            cols["index"].append(index)
-            cols["error"].append(error)
-            cols["detail"].append(detail)
-            index += 1
-            chars += len(text)
-            if len(cols["index"]) >= self._block_rows or chars >= BLOCK_CHARS:
-                yield _block(cols, path, base)
+        for row in reader:
+            cols["record"].append(row.record)
+            cols["error"].append(row.error)
+            cols["detail"].append(row.detail)
+            cols["start"].append(row.start)
+            cols["end"].append(row.end)
+            units.append(row.unit)
+            chars += len(row.record)
+            if len(units) >= self._block_rows or chars >= BLOCK_CHARS:
+                yield _block(cols, units, path, base, index)
+                index += len(units)
                 cols = {k: [] for k in cols}
+                units = []
                 chars = 0
-        if cols["index"]:
-            yield _block(cols, path, base)
+        if units:
+            yield _block(cols, units, path, base, index)
+        if self._ledger is not None:
+            import ray
+
+            ray.get(self._ledger.put.remote(rank, reader.counts))
 
 
-def _block(cols: dict[str, list], path: str, base: int) -> pa.Table:
+def _block(cols: dict[str, list], units: list[str], path: str, base: int, first: int) -> pa.Table:
     import numpy as np
 
-    index = np.asarray(cols["index"], dtype=np.int64)
-    n = len(index)
+    n = len(units)
+    index = np.arange(first, first + n, dtype=np.int64)
     return pa.Table.from_arrays(
         [
             pa.array(cols["record"], pa.large_string()),
@@ -655,6 +1304,9 @@ def _block(cols: dict[str, list], path: str, base: int) -> pa.Table:
             pa.array(index + base),
             pa.array(cols["error"], pa.string()),
             pa.array(cols["detail"], pa.string()),
+            pa.array(cols["start"], pa.int64()),
+            pa.array(cols["end"], pa.int64()),
+            pa.array(units, pa.string()),
         ],
         schema=READ_SCHEMA,
     )
@@ -666,8 +1318,9 @@ def read_pool(
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     *,
     block_rows: int = BLOCK_ROWS,
+    ledger: ReadLedger | None = None,
 ) -> Any:
-    """Stream a pool as a Ray Dataset of :data:`READ_SCHEMA` rows, one per record.
+    """Stream a pool as a Ray Dataset of :data:`READ_SCHEMA` rows, one per record or reject.
 
     Args:
         paths: a file, several files, a directory, a glob, or a list of them.
@@ -675,6 +1328,7 @@ def read_pool(
             ``parquet`` for every file.
         max_record_bytes: records larger than this become ``record_too_large`` rows.
         block_rows: rows per output block.
+        ledger: receives each file's counts from the read tasks (see :class:`ReadLedger`).
 
     Returns:
         A lazy ``ray.data.Dataset``; nothing is read until it executes.
@@ -684,7 +1338,13 @@ def read_pool(
     files = expand_paths(paths)
     if file_format not in FILE_FORMATS:
         raise ValueError(f"file_format must be one of {FILE_FORMATS}, got {file_format!r}")
+    if ledger is not None:
+        ledger.files = files
     source = PoolDatasource(
-        files, file_format=file_format, max_record_bytes=max_record_bytes, block_rows=block_rows
+        files,
+        file_format=file_format,
+        max_record_bytes=max_record_bytes,
+        block_rows=block_rows,
+        ledger=ledger,
     )
     return ray.data.read_datasource(source)

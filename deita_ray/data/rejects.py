@@ -4,6 +4,7 @@ A stage marks a row as rejected by filling the three columns below in its output
 splitting sink (:mod:`deita_ray.data.sink`) writes such rows to ``rejects/<stage>/`` instead of
 the stage's output. Reasons are short machine-readable snake_case strings; ``detail`` is for
 people; ``raw`` holds the original record text (JSON), so nothing the user gave disappears.
+Three optional columns locate a reject in its input file (filled by ingest).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ DETAIL = "_reject_detail"
 RAW = "_raw"
 """Column: the original record as text (JSON for parsed records, decoded bytes otherwise)."""
 
-MARK_COLUMNS = (REASON, DETAIL, RAW)
+RANGE_START = "_range_start"
+"""Column (optional): where the rejected input starts, in ``_range_unit`` (may be null)."""
+RANGE_END = "_range_end"
+"""Column (optional): where it ends (exclusive)."""
+RANGE_UNIT = "_range_unit"
+"""Column (optional): ``bytes`` (file offsets), ``decompressed_bytes`` (offsets in the
+decompressed stream of a ``.gz`` file) or ``rows`` (Parquet row numbers)."""
+
+MARK_COLUMNS = (REASON, DETAIL, RAW, RANGE_START, RANGE_END, RANGE_UNIT)
 
 REJECTS_SCHEMA = pa.schema(
     [
@@ -31,9 +40,14 @@ REJECTS_SCHEMA = pa.schema(
         ("detail", pa.string()),
         ("raw", pa.large_string()),
         ("source", pa.string()),
+        ("range_start", pa.int64()),
+        ("range_end", pa.int64()),
+        ("range_unit", pa.string()),
     ]
 )
-"""Schema of every file under ``<output.dir>/rejects/<stage>/``."""
+"""Schema of every file under ``<output.dir>/rejects/<stage>/``. ``range_*`` locate the
+rejected input in its source file (see :mod:`deita_ray.data.read`); null where the stage
+does not know it (rows rejected after ingest)."""
 
 
 def to_raw(record: Any) -> str:

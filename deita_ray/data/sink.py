@@ -10,6 +10,10 @@ Resume: when a driver dies in the middle of a stage, the parts already written s
 :func:`skip_finished` drops the input rows whose ``seq`` already appears in them before the
 expensive work, and :func:`write_with_rejects` counts the stage's rows from what is on disk, so
 a resumed stage ends with the same rows and the same counts as an uninterrupted one.
+
+Accounting: rows out and rows rejected come from disk; rows in must come from the stage's
+input (a count of the input files or dataset, or what the read tasks report), so that
+``rows in == rows out + rows rejected`` is a check that can fail.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import glob
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -27,7 +31,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deita_ray.accounting import StageCounts
-from deita_ray.data.rejects import DETAIL, MARK_COLUMNS, RAW, REASON, REJECTS_SCHEMA
+from deita_ray.data.rejects import (
+    DETAIL,
+    MARK_COLUMNS,
+    RANGE_END,
+    RANGE_START,
+    RANGE_UNIT,
+    RAW,
+    REASON,
+    REJECTS_SCHEMA,
+)
 
 try:  # Ray is a core dependency, but keep this module importable for pure unit tests.
     from ray.data import Datasink
@@ -72,6 +85,9 @@ def split_block(table: pa.Table, stage: str) -> tuple[pa.Table, pa.Table]:
             "detail": col(DETAIL, pa.string()),
             "raw": col(RAW, pa.large_string()),
             "source": col("source", pa.string()),
+            "range_start": col(RANGE_START, pa.int64()),
+            "range_end": col(RANGE_END, pa.int64()),
+            "range_unit": col(RANGE_UNIT, pa.string()),
         },
         schema=REJECTS_SCHEMA,
     )
@@ -186,7 +202,7 @@ def skip_finished(ds: Any, out_dir: str, stage: str) -> Any:
 
 
 def write_with_rejects(
-    ds: Any, stage: str, out_dir: str, rows_in: int | None = None
+    ds: Any, stage: str, out_dir: str, rows_in: int | Callable[[], int]
 ) -> StageCounts:
     """Run ``ds`` (a marked Ray Dataset) to completion, writing rows and rejects of ``stage``.
 
@@ -195,15 +211,16 @@ def write_with_rejects(
         stage: stage name (folder names and the ``stage`` column of rejects).
         out_dir: the job's output directory.
         rows_in: rows the stage read in total (including rows finished by an interrupted
-            earlier run); None means "every row the stage has written", for stages that map
-            each input row to exactly one output row.
+            earlier run), counted from the stage's input, never from what it wrote; a
+            callable is called after the write (e.g. a count the read tasks report).
 
     Returns:
-        The stage's counts, read back from disk (so a resumed stage counts its earlier parts).
+        The stage's counts: rows out and rejected read back from disk (so a resumed stage
+        counts its earlier parts), rows in as given. ``counts.check`` compares them.
     """
     ds.write_datasink(
         SplitParquetSink(stage, stage_dir(out_dir, stage), rejects_dir(out_dir, stage))
     )
     counts = count_written(out_dir, stage)
-    counts.rows_in = counts.rows_out + counts.rows_rejected if rows_in is None else rows_in
+    counts.rows_in = int(rows_in() if callable(rows_in) else rows_in)
     return counts

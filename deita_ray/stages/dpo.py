@@ -366,11 +366,12 @@ def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: in
     """
     import ray
 
-    from deita_ray.data.read import read_pool
+    from deita_ray.data.read import ReadLedger, read_pool
     from deita_ray.training.common import use_bf16
 
     t = cfg.dpo
-    ds = read_pool(t.paths, max_record_bytes=cfg.input.max_record_bytes)
+    ledger = ReadLedger()  # rows in as the read tasks count them, apart from what is written
+    ds = read_pool(t.paths, max_record_bytes=cfg.input.max_record_bytes, ledger=ledger)
     # Tokenise first and keep the (small) result, so that the reading tasks never wait for
     # CPUs held by the reference-model actors on a small cluster.
     ds = map_tokenize(ds, PreparePairs, model_path, t, batch_size=64).materialize()
@@ -392,7 +393,10 @@ def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: in
         num_cpus=t.cpus_per_worker,
         num_gpus=1 if t.use_gpu else 0,
     )
-    return write_with_rejects(ds, NAME, out_dir)
+    try:
+        return write_with_rejects(ds, NAME, out_dir, rows_in=ledger.check)
+    finally:
+        ledger.close()
 
 
 def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:

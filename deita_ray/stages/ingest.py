@@ -18,8 +18,10 @@ Plan (nothing of the pool passes through the driver):
    content). The driver holds only object refs and per-file summaries, never ids or rows.
    Ids are therefore stable across runs and never depend on timing.
 
-Accounting: ``rows_in`` = records read (one read row per record, bad ones included) =
-``rows_out`` + rejected, checked before returning.
+Accounting: ``rows_in`` = the rows the read tasks report per file to a
+:class:`~deita_ray.data.read.ReadLedger` (one per record or reject piece; each file's ranges
+and syntax bytes add up to its size, checked), counted apart from what the sink writes;
+``rows_out`` + rejected must equal it, checked before returning.
 """
 
 from __future__ import annotations
@@ -42,8 +44,15 @@ from deita_ray.data.formats import (
     canonicalize,
     record_id,
 )
-from deita_ray.data.read import SEQ_FILE_SHIFT, expand_paths, file_stem, id_prefixes, read_pool
-from deita_ray.data.rejects import DETAIL, RAW, REASON
+from deita_ray.data.read import (
+    SEQ_FILE_SHIFT,
+    ReadLedger,
+    expand_paths,
+    file_stem,
+    id_prefixes,
+    read_pool,
+)
+from deita_ray.data.rejects import DETAIL, RANGE_END, RANGE_START, RANGE_UNIT, RAW, REASON
 from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir, write_with_rejects
 from deita_ray.stages.base import Stage
 
@@ -53,6 +62,9 @@ MARKED_SCHEMA = (
     CANONICAL_SCHEMA.append(pa.field(REASON, pa.string()))
     .append(pa.field(DETAIL, pa.string()))
     .append(pa.field(RAW, pa.large_string()))
+    .append(pa.field(RANGE_START, pa.int64()))
+    .append(pa.field(RANGE_END, pa.int64()))
+    .append(pa.field(RANGE_UNIT, pa.string()))
 )
 """Output of :class:`Canonicalize`: the canonical columns plus the reject mark columns."""
 
@@ -63,11 +75,12 @@ class Canonicalize:
     """Read rows -> canonical rows, or rows marked as rejects (a ``map_batches`` callable).
 
     Input columns (:data:`deita_ray.data.read.READ_SCHEMA`): ``record``, ``source``,
-    ``index``, ``seq``, ``error``, ``detail``.
+    ``index``, ``seq``, ``error``, ``detail``, ``range_start``, ``range_end``, ``range_unit``.
 
     Output columns (:data:`MARKED_SCHEMA`): ``id``, ``seq``, ``messages``, ``source``,
     ``format``, ``extra`` (:data:`~deita_ray.data.formats.CANONICAL_SCHEMA`) and
-    ``_reject_reason``, ``_reject_detail``, ``_raw``. A good row has a null reason and null raw;
+    ``_reject_reason``, ``_reject_detail``, ``_raw`` and the record's input range
+    (``_range_start``, ``_range_end``, ``_range_unit``). A good row has a null reason and null raw;
     a rejected row has null messages/format/extra, its id (own or synthesized), the reason
     (the reader's error, a :func:`~deita_ray.data.formats.canonicalize` reason, or
     ``invalid_utf8`` for strings with unpaired surrogate escapes, which Arrow cannot store)
@@ -150,6 +163,9 @@ class Canonicalize:
             reasons,
             rdetails,
             raws,
+            batch.column("range_start"),
+            batch.column("range_end"),
+            batch.column("range_unit"),
         ]
         try:
             return _table(cols)
@@ -341,8 +357,9 @@ def mark_duplicates(table: pa.Table, dups: pa.Table) -> pa.Table:
             raw = {k: r[k] for k in ("id", "source", "format", "messages")}
             raw["extra"] = json.loads(r["extra"]) if r["extra"] else None
             raws[i] = json.dumps(raw, ensure_ascii=False)
-    cols = [table.column(f.name) for f in CANONICAL_SCHEMA] + [reasons, details, raws]
-    return _table(cols)
+    no_range = [None] * n  # canonical rows do not keep their input range
+    cols = [table.column(f.name) for f in CANONICAL_SCHEMA]
+    return _table([*cols, reasons, details, raws, no_range, no_range, no_range])
 
 
 def _fix_part(path: str, rejects: str, prefixes: dict, *dup_tables: pa.Table) -> tuple:
@@ -406,8 +423,8 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
         out_dir: the job's output directory.
 
     Returns:
-        Counts (records read = accepted + rejected by reason) and metrics: files read, rows per
-        format, turns, multi-turn rows, rows with own ids, duplicate ids, seconds.
+        Counts (rows read = accepted + rejected by reason) and metrics: files read, bytes read,
+        rows per format, turns, multi-turn rows, rows with own ids, duplicate ids, seconds.
     """
     t0 = time.time()
     inp = cfg.input
@@ -423,12 +440,17 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
             raise ValueError("input.paths is empty: give a pool file, directory or glob")
     files = expand_paths(paths)
     prefixes = id_prefixes(files)
-    ds = read_pool(files, inp.file_format, inp.max_record_bytes).map_batches(
-        Canonicalize(inp.format, inp.role_map, inp.id_field, prefixes),
-        batch_format="pyarrow",
-        batch_size=None,
-    )
-    counts = write_with_rejects(ds, NAME, out_dir)
+    ledger = ReadLedger()
+    try:
+        ds = read_pool(files, inp.file_format, inp.max_record_bytes, ledger=ledger).map_batches(
+            Canonicalize(inp.format, inp.role_map, inp.id_field, prefixes),
+            batch_format="pyarrow",
+            batch_size=None,
+        )
+        counts = write_with_rejects(ds, NAME, out_dir, rows_in=ledger.check)
+        bytes_read = sum(c["file_bytes"] or 0 for c in ledger.counts().values())
+    finally:
+        ledger.close()
     summary, n_dup = _post_write(out_dir, prefixes, counts.rows_out)
     if n_dup:
         counts = StageCounts(
@@ -445,6 +467,7 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
         )
     metrics = {
         "files": len(files),
+        "bytes_read": bytes_read,
         "format_declared": inp.format,
         **{k: v for k, v in summary.items() if k != "rows"},
         "duplicate_ids": n_dup,

@@ -60,10 +60,13 @@ def sft_model_path(cfg: PipelineConfig) -> str:
     return resolve_model_path(cfg.sft.model or cfg.embed.model.path, cfg.cache_dir)
 
 
-def tokenize_to_parquet(ds: Any, model_path: str, cfg: PipelineConfig, out_dir: str) -> StageCounts:
-    """Tokenise ``ds`` into ``<out_dir>/sft/part-*.parquet``, its rejects into ``rejects/sft``."""
+def tokenize_to_parquet(
+    ds: Any, model_path: str, cfg: PipelineConfig, out_dir: str, rows_in: int
+) -> StageCounts:
+    """Tokenise ``ds`` into ``<out_dir>/sft/part-*.parquet``, its rejects into ``rejects/sft``;
+    ``rows_in``: the rows of ``ds``, counted from the input."""
     tokenized = map_tokenize(ds, TokenizeSFT, model_path, cfg.sft, batch_size=256)
-    return write_with_rejects(tokenized, NAME, out_dir)
+    return write_with_rejects(tokenized, NAME, out_dir, rows_in=rows_in)
 
 
 def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
@@ -73,13 +76,17 @@ def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
     rejects for rows with no assistant token (after truncation) or unrenderable messages.
     Metrics: per-step loss and lr, tokens/s, steps, examples, the step plan.
     """
+    import pyarrow.parquet as pq
     import ray
 
     model_path = sft_model_path(cfg)
     check_template(cfg.sft, model_path, NAME)
     sft_dir = stage_dir(out_dir, NAME)
-    selected = ray.data.read_parquet(stage_dir(out_dir, "select"))
-    counts = tokenize_to_parquet(selected, model_path, cfg, out_dir)
+    select_dir = stage_dir(out_dir, "select")
+    # rows in from the selection's footers, apart from what the tokeniser writes
+    rows_in = sum(pq.ParquetFile(p).metadata.num_rows for p in parquet_files(select_dir))
+    selected = ray.data.read_parquet(select_dir)
+    counts = tokenize_to_parquet(selected, model_path, cfg, out_dir, rows_in)
     counts.check(NAME)
     if counts.rows_out == 0:
         raise RuntimeError(f"sft: no trainable rows ({counts.to_dict()})")
