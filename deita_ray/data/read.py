@@ -348,14 +348,15 @@ def _text_piece(head: str) -> int:
 class _Reject:
     """A reject on its way out, possibly in several pieces (rows) of RAW_PIECE_BYTES at most."""
 
-    __slots__ = ("error", "detail", "start", "pieces")
+    __slots__ = ("error", "detail", "start", "pieces", "end_note")
 
     def __init__(self, error: str, detail: str, start: int):
         self.error, self.detail, self.start, self.pieces = error, detail, start, 0
+        self.end_note = ""  # added to the last piece's detail
 
     def span(self, raw: str, start: int, end: int, last: bool) -> Span:
         self.pieces += 1
-        detail = self.detail
+        detail = self.detail + self.end_note if last else self.detail
         if not (last and self.pieces == 1):
             detail = f"{detail} [piece {self.pieces} of the reject from byte {self.start}]"
         return Span(start, end, raw, self.error, detail)
@@ -410,6 +411,8 @@ def iter_jsonl(
         if big is not None:
             cut = chunk.find(b"\n")
             pending += chunk if cut < 0 else chunk[:cut]
+            if cut >= 0:
+                big.end_note = f"; {off + len(pending) - big.start} bytes in all"
             done = yield from _byte_pieces(pending, off, big, final=cut >= 0)
             off += done
             pending = pending[done:]
@@ -446,7 +449,8 @@ def _line_spans(
     n = len(line)
     nl = b"\n" if newline else b""
     if n > max_bytes:
-        rej = _Reject("record_too_large", f"{n} bytes > max_record_bytes {max_bytes}", off)
+        rej = _Reject("record_too_large", f"a line longer than max_record_bytes {max_bytes}", off)
+        rej.end_note = f"; {n} bytes in all"
         if not newline:
             rej.blame(source)
         yield from _byte_pieces(line, off, rej, final=True)
@@ -698,8 +702,11 @@ def _element(tb: _TextBuffer, end: int, obj: Any, max_bytes: int) -> Iterator[Sp
     text = tb.buf[tb.mark : end]
     nbytes = _utf8_len(text)
     if nbytes > max_bytes:
-        error, detail = "record_too_large", f"{nbytes} bytes > max_record_bytes {max_bytes}"
-    elif tb.dirty and _SURROGATE.search(text):
+        big = _Reject("record_too_large", _too_large(max_bytes), tb.mark_byte)
+        big.end_note = f"; {nbytes} bytes in all"
+        yield from tb.pieces(end, big, final=True)
+        return
+    if tb.dirty and _SURROGATE.search(text):
         error, detail = "invalid_utf8", "bytes that are not UTF-8 inside the record"
     elif not isinstance(obj, dict):
         error, detail = "not_an_object", f"record is a JSON {type(obj).__name__}, not an object"
@@ -720,15 +727,13 @@ def _resolve_failed(tb: _TextBuffer, max_bytes: int, source: Any) -> Iterator[Sp
         if end >= 0:
             break
         if big is None and scanner.i - tb.mark > max_bytes:  # chars <= bytes
-            big = _Reject(
-                "record_too_large",
-                f"an element longer than max_record_bytes {max_bytes}",
-                tb.mark_byte,
-            )
+            big = _Reject("record_too_large", _too_large(max_bytes), tb.mark_byte)
         if big is not None:
             yield from tb.pieces(scanner.i, big, final=False)
         shift = tb.fill()
         if shift is None:  # the stream ends inside this element
+            if big is not None:
+                big.detail += "; the file ends inside this element"
             rej = big or _Reject(
                 "invalid_json", "truncated: the file ends inside this element", tb.mark_byte
             )
@@ -738,16 +743,25 @@ def _resolve_failed(tb: _TextBuffer, max_bytes: int, source: Any) -> Iterator[Sp
         scanner.i -= shift
     if big is None and end == tb.mark:  # a stray '}' where an element starts: consume it
         end += 1
+    text = tb.buf[tb.mark : end]
+    nbytes = _utf8_len(text)
+    if big is None and nbytes > max_bytes:  # too large whether it parses or not
+        big = _Reject("record_too_large", _too_large(max_bytes), tb.mark_byte)
     if big is not None:
+        big.end_note = f"; {tb.mark_byte + nbytes - big.start} bytes in all"
         yield from tb.pieces(end, big, final=True)
         return end
     try:
-        obj = json.loads(tb.buf[tb.mark : end])
+        obj = json.loads(text)
     except (ValueError, RecursionError) as e:
         yield from tb.pieces(end, _Reject("invalid_json", str(e)[:500], tb.mark_byte), True)
         return end
     yield from _element(tb, end, obj, max_bytes)
     return end
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"an element longer than max_record_bytes {max_bytes}"
 
 
 def _text_rest(tb: _TextBuffer, rej: _Reject) -> Iterator[Span]:
@@ -1283,7 +1297,7 @@ class PoolDatasource(FileBasedDatasource):
                 cols = {k: [] for k in cols}
                 units = []
                 chars = 0
-        if units:
+        if units or not index:  # a file without rows still gives a block with the schema
             yield _block(cols, units, path, base, index)
         if self._ledger is not None:
             import ray

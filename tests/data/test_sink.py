@@ -8,7 +8,15 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from deita_ray.data.rejects import DETAIL, RAW, REASON, REJECTS_SCHEMA
+from deita_ray.data.rejects import (
+    DETAIL,
+    RANGE_END,
+    RANGE_START,
+    RANGE_UNIT,
+    RAW,
+    REASON,
+    REJECTS_SCHEMA,
+)
 from deita_ray.data.sink import (
     TMP_PREFIX,
     count_written,
@@ -49,6 +57,21 @@ def test_split_block_separates_rows_and_keeps_raw():
     assert set(bad["stage"].to_pylist()) == {"score"}
 
 
+def test_split_block_carries_input_ranges_to_rejects():
+    t = _marked(6).append_column(RANGE_START, pa.array(range(0, 60, 10), pa.int64()))
+    t = t.append_column(RANGE_END, pa.array(range(5, 65, 10), pa.int64()))
+    t = t.append_column(RANGE_UNIT, pa.array(["bytes"] * 6))
+    good, bad = split_block(t, "ingest")
+    assert good.column_names == ["id", "seq", "value"]  # ranges are marks: not kept
+    assert bad.schema == REJECTS_SCHEMA
+    assert bad.select(["range_start", "range_end", "range_unit"]).to_pylist() == [
+        {"range_start": 0, "range_end": 5, "range_unit": "bytes"},
+        {"range_start": 30, "range_end": 35, "range_unit": "bytes"},
+    ]
+    # a stage without ranges: its rejects have null ones
+    assert split_block(_marked(3), "x")[1]["range_start"].to_pylist() == [None]
+
+
 def test_unmarked_table_passes_through():
     t = pa.table({"id": ["a"], "seq": [1]})
     good, bad = split_block(t, "x")
@@ -57,7 +80,7 @@ def test_unmarked_table_passes_through():
 
 def test_write_with_rejects_counts_balance_and_match_disk(ray_local, tmp_path):
     ds = ray_local.data.from_arrow(_marked(300)).repartition(4)
-    counts = write_with_rejects(ds, "score", str(tmp_path))
+    counts = write_with_rejects(ds, "score", str(tmp_path), rows_in=ds.count)
     assert counts.rows_out == 200 and counts.rows_rejected == 100 and counts.balanced
     assert counts.rejected_by_reason == {"too_even": 50, "too_odd": 50}
     out = pads.dataset(stage_dir(str(tmp_path), "score")).to_table()
@@ -71,7 +94,7 @@ def test_interrupted_stage_resumes_without_redoing_or_losing_rows(ray_local, tmp
     out = str(tmp_path)
     table = _marked(200)
     # An "interrupted" run wrote the first 120 rows, and a task died mid-write.
-    write_with_rejects(ray_local.data.from_arrow(table.slice(0, 120)), "embed", out)
+    write_with_rejects(ray_local.data.from_arrow(table.slice(0, 120)), "embed", out, rows_in=120)
     open(os.path.join(stage_dir(out, "embed"), TMP_PREFIX + "part-x.parquet"), "wb").close()
     assert finished_seqs(out, "embed").tolist() == list(range(120))
 
