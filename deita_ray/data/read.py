@@ -18,14 +18,19 @@ columns of :data:`READ_SCHEMA`:
 
 Accounting (every byte and every Parquet row lands somewhere):
 
-- JSON and JSON lines: the rows' ranges are disjoint and in file order; the bytes between them
-  are JSON syntax only (whitespace, ``,``, ``[``, ``]``, blank lines, a byte order mark). The
-  reader checks both for every file: a range that skips or overlaps, or non-syntax bytes
-  between ranges, stops the read task with an error (a reader bug, never bad input). So
-  ``sum(range lengths) + syntax bytes == file size``.
-- ``.gz``: the same in ``decompressed_bytes`` over the decompressed stream; compressed bytes
-  that cannot be decompressed become rejects with ``bytes`` ranges (offsets in the ``.gz``
-  file), so compressed bytes decoded + compressed bytes rejected == file size.
+- JSON and JSON lines: a record's range is its text without surrounding whitespace (a line
+  longer than ``max_record_bytes``: the whole line). The rows' ranges are disjoint and in
+  file order; the bytes between them are JSON syntax only (whitespace, ``,``, ``[``, ``]``,
+  blank lines, a byte order mark). The reader checks both for every file: a range that skips
+  or overlaps, or non-syntax bytes between ranges, stops the read task with an error (a
+  reader bug, never bad input). So ``sum(range lengths) + syntax bytes == file size``. Bytes
+  that cannot be read (an I/O error) are one ``unreadable_file`` row with an empty ``record``
+  over the unread range, up to the file's size on disk.
+- ``.gz``: the same in ``decompressed_bytes`` over the decompressed stream (every member,
+  to the last byte zlib yields before any damage); compressed bytes that cannot be
+  decompressed become ``unreadable_file`` rejects with ``bytes`` ranges (offsets in the
+  ``.gz`` file, from the failing byte, or from the start of a member that yielded nothing,
+  to the end of the file), so compressed bytes decoded + rejected == file size.
 - Parquet: the unit is the row. Each record's range is ``[i, i + 1)``; the ranges cover
   ``[0, rows in the footer)``. A file whose footer cannot be read is rejected whole, as
   ``bytes`` ranges covering the file.
@@ -36,12 +41,15 @@ Accounting (every byte and every Parquet row lands somewhere):
 Reasons (``error``):
 
 - ``invalid_json``, ``invalid_utf8``, ``not_an_object``: one record (line or array element)
-  that does not decode; ``record_too_large``: a record longer than ``max_record_bytes``.
+  that does not decode; ``invalid_json`` also for an element the file ends inside (an
+  uncompressed file cut short) and for data after the closing ``]``; ``record_too_large``:
+  a record longer than ``max_record_bytes``.
 - ``truncated_file``: a ``.gz`` stream that ends before its end marker (a partial download):
   every complete record before the cut is kept; the incomplete tail is this reject.
 - ``unreadable_file``: bytes that cannot be read or decompressed (a read error, corrupt gzip
-  data, data after the end of a gzip stream, a Parquet file whose footer does not read), or
-  trailing data after a JSON array.
+  data, a failed gzip CRC check, data after the end of a gzip stream, a Parquet file whose
+  footer does not read). When a stream fails, the incomplete record before the failure
+  takes the failure's reason.
 - ``unreadable_row_group``: a Parquet row whose row group fails to decode (corrupt page,
   checksum mismatch); ``record`` holds the row's columns that still decode, as JSON.
 
@@ -66,7 +74,8 @@ Choices:
 - JSON arrays are parsed incrementally with ``json.JSONDecoder.raw_decode`` over a text buffer
   refilled in :data:`CHUNK_BYTES` chunks. When an element does not parse, a small structural
   scanner (strings, brackets) finds where it ends, so a damaged element becomes one
-  ``invalid_json`` reject and reading goes on with the next one; a truncated array yields
+  ``invalid_json`` reject (in pieces if long) and reading goes on with the next one; a
+  truncated array yields
   every complete element, then the damaged tail. Elements larger than ``max_record_bytes``
   go out in pieces while they are scanned, so a worker never buffers much more than one
   chunk plus ``max_record_bytes``; JSON lines likewise.
@@ -404,6 +413,7 @@ def iter_jsonl(
     """Spans of a JSON-lines byte stream: one record span per non-blank line, syntax spans for
     whitespace, newlines and blank lines. ``source`` (optional) has ``failure``: why the
     stream ended early, which then names the damaged last line."""
+    loads = json.loads
     off = 0  # stream offset of pending[0]
     pending = b""
     big: _Reject | None = None  # a line longer than max_bytes, going out in pieces
@@ -426,8 +436,20 @@ def iter_jsonl(
         lines = data.split(b"\n")
         pending = lines.pop()
         for line in lines:
+            n = len(line)
+            if 1 < n <= max_bytes and line[0] == 123 and line[-1] == 125:  # {...}: fast path
+                try:
+                    text = line.decode("utf-8")
+                    good = type(loads(text)) is dict
+                except (ValueError, RecursionError):
+                    good = False
+                if good:
+                    yield Span(off, off + n, text)
+                    yield Span(off + n, off + n + 1, b"\n", syntax=True)
+                    off += n + 1
+                    continue
             yield from _line_spans(line, off, max_bytes, True, None)
-            off += len(line) + 1
+            off += n + 1
         if len(pending) > max_bytes:
             big = _Reject(
                 "record_too_large", f"a line longer than max_record_bytes {max_bytes}", off
@@ -590,9 +612,13 @@ class _TextBuffer:
             self._add(chunk)
         return shift
 
-    def take(self, p: int, nbytes: int | None = None) -> tuple[str, int, int]:
-        """Text from ``mark`` to ``p`` with its stream offsets; ``mark`` moves to ``p``."""
-        text = self.buf[self.mark : p]
+    def take(
+        self, p: int, nbytes: int | None = None, text: str | None = None
+    ) -> tuple[str, int, int]:
+        """Text from ``mark`` to ``p`` with its stream offsets; ``mark`` moves to ``p``
+        (``nbytes`` and ``text``, when the caller has them, are that text's size and slice)."""
+        if text is None:
+            text = self.buf[self.mark : p]
         start = self.mark_byte
         self.mark_byte += _utf8_len(text) if nbytes is None else nbytes
         self.mark = p
@@ -675,8 +701,8 @@ def iter_json_array(
                 tb, _Reject("invalid_json", "trailing data after the JSON array", tb.mark_byte)
             )
             return
-        if sp := tb.syntax(pos):
-            yield sp
+        if pos > tb.mark:
+            yield tb.syntax(pos)
         try:
             obj, end = decode(buf, pos)
             ok = True
@@ -685,6 +711,15 @@ def iter_json_array(
         # Objects, arrays and strings end with their own delimiter; a number or literal is
         # complete only when a separator (or the end of the file) follows it.
         if ok and (c in '{["' or tb.eof or (end < len(buf) and buf[end] in " \t\r\n,]")):
+            text = buf[pos:end]
+            if type(obj) is dict and not (tb.dirty and _SURROGATE.search(text)):
+                nbytes = len(text) if text.isascii() else _utf8_len(text)
+                if nbytes <= max_bytes:  # a good record (the common case, inlined)
+                    start = tb.mark_byte
+                    tb.mark, tb.mark_byte = end, start + nbytes
+                    yield Span(start, start + nbytes, text)
+                    pos = end
+                    continue
             yield from _element(tb, end, obj, max_bytes)
             pos = end
             continue
@@ -711,7 +746,7 @@ def _element(tb: _TextBuffer, end: int, obj: Any, max_bytes: int) -> Iterator[Sp
     elif not isinstance(obj, dict):
         error, detail = "not_an_object", f"record is a JSON {type(obj).__name__}, not an object"
     else:
-        text, start, stop = tb.take(end, nbytes)
+        text, start, stop = tb.take(end, nbytes, text)
         yield Span(start, stop, text)
         return
     yield from tb.pieces(end, _Reject(error, detail, tb.mark_byte), final=True)
@@ -946,11 +981,6 @@ def _gzip_error(e: Exception, at: int) -> str:
 # One file -> rows, with its counts
 
 
-def _is_syntax(text: str | bytes) -> bool:
-    pattern = _SYNTAX_BYTES if isinstance(text, bytes) else _SYNTAX_TEXT
-    return pattern.fullmatch(text) is not None
-
-
 class FileReader:
     """The rows of one open file, and the counts that show every part of it is accounted.
 
@@ -998,7 +1028,8 @@ class FileReader:
                 raise RuntimeError(f"reader bug: span [{sp.start}, {sp.end}) after byte {at}")
             at = sp.end
             if sp.syntax:
-                if not _is_syntax(sp.text):
+                pattern = _SYNTAX_BYTES if type(sp.text) is bytes else _SYNTAX_TEXT
+                if pattern.fullmatch(sp.text) is None:
                     raise RuntimeError(f"reader bug: bytes [{sp.start}, {sp.end}) are not syntax")
                 syntax += sp.end - sp.start
                 continue
@@ -1016,13 +1047,17 @@ class FileReader:
                 rows += 1
                 yield Row(sp.text, sp.error, sp.detail, sp.start, sp.end, UNIT_BYTES)
             reported = True
-        if raw.failure:
+        stream_bytes = stream.nbytes
+        if raw.failure:  # the bytes that could not be read: one row without raw text
             size = self._size()
             if size is not None and size > raw.nbytes:
                 detail = f"{raw.failure[1]} (bytes to the end of the file not read)"
                 rows += 1
                 yield Row("", raw.failure[0], detail, raw.nbytes, size, UNIT_BYTES)
                 file_bytes += size - raw.nbytes
+                if not self.gzip:  # part of the (uncompressed) stream
+                    covered += size - raw.nbytes
+                    stream_bytes += size - raw.nbytes
                 reported = True
         if stream.failure and not reported:  # failed at a record boundary: say so
             rows += 1
@@ -1030,7 +1065,7 @@ class FileReader:
         self.counts = {
             "rows": rows,
             "unit": unit,
-            "stream": stream.nbytes,
+            "stream": stream_bytes,
             "covered": covered,
             "syntax": syntax,
             "file_bytes": None if self.arrow_decompressed else file_bytes,

@@ -85,6 +85,8 @@ def assert_accounted(stream: bytes, rows: list[Row], counts: dict, unit: str = "
         piece = stream[r.start : r.end]
         if r.error is None:
             assert piece.decode("utf-8") == r.record
+        elif r.error == "unreadable_file" and r.record == "":
+            pass  # bytes that could not be read at all
         else:
             assert piece.decode("utf-8", "backslashreplace") == r.record, r
             assert r.end - r.start <= RAW_PIECE_BYTES
@@ -554,3 +556,67 @@ def test_read_pool_ledger_counts_every_file_and_the_check_can_fail(ray_local, tm
         c.check("lossy")
     with pytest.raises(TypeError):
         write_with_rejects(ds, "lossy", str(tmp_path / "out"))  # rows_in is required
+
+
+class FailingRead(Trickle):
+    """A file whose reads fail with an I/O error after ``fail_at`` bytes (a dying disk)."""
+
+    def __init__(self, data: bytes, n: int, fail_at: int):
+        super().__init__(data, n)
+        self._fail_at = fail_at
+
+    def read(self, _size: int = -1) -> bytes:
+        if self._f.tell() >= self._fail_at:
+            raise OSError(5, "Input/output error")
+        return super().read(_size)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_error_keeps_what_was_read_and_rejects_the_unread_bytes(gz):
+    text, spans = pool_text("jsonl")
+    data = gzip.compress(text, mtime=0) if gz else text
+    fail_at = len(data) // 200 * 100  # reads of 100 bytes: the failing one starts here
+    reader = FileReader(FailingRead(data, 100, fail_at), "jsonl", gzip=gz, size=lambda: len(data))
+    rows = list(reader)
+    last = rows[-1]
+    assert (last.error, last.start, last.end, last.unit, last.record) == (
+        "unreadable_file", fail_at, len(data), "bytes", "",
+    )  # fmt: skip
+    assert "Input/output error" in last.detail
+    assert reader.counts["file_bytes"] == len(data)
+    if gz:  # decompressed what was read; the unread compressed bytes are one reject
+        assert_accounted(
+            gunzip_prefix(data[:fail_at])[0], rows, reader.counts, "decompressed_bytes"
+        )
+        stream = gunzip_prefix(data[:fail_at])[0]
+    else:  # the unread bytes are one reject without raw text
+        assert_accounted(data, rows, reader.counts)
+        stream = data[:fail_at]
+    kept_before_damage(rows, stream, text, spans)
+
+
+@pytest.mark.timeout(120)
+def test_fuzzed_gzip_damage_accounts_for_every_byte():
+    import random
+
+    rng = random.Random(99)
+    text, spans = pool_text("jsonl")
+    gz = gzip.compress(text, mtime=0)
+    for _ in range(60):
+        at = rng.randrange(len(gz))
+        mode = rng.randrange(3)
+        if mode == 0:
+            data = gz[:at]
+        elif mode == 1:
+            data = gz[:at] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 9))) + gz[at:]
+        else:
+            data = gz[:at] + gz[at + rng.randint(1, 30) :]
+        rows, counts = read_rows(data, "jsonl", chunk=rng.choice([1, 50, 4096]), gz=True)
+        stream, _ = gunzip_prefix(data)
+        assert_accounted(stream, rows, counts, "decompressed_bytes")
+        raw = [r for r in rows if r.unit == "bytes"]
+        assert sum(r.end - r.start for r in raw) + (raw[0].start if raw else len(data)) == len(data)
+        assert counts["file_bytes"] == len(data)
+        kept_before_damage(rows, stream, text, spans)
+        if data != gz:  # damage never passes unreported
+            assert any(r.error for r in rows), (mode, at)

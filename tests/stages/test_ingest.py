@@ -264,7 +264,7 @@ def build_corpus(root: Path) -> tuple[int, Counter, int]:
         else:
             good += 1
     expect["invalid_utf8"] += 2
-    expect["record_too_large"] += 1
+    expect["record_too_large"] += 2  # 100 KB: two pieces of at most 64 KiB
     # d: Parquet, one id colliding with an earlier file
     pq.write_table(pa.Table.from_pylist([{"id": "dup-2", **alp(20)}, {"id": "p1", **alp(21)}]),
                    root / "d_table.parquet")  # fmt: skip
@@ -303,6 +303,15 @@ def test_adversarial_corpus_counts(adversarial):
     assert len(good) == good_n and len({r["id"] for r in good}) == good_n
     for r in rej:  # every reject keeps its raw text and source
         assert r["raw"] is not None and r["source"] and r["id"]
+    for r in rej:  # reader rejects also say where they are in their file
+        if r["reason"] != "duplicate_id" and not r["source"].endswith(".gz"):
+            data = Path(r["source"]).read_bytes()[r["range_start"] : r["range_end"]]
+            assert r["range_unit"] == "bytes" and r["raw"] == data.decode(
+                "utf-8", "backslashreplace"
+            )
+    assert res.metrics["bytes_read"] == sum(
+        p.stat().st_size for p in Path(rej[0]["source"]).parent.iterdir()
+    )
     rejects_file = next(Path(rej[0]["source"]).parents[1].glob("out1/rejects/ingest/*.parquet"))
     assert pq.read_schema(rejects_file) == REJECTS_SCHEMA
     ids = {r["id"]: r for r in good}
@@ -371,3 +380,70 @@ def test_pool_of_only_rejects_and_missing_input(ray_local, tmp_path):
     assert res.metrics["by_format"] == {} and res.metrics["turns"] == 0
     with pytest.raises(FileNotFoundError):
         ingest(tmp_path / "nothing-*.json", tmp_path / "out2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files: what decodes is kept, the rest is rejected with its range, and rows in are
+# counted by the reader apart from what is written
+
+
+def test_damaged_files_keep_what_decodes_and_count_rows_in_apart(ray_local, tmp_path):
+    import zlib
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    recs = [alp(i, input=f"context {i} " * (i % 5)) for i in range(300)]
+    # a: JSON lines .gz cut at 80% (a partial download)
+    gz = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in recs), mtime=0)
+    cut = gz[: len(gz) * 4 // 5]
+    (pool / "a_part.jsonl.gz").write_bytes(cut)
+    stream = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(cut)
+    complete = stream.count(b"\n")
+    # b: a JSON array .json.gz cut in its middle
+    arr_gz = gzip.compress(json.dumps(recs[:100]).encode(), mtime=0)
+    (pool / "b_array.json.gz").write_bytes(arr_gz[: len(arr_gz) // 2])
+    arr_stream = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(arr_gz[: len(arr_gz) // 2])
+    arr_complete = sum(json.dumps(r).encode() in arr_stream for r in recs[:100])
+    # c: Parquet with a corrupt page in its second row group (10 rows each)
+    table = pa.Table.from_pylist([{"id": f"p{i}", **alp(i)} for i in range(30)])
+    pq.write_table(
+        table, pool / "c_table.parquet", row_group_size=10, compression="none",
+        write_page_checksum=True,
+    )  # fmt: skip
+    col = pq.ParquetFile(pool / "c_table.parquet").metadata.row_group(1).column(1)
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data = bytearray((pool / "c_table.parquet").read_bytes())
+    data[start + col.total_compressed_size - 12 : start + col.total_compressed_size - 4] = b"\0" * 8
+    (pool / "c_table.parquet").write_bytes(bytes(data))
+
+    res, good, rej = ingest(pool, tmp_path / "out")
+    c = res.counts
+    by_source = Counter(Path(r["source"]).name for r in good)
+    assert by_source == {
+        "a_part.jsonl.gz": complete,  # main kept 0 of them
+        "b_array.json.gz": arr_complete,
+        "c_table.parquet": 20,  # main lost the third row group without a trace
+    }
+    reasons = Counter((Path(r["source"]).name, r["reason"]) for r in rej)
+    assert reasons == {
+        ("a_part.jsonl.gz", "truncated_file"): 1,
+        ("b_array.json.gz", "truncated_file"): 1,
+        ("c_table.parquet", "unreadable_row_group"): 10,
+    }
+    assert c.rows_in == complete + arr_complete + 20 + 1 + 1 + 10 == c.rows_out + c.rows_rejected
+    assert res.metrics["bytes_read"] == sum(p.stat().st_size for p in pool.iterdir())
+    tails = {Path(r["source"]).name: r for r in rej if r["reason"] == "truncated_file"}
+    tail = tails["a_part.jsonl.gz"]
+    assert (tail["range_start"], tail["range_end"], tail["range_unit"]) == (
+        stream.rindex(b"\n") + 1, len(stream), "decompressed_bytes",
+    )  # fmt: skip
+    assert tail["raw"] == stream[tail["range_start"] :].decode()
+    lost = sorted(
+        (r["range_start"], r["range_end"], r["range_unit"], json.loads(r["raw"]))
+        for r in rej
+        if r["reason"] == "unreadable_row_group"
+    )  # each row of the damaged group, with the columns that still decode ("instruction" not)
+    assert lost == [
+        (i, i + 1, "rows", {"id": f"p{i}", "input": "", "output": f"answer {i}"})
+        for i in range(10, 20)
+    ]
