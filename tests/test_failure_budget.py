@@ -56,6 +56,9 @@ def _failing_run(cfg, out_dir: str) -> StageResult:
             "detail": ["RuntimeError: engine died"] * n,
             "raw": [f'{{"text": "row {i}"}}' for i in range(n)],
             "source": ["pool.jsonl"] * n,
+            "range_start": [None] * n,  # no input range: not a reader reject
+            "range_end": [None] * n,
+            "range_unit": [None] * n,
         },
         schema=REJECTS_SCHEMA,
     )

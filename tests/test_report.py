@@ -118,6 +118,9 @@ def job(tmp_path_factory) -> dict:
             "detail": ["x"],
             "raw": ["{"],
             "source": ["pool.jsonl"],
+            "range_start": [0],
+            "range_end": [1],
+            "range_unit": ["bytes"],
         },
         schema=REJECTS_SCHEMA,
     )
