@@ -927,9 +927,9 @@ class _GunzipStream:
                 # no output yet (a header): keep the bytes in case the member proves corrupt
                 member_head = member_head + piece if len(member_head) < RAW_PIECE_BYTES else None
             if d.eof:  # end of a member: what follows is the next member (or not gzip)
-                tail = d.unused_data
-                pos += len(piece) - len(tail)
-                buf, i = tail + buf[i:], 0
+                unused = len(d.unused_data)  # the end of this piece
+                pos += len(piece) - unused
+                i -= unused
                 d = None
             else:
                 pos += len(piece)
@@ -1174,13 +1174,6 @@ def _salvage_row_group(
     for i in range(n - first):
         row = {name: values[i] for name, values in cols.items()}
         yield json.dumps(row, ensure_ascii=False, default=str), detail
-
-
-def iter_records(
-    f: Any, kind: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES, *, gzip: bool = False
-) -> Iterator[Row]:
-    """Rows of one open binary file of the given kind (``json``, ``jsonl``, ``parquet``)."""
-    return iter(FileReader(f, kind, max_bytes, gzip=gzip))
 
 
 # ---------------------------------------------------------------------------------------------
