@@ -146,6 +146,15 @@ class RayConfig:
             "session's log files (their folder is printed at start)."
         ),
     )
+    stall_timeout_s: float = _f(
+        7200.0,
+        doc=(
+            "Ray Data stops a stage after this many seconds without any progress (no batch "
+            "finished). Ray's own default, 1800 s, fails a stage whose model actors take longer "
+            "than that to load weights or to finish their first batch on a slow or busy node. "
+            "-1: never."
+        ),
+    )
     env_vars: dict[str, str] = _f(
         factory=dict,
         doc=(

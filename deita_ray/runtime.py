@@ -66,6 +66,8 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
     import ray
 
     apply_driver_env(ray_cfg)
+    # Datasets created by this driver inherit it (model actors can be slow to show progress).
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = ray_cfg.stall_timeout_s
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return {"address": "existing", "started_local": False, "resources": ray.cluster_resources()}

@@ -42,3 +42,20 @@ def test_a_parquet_read_starts_few_footer_reader_actors(ray_local, tmp_path):
     assert len(ray.data.read_parquet(str(tmp_path)).take_all()) == 30
     started = footer_readers() - before
     assert 1 <= len(started) <= 2, f"{len(started)} footer-reader actors started"
+
+
+def test_init_ray_sets_the_stall_timeout(ray_local):
+    import ray
+
+    from deita_ray.config import RayConfig
+    from deita_ray.runtime import init_ray
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_no_progress_timeout_s
+    try:
+        init_ray(RayConfig(stall_timeout_s=-1))
+        assert ctx.execution_no_progress_timeout_s == -1
+        init_ray(RayConfig())
+        assert ctx.execution_no_progress_timeout_s == 7200.0
+    finally:
+        ctx.execution_no_progress_timeout_s = before
