@@ -322,6 +322,39 @@ def best_of(
     return best, col
 
 
+def near_width(dim: int) -> float:
+    """How far below a row's float32 maximum its canonical maximum may lie: two kernel
+    margins, plus slack for rounding the threshold to float32."""
+    return 2 * kernel_margin(dim) + 2.0**-20
+
+
+def canonical_best(
+    xr: np.ndarray, sims: np.ndarray, others: np.ndarray, width: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical best match of each row of ``xr`` among ``others``, from float32 ``sims``.
+
+    Only the entries within ``width`` (:func:`near_width`) of a row's float32 maximum can hold
+    its canonical maximum; those are recomputed canonically.
+
+    Args:
+        xr: unit vectors (host), one per row of ``sims``.
+        sims: their float32 cosines to ``others`` (host); ``-inf`` masks an entry out.
+        others: unit vectors of the columns (host).
+        width: see :func:`near_width`.
+
+    Returns:
+        (largest canonical cosine, its column; ties: the lowest) per row, ``-inf`` / -1 for
+        rows with no unmasked entry.
+    """
+    n = len(xr)
+    if n == 0 or sims.shape[1] == 0:
+        return np.full(n, -np.inf), np.full(n, -1, np.int64)
+    rowmax = sims.max(axis=1)
+    thr = (rowmax.astype(np.float64) - width).astype(np.float32)
+    ri, ci = np.nonzero((sims >= thr[:, None]) & (sims > -np.inf))
+    return best_of(ri, ci, canonical_cosines(xr[ri], others[ci]), n)
+
+
 def merge_best(
     best: np.ndarray, rank: np.ndarray, other: np.ndarray, other_rank: np.ndarray
 ) -> None:
@@ -396,9 +429,7 @@ class GreedySelector:
         self.margin = kernel_margin(dim)
         self.hi = self.tau + self.margin
         self.lo = self.tau - self.margin
-        # Entries within this of a row's float32 maximum may hold its canonical maximum (two
-        # kernel margins), plus slack for rounding the threshold to float32.
-        self.near_width = 2 * self.margin + 2.0**-20
+        self.near_width = near_width(dim)
         self.capacity = int(capacity)
         self.k = 0
         self.device = device
@@ -462,24 +493,8 @@ class GreedySelector:
     def best_match(
         self, xr: np.ndarray, sims: np.ndarray, others: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Canonical best match of each row of ``xr`` among ``others``, from float32 ``sims``.
-
-        Args:
-            xr: unit vectors (host), one per row of ``sims``.
-            sims: their float32 cosines to ``others`` (host); ``-inf`` masks an entry out.
-            others: unit vectors of the columns (host).
-
-        Returns:
-            (largest canonical cosine, its column; ties: the lowest) per row, ``-inf`` / -1
-            for rows with no unmasked entry.
-        """
-        n = len(xr)
-        if n == 0 or sims.shape[1] == 0:
-            return np.full(n, -np.inf), np.full(n, -1, np.int64)
-        rowmax = sims.max(axis=1)
-        thr = (rowmax.astype(np.float64) - self.near_width).astype(np.float32)
-        ri, ci = np.nonzero((sims >= thr[:, None]) & (sims > -np.inf))
-        return best_of(ri, ci, canonical_cosines(xr[ri], others[ci]), n)
+        """:func:`canonical_best` with this selector's kernel margin."""
+        return canonical_best(xr, sims, others, self.near_width)
 
     def screen(self, x: np.ndarray, xd: Any = None, explain: bool = False) -> Screen:
         """Reject candidates against the accepted set only.
