@@ -191,7 +191,12 @@ def candidate_order(scores: np.ndarray, seq: np.ndarray, mask: np.ndarray) -> np
 
 def canonical_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Canonical cosines of row pairs ``(a[i], b[i])`` of float32 unit vectors (see module doc)."""
-    c = np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+    if a.shape[-1] <= np.getbufsize():
+        # einsum casts each row to float64 in one buffer: the same sum, bit for bit, as on
+        # float64 copies, without making them.
+        c = np.einsum("ij,ij->i", a, b, dtype=np.float64)
+    else:
+        c = np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
     return np.clip(c, -1.0, 1.0)
 
 
@@ -237,9 +242,9 @@ class _NumpyOps:
     def rows(self, s: Any, rows: np.ndarray) -> np.ndarray:
         return s[rows]
 
-    def gram(self, xd: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        xs = xd[rows]
-        return xs @ xs.T
+    def gram(self, xd: np.ndarray, rows: np.ndarray, extra: np.ndarray) -> np.ndarray:
+        xs = xd[np.concatenate([rows, extra])] if len(extra) else xd[rows]
+        return xs @ xs[: len(rows)].T
 
     def cross(self, xd: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, Any]:
         s = xd[rows] @ xd[cols].T
@@ -282,9 +287,10 @@ class _TorchOps:
     def rows(self, s: Any, rows: np.ndarray) -> np.ndarray:
         return s[self.torch.from_numpy(rows).to(self.device)].cpu().numpy()
 
-    def gram(self, xd: Any, rows: np.ndarray) -> np.ndarray:
-        xs = xd[self.torch.from_numpy(rows).to(self.device)]
-        return (xs @ xs.T).cpu().numpy()
+    def gram(self, xd: Any, rows: np.ndarray, extra: np.ndarray) -> np.ndarray:
+        both = np.concatenate([rows, extra]) if len(extra) else rows
+        xs = xd[self.torch.from_numpy(both).to(self.device)]
+        return (xs @ xs[: len(rows)].T).cpu().numpy()
 
     def cross(self, xd: Any, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, Any]:
         idx = self.torch.from_numpy
@@ -329,7 +335,11 @@ def near_width(dim: int) -> float:
 
 
 def canonical_best(
-    xr: np.ndarray, sims: np.ndarray, others: np.ndarray, width: float
+    xr: np.ndarray,
+    sims: np.ndarray,
+    others: np.ndarray,
+    width: float,
+    rowmax: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Canonical best match of each row of ``xr`` among ``others``, from float32 ``sims``.
 
@@ -341,6 +351,7 @@ def canonical_best(
         sims: their float32 cosines to ``others`` (host); ``-inf`` masks an entry out.
         others: unit vectors of the columns (host).
         width: see :func:`near_width`.
+        rowmax: ``sims.max(axis=1)`` when the caller has it already.
 
     Returns:
         (largest canonical cosine, its column; ties: the lowest) per row, ``-inf`` / -1 for
@@ -349,9 +360,10 @@ def canonical_best(
     n = len(xr)
     if n == 0 or sims.shape[1] == 0:
         return np.full(n, -np.inf), np.full(n, -1, np.int64)
-    rowmax = sims.max(axis=1)
+    rowmax = sims.max(axis=1) if rowmax is None else rowmax
     thr = (rowmax.astype(np.float64) - width).astype(np.float32)
-    ri, ci = np.nonzero((sims >= thr[:, None]) & (sims > -np.inf))
+    thr[rowmax == -np.inf] = np.inf  # nothing unmasked in that row
+    ri, ci = np.nonzero(sims >= thr[:, None])
     return best_of(ri, ci, canonical_cosines(xr[ri], others[ci]), n)
 
 
@@ -574,10 +586,11 @@ class GreedySelector:
 
         Args:
             x: block of unit vectors (host, float32), in global candidate order.
-            explain: also find what each rejected row was too similar to: its canonical best
-                match among the rows accepted before the block (from the screen) and among
-                the block's own acceptances before it (one extra product of the rejected rows
-                against the block's acceptances).
+            explain: also find what each rejected row was too similar to (its canonical best
+                match among the rows selected before it). The products the method computes
+                anyway carry it: the screen for the rows selected before the block; for the
+                block's own acceptances, the rows rejected before the Gram step ride along
+                as extra rows of the sub-block's products (no extra product).
 
         Returns:
             An :class:`Offer`.
@@ -591,6 +604,9 @@ class GreedySelector:
         scr = self.screen(x, xd, explain)
         rowmax = scr.rowmax
         surv = np.flatnonzero(scr.survives)
+        # Rows the screen rejected, in order: each rides along with the sub-block of survivors
+        # its position falls in (explain only).
+        passive = np.flatnonzero(~scr.survives) if explain else np.empty(0, np.int64)
         room = self.capacity - self.k
         hi, lo = self.hi, self.lo
         taken: list[np.ndarray] = []  # positions in x, in order
@@ -598,29 +614,65 @@ class GreedySelector:
         n_taken = 0
         for s0 in range(0, len(surv), SUB_BLOCK):
             sub = surv[s0 : s0 + SUB_BLOCK]
+            last = s0 + SUB_BLOCK >= len(surv)
+            ride = passive[passive < (n if last else sub[-1] + 1)]
+            passive = passive[len(ride) :]
             prev = np.full(len(sub), -np.inf, dtype=np.float32)
             if n_taken:  # screen against this block's earlier acceptances
                 tk = np.concatenate(taken)
-                prev, s = self.ops.cross(xd, sub, tk)
-                self._product(len(sub), len(tk))
+                both = np.concatenate([sub, ride])
+                cmax, s = self.ops.cross(xd, both, tk)
+                self._product(len(both), len(tk))
+                prev = cmax[: len(sub)]
                 ok = prev <= hi
                 band = np.flatnonzero(ok & (prev >= lo))
                 if len(band):
                     rej = self._band_reject(x, sub[band], self.ops.rows(s, band), x[tk])
                     ok[band[rej]] = False
+                if explain:
+                    # Every row of the sub-block and its riders: best match among ``tk``.
+                    cb, cr = canonical_best(
+                        x[both],
+                        self.ops.rows(s, np.arange(len(both))),
+                        x[tk],
+                        self.near_width,
+                        cmax,
+                    )
+                    cr = np.where(cr >= 0, k0 + cr, -1)
+                    ride = np.concatenate([sub[~ok], ride])
+                    r_sim = np.concatenate([cb[: len(sub)][~ok], cb[len(sub) :]])
+                    r_rank = np.concatenate([cr[: len(sub)][~ok], cr[len(sub) :]])
+                    k_sim, k_rank = cb[: len(sub)][ok], cr[: len(sub)][ok]
                 sub, prev = sub[ok], prev[ok]
+            elif explain:
+                r_sim, r_rank = np.full(len(ride), -np.inf), np.full(len(ride), -1, np.int64)
+                k_sim, k_rank = np.full(len(sub), -np.inf), np.full(len(sub), -1, np.int64)
             if len(sub) == 0:
+                if explain:
+                    self._explain_set(scr, ride, r_sim, r_rank)
                 continue
-            if len(sub) > 1:
-                g = self.ops.gram(xd, sub)
-                self._product(len(sub), len(sub))
+            if len(sub) > 1 or len(ride):
+                g = self.ops.gram(xd, sub, ride)  # (sub + riders) x sub
+                self._product(len(sub) + len(ride), len(sub))
             else:
                 g = np.ones((1, 1), np.float32)
-            acc = self._resolve(x, sub, g)
+            acc = self._resolve(x, sub, g[: len(sub)])
             # Max cosine of each accepted row to the block's earlier accepted rows.
             earlier = np.tri(len(sub), k=-1, dtype=bool) & acc[None, :]
-            gm = np.where(earlier, g, -np.inf).max(axis=1)
+            gm = np.where(earlier, g[: len(sub)], -np.inf).max(axis=1)
             best = np.maximum(np.maximum(rowmax[sub], prev), gm)[acc]
+            if explain:
+                # Rejected survivors and riders: best match among this sub-block's acceptances
+                # that precede them, merged with the earlier ones.
+                rows = np.concatenate([sub[~acc], ride])
+                mask = acc[None, :] & (sub[None, :] < rows[:, None])
+                f = np.where(mask, np.concatenate([g[: len(sub)][~acc], g[len(sub) :]]), -np.inf)
+                b, c = canonical_best(x[rows], f, x[sub], self.near_width)
+                rank_in = k0 + n_taken + np.cumsum(acc) - 1
+                b0 = np.concatenate([k_sim[~acc], r_sim])
+                r0 = np.concatenate([k_rank[~acc], r_rank])
+                merge_best(b0, r0, b, np.where(c >= 0, rank_in[np.maximum(c, 0)], -1))
+                self._explain_set(scr, rows, b0, r0)
             take = sub[acc][: room - n_taken]
             taken.append(take)
             sims.append(best[: len(take)])
@@ -637,16 +689,21 @@ class GreedySelector:
         ms[ms == -np.inf] = np.nan
         if not explain:
             return Offer(pos.astype(np.int64), ms, examined, rejected)
-        best, rank = scr.best_sim[rejected], scr.best_rank[rejected]
-        if len(rejected) and len(pos):
-            # The block's own acceptances that precede each rejected row.
-            _, s = self.ops.cross(xd, rejected, pos)
-            self._product(len(rejected), len(pos))
-            f = self.ops.rows(s, np.arange(len(rejected)))
-            f[pos[None, :] > rejected[:, None]] = -np.inf
-            b2, c2 = self.best_match(x[rejected], f, x[pos])
-            merge_best(best, rank, b2, np.where(c2 >= 0, c2 + k0, -1))
-        return Offer(pos.astype(np.int64), ms, examined, rejected, rank, best)
+        return Offer(
+            pos.astype(np.int64),
+            ms,
+            examined,
+            rejected,
+            scr.best_rank[rejected],
+            scr.best_sim[rejected],
+        )
+
+    @staticmethod
+    def _explain_set(scr: Screen, rows: np.ndarray, sim: np.ndarray, rank: np.ndarray) -> None:
+        """Fold in-block best matches of ``rows`` into the screen's (held in ``scr``)."""
+        b, r = scr.best_sim[rows], scr.best_rank[rows]
+        merge_best(b, r, sim, rank)
+        scr.best_sim[rows], scr.best_rank[rows] = b, r
 
 
 def select_diverse(
