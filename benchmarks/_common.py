@@ -332,9 +332,6 @@ def time_stage(stage: str, run, cfg, table):
 def fresh_vllm_import_s() -> float:
     """Seconds a fresh Python process takes to import vLLM's ``LLM`` (torch and transformers
     included), as a stage's new actor must; in the benchmark process they are already loaded."""
-    import subprocess
-    import sys
-
     code = (
         "import time; t = time.perf_counter(); from vllm import LLM; print(time.perf_counter() - t)"
     )
@@ -343,19 +340,13 @@ def fresh_vllm_import_s() -> float:
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
-    """The options both benchmarks take: ``--rows --quick --model --data --out``."""
+    """The options both model benchmarks take: ``--rows --quick --model --data --repeat
+    --out``."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--rows", type=int, default=500)
-    ap.add_argument("--quick", action="store_true", help="40 rows")
+    ap.add_argument("--quick", action="store_true", help="40 rows, one round")
     ap.add_argument("--model", default="embedded:smollm2")
     ap.add_argument("--data", default=None, help="the shared data folder")
+    ap.add_argument("--repeat", type=int, default=None, help="interleaved rounds (3; quick: 1)")
     ap.add_argument("--out", default=None, help="also write the JSON to this file")
     return ap
-
-
-def emit(report: dict, out: str | None) -> None:
-    """Prints the report as JSON, and writes it to ``out`` too when given."""
-    text = json.dumps(report, indent=2)
-    print(text)
-    if out:
-        Path(out).write_text(text + "\n")

@@ -280,12 +280,10 @@ def single_node(
     lean_ok = lean_picks == rank_acc[: len(lean_picks)].tolist()
 
     # Bare products: the recorded shapes, replayed on contiguous unit rows.
-    xs = torch.from_numpy(normalize_rows(sorted_emb)).clone()  # torch-allocated (aligned)
-    xs_np = xs.numpy()
     shapes = rec.shapes
-    need = max((max(r, c) for r, c in shapes), default=1)
-    if need > len(xs):
-        raise RuntimeError(f"a recorded product needs {need} rows, {len(xs)} scanned")
+    need = max(scanned, *(max(r, c) for r, c in shapes))
+    xs = torch.from_numpy(normalize_rows(emb[order[:need]])).clone()  # torch-allocated
+    xs_np = xs.numpy()
     a_bare = a_mat.clone()
 
     def bare_screen() -> Timed:
