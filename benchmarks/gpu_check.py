@@ -76,7 +76,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from benchmarks.select import planted_pool, replay_products
+from benchmarks.select import ProductRecorder, planted_pool, replay_products
 from deita_ray.config import ModelConfig, TrainingConfig
 from deita_ray.data.formats import CANONICAL_SCHEMA, extract_turns
 from deita_ray.data.rejects import REASON
@@ -299,10 +299,15 @@ def picks_match(
 
 
 def time_select(emb, scores, tau: float, budget: int, device: str, dev: Device, **kw):
+    """Seconds and result of one run; the result carries the run's product shapes (recorded
+    by select.py's ProductRecorder hook) as ``product_shapes``."""
+    rec = ProductRecorder()
     t = time.perf_counter()
-    res = select_diverse(emb, scores, tau, budget, device=device, **kw)
+    res = select_diverse(emb, scores, tau, budget, device=device, on_product=rec, **kw)
     dev.sync()
-    return time.perf_counter() - t, res
+    seconds = time.perf_counter() - t
+    res.product_shapes = rec.shapes
+    return seconds, res
 
 
 def bare_products(emb: np.ndarray, order: np.ndarray, shapes, dev: Device, reps: int) -> dict:

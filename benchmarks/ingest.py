@@ -10,9 +10,10 @@ fresh subprocesses, one after the other on the same machine:
   record in a Python loop, drop duplicate ids with a set, write one Parquet file per input file.
 
 Peak RSS is the measuring process's own (the Ray driver for ``ours``; sampled every 50 ms in a
-thread, and ``ru_maxrss``). Prints one JSON object with rows/s, peak RSS and ratios; with
-``--repeat N`` both sides run N times interleaved and the best run of each is compared (the
-machine may be shared, so single runs are noisy).
+thread, and ``ru_maxrss``). Both sides run ``--repeat`` times interleaved (default 2; quick: 1)
+and the best run of each is compared. Both must count the same rows in, rows out and rejects by
+reason in every run, else the run exits 1 and prints no ratio. Writes
+``benchmarks/results/ingest.json`` (rows/s, peak RSS, ratios) and prints it.
 
 Usage: ``python benchmarks/ingest.py [--rows N] [--quick] [--files K] [--repeat N] [--workdir DIR]``
 """
@@ -23,9 +24,11 @@ import os
 import sys
 
 # Running `python benchmarks/ingest.py` puts benchmarks/ first on sys.path, where
-# benchmarks/select.py would shadow the standard library's `select` (used by subprocess).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+# benchmarks/select.py would shadow the standard library's `select` (used by subprocess); put
+# the repository root there instead (for `benchmarks._common`).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
 import gzip  # noqa: E402
@@ -37,7 +40,10 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
+from benchmarks._common import finish, ratio, require  # noqa: E402
 from deita_ray.data.synthetic import generate_pool  # noqa: E402
+
+NAME = "ingest"
 
 
 class PeakRSS:
@@ -195,12 +201,13 @@ def _run_phase(phase: str, pool: str, out: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--quick", action="store_true", help="50k rows")
+    ap.add_argument("--quick", action="store_true", help="50k rows, one run each")
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument(
-        "--repeat", type=int, default=1, help="interleaved runs of each side; the best is reported"
+        "--repeat", type=int, default=None, help="interleaved runs of each side (2; quick: 1)"
     )
     ap.add_argument("--workdir", default=None, help="where the pool and outputs go (temp dir)")
+    ap.add_argument("--json-out", default=None, help="also write the JSON to this file")
     ap.add_argument("--phase", choices=["ours", "naive"], help=argparse.SUPPRESS)
     ap.add_argument("--pool", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -210,6 +217,8 @@ def main() -> None:
         print(json.dumps(fn(args.pool, args.out)))
         return
     rows = 50_000 if args.quick else args.rows
+    repeat = args.repeat or (1 if args.quick else 2)
+    load_start = list(os.getloadavg())
     work = args.workdir or tempfile.mkdtemp(prefix="deita_ingest_bench_")
     try:
         pool = os.path.join(work, "pool")
@@ -218,37 +227,59 @@ def main() -> None:
         gen_s = time.time() - t0
         size = sum(os.path.getsize(p) for p in paths)
         naive_runs, ours_runs = [], []
-        for _ in range(args.repeat):  # interleaved: both see the same machine load over time
+        for _ in range(repeat):  # interleaved: both see the same machine load over time
             naive_runs.append(_run_phase("naive", pool, os.path.join(work, "out_naive")))
             ours_runs.append(_run_phase("ours", pool, os.path.join(work, "out_ours")))
+        keys = ("rows_in", "rows_out", "rejected_by_reason")
+        want = {k: naive_runs[0][k] for k in keys}
+        require(
+            NAME,
+            {
+                "same_counts_every_run": all(
+                    {k: r[k] for k in keys} == want for r in naive_runs + ours_runs
+                ),
+                "every_row_read": want["rows_in"] >= rows,
+            },
+            {
+                "naive": [{k: r[k] for k in keys} for r in naive_runs],
+                "ours": [{k: r[k] for k in keys} for r in ours_runs],
+            },
+        )
         naive = max(naive_runs, key=lambda r: r["rows_per_s"])
         ours = max(ours_runs, key=lambda r: r["rows_per_s"])
-        agree = ours["rows_out"] == naive["rows_out"] and ours["rows_in"] == naive["rows_in"]
-        print(
-            json.dumps(
-                {
-                    "rows": rows,
-                    "files": len(paths),
-                    "pool_mib": _mib(size),
-                    "generate_seconds": round(gen_s, 1),
-                    "cpus": 2,
-                    "repeat": args.repeat,
-                    "ours": ours,
-                    "naive": naive,
-                    "ours_rows_per_s_all_runs": [r["rows_per_s"] for r in ours_runs],
-                    "naive_rows_per_s_all_runs": [r["rows_per_s"] for r in naive_runs],
-                    "same_counts": agree,
-                    "throughput_ratio_ours_over_naive": round(
-                        ours["rows_per_s"] / naive["rows_per_s"], 3
-                    ),
-                    "peak_rss_ratio_ours_over_naive": round(
-                        ours["peak_rss_mib"] / naive["peak_rss_mib"], 3
-                    ),
-                    "goal_driver_rss_below_1gib": ours["peak_rss_mib"] < 1024,
-                },
-                indent=2,
-            )
-        )
+        report = {
+            "quick": args.quick,
+            "rows": rows,
+            "files": len(paths),
+            "pool_mib": _mib(size),
+            "generate_seconds": round(gen_s, 1),
+            "cpus": 2,
+            "repeat": repeat,
+            "ours": ours,
+            "naive": naive,
+            "ours_rows_per_s_all_runs": [r["rows_per_s"] for r in ours_runs],
+            "naive_rows_per_s_all_runs": [r["rows_per_s"] for r in naive_runs],
+            "ratios": {
+                "throughput_ours_over_naive": ratio(ours["rows_per_s"], naive["rows_per_s"], 3),
+                "peak_rss_ours_over_naive": ratio(ours["peak_rss_mib"], naive["peak_rss_mib"], 3),
+            },
+            "goal_driver_rss_below_1gib": ours["peak_rss_mib"] < 1024,
+            "machine": {"load_avg_at_start": load_start},
+        }
+        r = report["ratios"]
+        report["readme"] = [
+            {
+                "setting": f"{rows:,} synthetic rows in {len(paths)} files ({_mib(size):,.0f} MiB)",
+                "result": (
+                    f"driver peak RSS {ours['peak_rss_mib']:,.0f} MiB "
+                    f"({r['peak_rss_ours_over_naive']}x a naive one-process loop's); "
+                    f"{ours['rows_per_s']:,.0f} rows/s on 2 CPUs, "
+                    f"{r['throughput_ours_over_naive']}x the naive loop (best of {repeat} "
+                    "interleaved runs); same rows in/out and rejects by reason"
+                ),
+            }
+        ]
+        finish(NAME, report, args.json_out)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -2,14 +2,19 @@
 
 Same tiny LLaMA, same tokenised rows (the bare loop reads the Parquet our tokenizer stage
 wrote), same micro batch, accumulation, optimizer (AdamW) and schedule, fp32 on CPU, measured
-side by side in one run. Steady-state tokens/s leave out the first optimizer step (engine
-warm-up) on both sides; end-to-end seconds (Ray start-up excluded, tokenisation, worker start,
-checkpoints included) are reported too.
+in interleaved rounds (bare, ours with 1 worker, ours with 2 workers, once per round; each
+side's figure is its best round). Steady-state tokens/s leave out the first optimizer step
+(engine warm-up) on both sides; end-to-end seconds (Ray start-up excluded, tokenisation, worker
+start, checkpoints included) are reported too.
 
-    python benchmarks/train.py [--quick]
+    python benchmarks/train.py [--quick] [--repeat N]
 
-Prints one JSON object; ``overhead_per_worker`` = bare tokens/s / ours (1 worker; both with one
-torch thread); the goal is <= 1.2. ``scaling_2workers`` = ours with 2 workers / ours with 1.
+Self-checks (the data order differs: Ray Data shuffles locally, so losses are compared, not
+matched): every side runs its steps and its loss falls; ours trains every tokenised row; the
+first-step losses (same initial model, same loss) agree within :data:`FIRST_LOSS_RTOL` and the
+last ones within :data:`LAST_LOSS_RTOL`. A failed check exits 1 and prints no ratio. Writes
+``benchmarks/results/train.json``: ``overhead_per_worker`` = bare tokens/s / ours (1 worker;
+both with one torch thread; goal <= 1.2), ``scaling_2workers`` = ours with 2 workers / 1.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # set before torch loads so that OpenMP/MKL pools are sized accordingly.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+
+FIRST_LOSS_RTOL = 0.05
+"""First-step losses of bare and ours: the same untrained model on batches of the same rows."""
+LAST_LOSS_RTOL = 0.25
+"""Last-step losses: the same recipe on differently ordered batches."""
+NAME = "train"
 
 SHARED = Path(
     os.environ.get("DEITA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -185,10 +196,15 @@ def ours(out: str, rows: list[dict], model_dir: str, workers: int, cpus: float, 
 
 
 def main() -> None:
+    from benchmarks._common import finish, interleaved, ratio, require
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, one round")
+    ap.add_argument("--repeat", type=int, default=None, help="interleaved rounds (2; quick: 1)")
+    ap.add_argument("--out", default=None, help="also write the JSON to this file")
     args = ap.parse_args()
     quick = args.quick
+    repeat = args.repeat or (1 if quick else 2)
     args.rows = 64 if quick else 256
     args.micro, args.accum = 4, 2
     args.max_length = 256 if quick else 512
@@ -196,6 +212,7 @@ def main() -> None:
     args.zero_stage = 2
     hidden, layers = (128, 2) if quick else (256, 4)
     ncpu = 2
+    load_start = list(os.getloadavg())
 
     import ray
 
@@ -212,8 +229,8 @@ def main() -> None:
         )
     )
     rows = conversations(args.rows)
-    # The reference first, on exactly the rows our tokenizer stage produces (same class, same
-    # settings), then ours, then the reference again: the better reference run counts.
+    # The reference trains on exactly the rows our tokenizer stage produces (same class, same
+    # settings).
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -221,14 +238,10 @@ def main() -> None:
     from deita_ray.training.common import TokenizeSFT
 
     tok = TokenizeSFT(model_dir, "vicuna_v1.1", args.max_length)(pa.Table.from_pylist(rows))
+    kept = tok.filter(pc.is_null(tok["_reject_reason"]))
     parts = [os.path.join(tmp, "tokenized.parquet")]
-    pq.write_table(tok.filter(pc.is_null(tok["_reject_reason"])), parts[0])
+    pq.write_table(kept, parts[0])
     warm = int(0.1 * args.steps + 0.999)
-
-    def reference() -> dict:
-        return bare_loop(model_dir, parts, args.micro, args.accum, args.steps, 1e-3, warm, 1, 42)
-
-    bare_runs = [reference()]
     ray.init(
         address="local",
         num_cpus=ncpu,
@@ -237,18 +250,73 @@ def main() -> None:
         runtime_env={"env_vars": worker_env(num_threads=1)},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
+    runs = iter(range(10**6))
     # One torch thread per worker and for the reference: on a shared 2-core machine a 2-thread
     # OpenMP region stalls whenever another process holds a core (seen: 50x slower).
-    one = ours(os.path.join(tmp, "w1"), rows, model_dir, 1, 1.0, args)
-    two = ours(os.path.join(tmp, "w2"), rows, model_dir, 2, 1.0, args)
+    rounds = interleaved(
+        {
+            "bare_torch_1proc": lambda: bare_loop(
+                model_dir, parts, args.micro, args.accum, args.steps, 1e-3, warm, 1, 42
+            ),
+            "ray_deepspeed_1worker": lambda: ours(
+                os.path.join(tmp, f"w1_{next(runs)}"), rows, model_dir, 1, 1.0, args
+            ),
+            "ray_deepspeed_2workers": lambda: ours(
+                os.path.join(tmp, f"w2_{next(runs)}"), rows, model_dir, 2, 1.0, args
+            ),
+        },
+        repeat,
+    )
     ray.shutdown()
-    bare_runs.append(reference())
-    bare = max(bare_runs, key=lambda r: r["tokens_per_s"])
-    bare["runs_tokens_per_s"] = [r["tokens_per_s"] for r in bare_runs]
+    best = {k: max(v["outputs"], key=lambda r: r["tokens_per_s"]) for k, v in rounds.items()}
+    for k, v in rounds.items():
+        best[k]["runs_tokens_per_s"] = [r["tokens_per_s"] for r in v["outputs"]]
+    every = [r for v in rounds.values() for r in v["outputs"]]
+    bare_runs = rounds["bare_torch_1proc"]["outputs"]
+    ours_runs = (
+        rounds["ray_deepspeed_1worker"]["outputs"] + rounds["ray_deepspeed_2workers"]["outputs"]
+    )
+
+    def close(key: str, rtol: float) -> bool:
+        ref = bare_runs[0][key]
+        return all(abs(r[key] - ref) <= rtol * abs(ref) for r in every)
+
+    require(
+        NAME,
+        {
+            "every_side_ran_its_steps": all(r["steps"] == args.steps for r in every),
+            "every_side_loss_falls": all(r["loss_last"] < r["loss_first"] for r in every),
+            "ours_trained_every_row": all(r["rows_trained"] == kept.num_rows for r in ours_runs),
+            "first_losses_agree": close("loss_first", FIRST_LOSS_RTOL),
+            "last_losses_agree": close("loss_last", LAST_LOSS_RTOL),
+        },
+        {
+            "losses": {
+                k: [(r["loss_first"], r["loss_last"]) for r in v["outputs"]]
+                for k, v in rounds.items()
+            },
+            "rows_tokenised": kept.num_rows,
+        },
+    )
+    one, two, bare = (
+        best["ray_deepspeed_1worker"],
+        best["ray_deepspeed_2workers"],
+        best["bare_torch_1proc"],
+    )
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    params_m = round(
+        (
+            c.vocab_size * c.hidden_size * 2
+            + c.num_hidden_layers * (4 * c.hidden_size**2 + 3 * c.hidden_size * c.intermediate_size)
+        )
+        / 1e6,
+        3,
+    )
     report = {
-        "benchmark": "sft_train_throughput",
         "quick": quick,
-        "model": {"hidden": hidden, "layers": layers, "params_m": None},
+        "model": {"hidden": hidden, "layers": layers, "params_m": params_m},
         "rows": args.rows,
         "max_length": args.max_length,
         "micro_batch": args.micro,
@@ -257,26 +325,32 @@ def main() -> None:
         "zero_stage": args.zero_stage,
         "precision": "fp32",
         "cpus": ncpu,
+        "rounds": repeat,
         "bare_torch_1proc": bare,
         "ray_deepspeed_1worker": one,
         "ray_deepspeed_2workers": two,
-        "overhead_per_worker": bare["tokens_per_s"] / one["tokens_per_s"],
-        "scaling_2workers": two["tokens_per_s"] / one["tokens_per_s"],
+        "ratios": {
+            "overhead_per_worker": ratio(bare["tokens_per_s"], one["tokens_per_s"], 3),
+            "scaling_2workers": ratio(two["tokens_per_s"], one["tokens_per_s"], 3),
+        },
         "goal_overhead_per_worker": 1.2,
+        "machine": {"load_avg_at_start": load_start},
     }
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(model_dir)
-    report["model"]["params_m"] = round(
-        (
-            c.vocab_size * c.hidden_size * 2
-            + c.num_hidden_layers * (4 * c.hidden_size**2 + 3 * c.hidden_size * c.intermediate_size)
-        )
-        / 1e6,
-        3,
-    )
-    print(json.dumps(report, indent=2))
-    sys.stdout.flush()
+    r = report["ratios"]
+    report["readme"] = [
+        {
+            "setting": (
+                f"SFT, tiny LLaMA ({params_m}M params), {args.steps} steps of "
+                f"{args.micro}x{args.accum} rows, fp32, ZeRO-{args.zero_stage}"
+            ),
+            "result": (
+                f"Ray Train + DeepSpeed at {r['overhead_per_worker']}x a bare torch loop per "
+                f"worker (steady tokens/s, best of {repeat} interleaved rounds); 2 workers "
+                f"{r['scaling_2workers']}x one"
+            ),
+        }
+    ]
+    finish(NAME, report, args.out)
 
 
 if __name__ == "__main__":

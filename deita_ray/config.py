@@ -299,8 +299,9 @@ class SelectConfig:
         "auto",
         choices=("auto", "cpu", "cuda", "numpy"),
         doc=(
-            "Where the matrix products run ('auto': cuda if torch sees a GPU, else torch on "
-            "CPU; 'numpy': no torch)."
+            "Where the matrix products run ('auto': cuda if torch sees a GPU, else numpy, "
+            "which is faster than torch on CPU for this method (benchmarks/select.py); "
+            "'cpu': torch on CPU; 'numpy': no torch)."
         ),
     )
     seed: int = _f(0, doc="Seed of the 'random' method.")

@@ -1,9 +1,10 @@
-"""Exact distributed selection over shard actors (SPEC section 4, the frontier algorithm).
+"""Exact distributed selection over shard actors (docs/selection.md, the frontier algorithm).
 
 The pool (ids, scores, embeddings) is split into ``P`` contiguous row ranges of the embedder's
-Parquet output; each :class:`SelectShard` actor reads its own range, drops non-candidates,
-normalises and sorts its rows by ``(-score, seq)``. The driver only ever holds the accepted set
-(ids and unit vectors of the accepted rows) and the small survivor lists of a round.
+Parquet output; each :class:`SelectShard` actor reads its own range
+(:mod:`deita_ray.selection.pool`), drops non-candidates, normalises and sorts its rows by
+``(-score, seq)``. The driver only ever holds the accepted set (ids and unit vectors of the
+accepted rows) and the small survivor lists of a round.
 
 Why it is exact: rejection is monotone. A shard rejects a candidate against a snapshot of the
 accepted set, and every row of that snapshot precedes the candidate in global order and is in
@@ -17,128 +18,65 @@ and keeps the rest for a later round. The result is identical to
 :func:`~deita_ray.selection.greedy.select_diverse` for any number of shards and block size:
 decisions use the canonical cosine of greedy.py whichever matrix shapes produced the float32
 values.
+
+What each rejected row was too similar to (``rejected_by``): the selected rows before a row are
+a prefix of the selection (the greedy accepts in key order). The driver's own rejections see
+that whole prefix. A shard's rejection sees the snapshot it screened with; at the end the
+driver sends the rest of the selection with its keys and the shard completes each of its
+rejected rows against the selected rows after its snapshot that precede it (:meth:`SelectShard.
+finish`). Both use the canonical best match of greedy.py, so the answer equals the single-node
+one.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from deita_ray.data.sink import parquet_files
 from deita_ray.selection.greedy import (
+    INVALID_EMBEDDING,
+    MISSING_SCORE,
+    NOT_REACHED,
+    SELECTED,
+    SIMILAR,
     GreedySelector,
     SelectionResult,
     candidate_order,
+    merge_best,
     normalize_rows,
     resolve_device,
     valid_rows,
 )
+from deita_ray.selection.pool import (
+    Piece,
+    check_unique_seq,
+    duplicate_seq_error,
+    first_shared_seq,
+    load_pool,
+    plan_shards,
+)
 
-EMBED_COLUMNS = ("id", "seq", "evol_score", "embedding")
 
-Piece = tuple[str, int, int]
-"""(parquet file, first row, end row) within that file."""
+def keys_before(
+    neg: np.ndarray, seq: np.ndarray, q_neg: np.ndarray, q_seq: np.ndarray
+) -> np.ndarray:
+    """For each query key, how many of the keys ``(neg, seq)`` are smaller.
 
-
-def plan_shards(files: list[str], num_shards: int) -> tuple[list[list[Piece]], int]:
-    """Split the concatenated rows of ``files`` into ``num_shards`` contiguous ranges.
-
-    Only Parquet footers are read. Global row position = offset in the concatenation of the
-    files in the given order (what :attr:`SelectionResult.indices` refers to).
-
-    Returns:
-        (pieces per shard, total rows).
+    Keys are ``(-score, seq)`` pairs, compared lexicographically; ``seq`` is unique, and no
+    query key is among ``(neg, seq)``.
     """
-    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    total = int(sum(counts))
-    bounds = [total * s // num_shards for s in range(num_shards + 1)]
-    plans: list[list[Piece]] = []
-    for s in range(num_shards):
-        lo, hi = bounds[s], bounds[s + 1]
-        pieces, off = [], 0
-        for f, c in zip(files, counts, strict=True):
-            a, b = max(lo, off), min(hi, off + c)
-            if a < b:
-                pieces.append((f, a - off, b - off))
-            off += c
-        plans.append(pieces)
-    return plans, total
-
-
-def embedding_matrix(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed_size_list<float32|float16>[d] column as an ``[n, d]`` float32 matrix.
-
-    Returns:
-        (matrix, null mask); null rows come back as NaN rows (so they are invalid).
-    """
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if not pa.types.is_fixed_size_list(arr.type):
-        arr = arr.cast(pa.list_(arr.type.value_type, len(arr[0]) if len(arr) else 0))
-    d = arr.type.list_size
-    # Child values of a fixed-size list exist for null slots too; slice by the array offset.
-    values = arr.values.slice(arr.offset * d, len(arr) * d)
-    mat = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), d)
-    nulls = arr.is_null().to_numpy(zero_copy_only=False)
-    if nulls.any():
-        mat = mat.copy()
-        mat[nulls] = np.nan
-    return mat, nulls
-
-
-def iter_pieces(pieces: list[Piece], columns: tuple[str, ...] = EMBED_COLUMNS):
-    """Yield the rows of row ranges of Parquet files, one row group (slice) at a time."""
-    for path, a, b in pieces:
-        pf = pq.ParquetFile(path)
-        start = 0
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            lo, hi = max(a, start), min(b, start + n)
-            if lo < hi:
-                t = pf.read_row_group(g, columns=list(columns))
-                yield t.slice(lo - start, hi - lo)
-            start += n
-
-
-@dataclass
-class PoolArrays:
-    """Embedder output as arrays (ids, seq, scores, float32 embeddings)."""
-
-    ids: list[str]
-    seq: np.ndarray
-    scores: np.ndarray
-    embeddings: np.ndarray
-
-
-def load_pool(pieces: list[Piece]) -> PoolArrays:
-    """Read (ids, seq, evol_score, embedding) of row ranges into arrays (nulls -> NaN).
-
-    Row group by row group into preallocated arrays, so the peak memory is the float32
-    matrix plus one row group (not twice the pool).
-    """
-    n = sum(b - a for _, a, b in pieces)
-    ids: list[str] = []
-    seq = np.empty(n, np.int64)
-    scores = np.empty(n, np.float64)
-    emb: np.ndarray | None = None
-    at = 0
-    for t in iter_pieces(pieces):
-        m = t.num_rows
-        mat, _ = embedding_matrix(t["embedding"])
-        if emb is None:
-            emb = np.empty((n, mat.shape[1]), np.float32)
-        emb[at : at + m] = mat
-        ids.extend(t["id"].to_pylist())
-        seq[at : at + m] = t["seq"].cast(pa.int64()).to_numpy(zero_copy_only=False)
-        scores[at : at + m] = t["evol_score"].cast(pa.float64()).to_numpy(zero_copy_only=False)
-        at += m
-    if emb is None:
-        emb = np.empty((0, 0), np.float32)
-    return PoolArrays(ids=ids, seq=seq, scores=scores, embeddings=emb)
+    k = len(neg)
+    all_neg = np.concatenate([np.asarray(neg, np.float64), np.asarray(q_neg, np.float64)])
+    all_seq = np.concatenate([np.asarray(seq, np.int64), np.asarray(q_seq, np.int64)])
+    order = np.lexsort((all_seq, all_neg))
+    before = np.cumsum(order < k)  # keys of ``neg`` up to each position of the merged order
+    out = np.empty(len(q_neg), np.int64)
+    q = order >= k
+    out[order[q] - k] = before[q]
+    return out
 
 
 class SelectShard:
@@ -152,12 +90,12 @@ class SelectShard:
         offset: global position of the shard's first row.
         device: as for :class:`~deita_ray.selection.greedy.GreedySelector`.
 
-    Call :meth:`reset` before each selection.
+    Call :meth:`reset` before each selection and :meth:`finish` after it.
     """
 
     def __init__(self, pieces: list[Piece], offset: int, device: str = "cpu"):
         t0 = time.perf_counter()
-        pool = load_pool(pieces)
+        pool = load_pool(pieces, check_seq=False)  # checked by check_seq(): a clear error
         self.ids = pool.ids
         n = len(pool.ids)
         self.emb = pool.embeddings
@@ -169,9 +107,14 @@ class SelectShard:
         self.neg_score = -pool.scores[self.order]
         self.seq = pool.seq[self.order]
         self.offset = offset
+        self.missing_pos = np.flatnonzero(missing) + offset
+        self.invalid_pos = np.flatnonzero(~finite & ~missing) + offset
+        self.all_seq = pool.seq
+        self.sorted_seq = np.sort(pool.seq)
         self.device = resolve_device(device)
         self.cursor = 0
         self.selector: GreedySelector | None = None
+        self._rejected: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
         self.stats = {
             "pool": int(n),
             "candidates": int(len(self.order)),
@@ -184,10 +127,12 @@ class SelectShard:
     def reset(self, tau: float, budget: int) -> None:
         """Start a new selection: empty accepted set, cursor back at the best candidate."""
         self.cursor = 0
+        self._rejected = []
         self.selector = GreedySelector(max(self.dim, 1), tau, max(budget, 0), self.device)
 
     def info(self) -> dict[str, Any]:
-        """Pool statistics of this shard, the embedding dimension and the Ray node it runs on."""
+        """Pool statistics of this shard, the embedding dimension, its ``seq`` range and the
+        Ray node it runs on."""
         node = None
         try:
             import ray  # noqa: PLC0415
@@ -196,10 +141,27 @@ class SelectShard:
                 node = ray.get_runtime_context().get_node_id()
         except ImportError:  # pragma: no cover
             pass
-        return {**self.stats, "dim": int(self.dim), "node_id": node}
+        ss = self.sorted_seq
+        seq_range = (int(ss[0]), int(ss[-1])) if len(ss) else None
+        return {**self.stats, "dim": int(self.dim), "node_id": node, "seq_range": seq_range}
 
-    def next_round(self, delta: np.ndarray | None, k: int) -> dict[str, Any]:
+    def check_seq(self) -> None:
+        """Raise :class:`~deita_ray.selection.pool.DuplicateSeqError` if a ``seq`` repeats."""
+        check_unique_seq(self.all_seq, self.ids, f"shard at row {self.offset}")
+
+    def seq_values(self) -> np.ndarray:
+        """This shard's ``seq`` values, sorted (for the driver's uniqueness check)."""
+        return self.sorted_seq
+
+    def ids_of_seq(self, seq: int) -> list[str]:
+        """Ids of this shard's rows with ``seq`` (for the error message)."""
+        return [self.ids[i] for i in np.flatnonzero(self.all_seq == seq)]
+
+    def next_round(self, delta: np.ndarray | None, k: int, explain: bool = True) -> dict[str, Any]:
         """Add the driver's newly accepted rows, then screen the next ``k`` candidates.
+
+        The rows rejected here are kept (with their best match within the snapshot of the
+        accepted set they were screened against, when ``explain``) for :meth:`finish`.
 
         Returns:
             ``neg_score``, ``seq``, ``ids``, ``pos`` (global), ``emb`` of the survivors, the
@@ -223,8 +185,13 @@ class SelectShard:
         self.cursor = b
         rows = self.order[a:b]
         x = normalize_rows(self.emb[rows])
-        keep, _ = self.selector.screen(x)
-        sel = np.flatnonzero(keep)
+        scr = self.selector.screen(x, explain=explain)
+        sel = np.flatnonzero(scr.survives)
+        out = np.flatnonzero(~scr.survives)
+        if len(out):
+            best = scr.best_sim[out] if explain else np.full(len(out), np.nan)
+            rank = scr.best_rank[out] if explain else np.full(len(out), -1, np.int64)
+            self._rejected.append((a + out, best, rank, self.selector.k))
         last = (float(self.neg_score[b - 1]), int(self.seq[b - 1])) if b > a else None
         return {
             "neg_score": self.neg_score[a:b][sel],
@@ -242,6 +209,70 @@ class SelectShard:
         lo = int(np.searchsorted(self.neg_score, neg_score, side="left"))
         hi = int(np.searchsorted(self.neg_score, neg_score, side="right"))
         return lo + int(np.searchsorted(self.seq[lo:hi], seq, side="right"))
+
+    def finish(
+        self,
+        delta: np.ndarray | None,
+        acc_neg: np.ndarray,
+        acc_seq: np.ndarray,
+        last_taken: tuple[float, int] | None,
+        explain: bool = True,
+    ) -> dict[str, Any]:
+        """What happened to this shard's rows, once the selection is complete.
+
+        Args:
+            delta: the rows accepted since the last round (unit vectors, selection order).
+            acc_neg, acc_seq: the keys of the whole selection, in selection (= key) order.
+            last_taken: key of the row that filled the budget (rows after it were not
+                reached), or None when the budget did not fill.
+            explain: complete each rejected row's best match with the selected rows after
+                its snapshot that precede it.
+
+        Returns:
+            ``rejected`` (global positions of the rows rejected here, examined ones only),
+            ``rejected_rank`` / ``rejected_sim`` (when ``explain``), ``scanned`` (this shard's
+            candidates up to ``last_taken``), ``missing_pos``, ``invalid_pos``.
+        """
+        sel = self.selector
+        if sel is not None and delta is not None and len(delta):
+            sel.add(delta)
+        if last_taken is None:
+            scanned = int(len(self.order)) if sel is not None and sel.capacity else 0
+        else:
+            scanned = self.count_upto(*last_taken)
+        out_cur, out_best, out_rank = [], [], []
+        for cur, best, rank, snap in self._rejected:  # one part per round (one snapshot)
+            keep = cur < scanned  # candidates after the budget filled were not reached
+            cur, best, rank = cur[keep], best[keep].copy(), rank[keep].copy()
+            if explain and len(cur) and sel is not None:
+                upto = keys_before(
+                    acc_neg[: sel.k], acc_seq[: sel.k], self.neg_score[cur], self.seq[cur]
+                )
+                todo = np.flatnonzero(upto > snap)
+                if len(todo):
+                    hi = int(upto[todo].max())
+                    x = normalize_rows(self.emb[self.order[cur[todo]]])
+                    cols = sel.accepted[snap:hi]
+                    f = x @ cols.T
+                    f[np.arange(snap, hi)[None, :] >= upto[todo, None]] = -np.inf
+                    b2, c2 = sel.best_match(x, f, cols)
+                    sub_best, sub_rank = best[todo], rank[todo]
+                    merge_best(sub_best, sub_rank, b2, np.where(c2 >= 0, c2 + snap, -1))
+                    best[todo], rank[todo] = sub_best, sub_rank
+            out_cur.append(cur)
+            out_best.append(best)
+            out_rank.append(rank)
+        cur = np.concatenate(out_cur) if out_cur else np.empty(0, np.int64)
+        best = np.concatenate(out_best) if out_best else np.empty(0)
+        rank = np.concatenate(out_rank) if out_rank else np.empty(0, np.int64)
+        return {
+            "rejected": (self.order[cur] + self.offset).astype(np.int64),
+            "rejected_rank": rank if explain else None,
+            "rejected_sim": best if explain else None,
+            "scanned": scanned,
+            "missing_pos": self.missing_pos,
+            "invalid_pos": self.invalid_pos,
+        }
 
 
 class ShardedPool:
@@ -284,6 +315,8 @@ class ShardedPool:
         self.shards = [actor_cls.remote(p, offsets[s], device) for s, p in enumerate(plans)]
         try:
             self.infos = ray.get([sh.info.remote() for sh in self.shards])
+            ray.get([sh.check_seq.remote() for sh in self.shards])
+            self._check_seq_across_shards()
         except Exception:
             self.close()
             raise
@@ -294,6 +327,36 @@ class ShardedPool:
             k: int(sum(i[k] for i in self.infos))
             for k in ("pool", "candidates", "missing_score", "invalid_embedding", "zero_vector")
         }
+
+    def _check_seq_across_shards(self) -> None:
+        """The frontier algorithm orders rows by ``(-score, seq)`` across shards: ``seq`` must
+        be unique. Only shards whose ``seq`` ranges overlap send their values."""
+        import ray  # noqa: PLC0415
+
+        ranges = [i["seq_range"] for i in self.infos]
+        overlapping = {
+            s
+            for a, ra in enumerate(ranges)
+            for b, rb in enumerate(ranges)
+            if a < b and ra and rb and ra[0] <= rb[1] and rb[0] <= ra[1]
+            for s in (a, b)
+        }
+        if not overlapping:
+            return
+        parts: list[np.ndarray | None] = [None] * len(ranges)
+        for s, values in zip(
+            sorted(overlapping),
+            ray.get([self.shards[s].seq_values.remote() for s in sorted(overlapping)]),
+            strict=True,
+        ):
+            parts[s] = values
+        shared = first_shared_seq(parts)
+        if shared is not None:
+            a, b, seq = shared
+            ids_a, ids_b = ray.get(
+                [self.shards[a].ids_of_seq.remote(seq), self.shards[b].ids_of_seq.remote(seq)]
+            )
+            raise duplicate_seq_error(seq, f"shards {a} and {b}", (ids_a[0], ids_b[0]))
 
     def __enter__(self) -> ShardedPool:
         return self
@@ -310,7 +373,12 @@ class ShardedPool:
         self.shards = []
 
     def select(
-        self, tau: float, budget: int, block_size: int = 1024, driver_device: str = "auto"
+        self,
+        tau: float,
+        budget: int,
+        block_size: int = 1024,
+        driver_device: str = "auto",
+        explain: bool = True,
     ) -> SelectionResult:
         """Run the exact frontier algorithm (module docstring) over the shards.
 
@@ -319,12 +387,13 @@ class ShardedPool:
             budget: number of rows to select.
             block_size: candidates each shard screens per round, and the driver's block size.
             driver_device: device of the driver's greedy over survivors.
+            explain: fill ``rejected_by`` / ``rejected_sim`` (``row_status`` always).
 
         Returns:
-            The selection; ``indices`` are global positions in the files' row order, ``stats``
-            as for :func:`~deita_ray.selection.greedy.select_diverse` plus ``rounds``,
-            ``shard_screened`` (rows the shards screened, over-scan included),
-            ``shard_nodes`` and timings.
+            The selection; ``indices`` (and the per-row arrays) are global positions in the
+            files' row order, ``stats`` as for :func:`~deita_ray.selection.greedy.
+            select_diverse` plus ``rounds``, ``shard_screened`` (rows the shards screened,
+            over-scan included), ``shard_nodes`` and timings.
         """
         import ray  # noqa: PLC0415
 
@@ -349,6 +418,9 @@ class ShardedPool:
         picks_seq: list[np.ndarray] = []
         picks_neg: list[np.ndarray] = []
         sims: list[np.ndarray] = []
+        rej_pos: list[np.ndarray] = []  # the driver's own rejections
+        rej_rank: list[np.ndarray] = []
+        rej_sim: list[np.ndarray] = []
         last_taken: tuple[float, int] | None = None
         while not selector.full and (active or len(pend["neg"])):
             if active:
@@ -356,7 +428,7 @@ class ShardedPool:
                 delta = ray.put(selector.accepted[sent : selector.k].copy())
                 sent = selector.k
                 outs = ray.get(
-                    [self.shards[i].next_round.remote(delta, block_size) for i in active]
+                    [self.shards[i].next_round.remote(delta, block_size, explain) for i in active]
                 )
                 rounds += 1
                 still = []
@@ -388,15 +460,19 @@ class ShardedPool:
             ready, rest = order[:n_ok], order[n_ok:]
             for b0 in range(0, len(ready), block_size):
                 blk = ready[b0 : b0 + block_size]
-                pos, ms, examined = selector.offer(pend["emb"][blk])
-                chosen = blk[pos]
+                res = selector.offer(pend["emb"][blk], explain)
+                chosen = blk[res.pos]
                 picks_pos.append(pend["pos"][chosen])
                 picks_ids.extend(pend["ids"][j] for j in chosen)
                 picks_seq.append(pend["seq"][chosen])
                 picks_neg.append(pend["neg"][chosen])
-                sims.append(ms)
+                sims.append(res.max_sim)
+                rej_pos.append(pend["pos"][blk[res.rejected]])
+                if explain:
+                    rej_rank.append(res.rejected_rank)
+                    rej_sim.append(res.rejected_sim)
                 if selector.full:
-                    j = blk[examined - 1]
+                    j = blk[res.examined - 1]
                     last_taken = (float(pend["neg"][j]), int(pend["seq"][j]))
                     break
             pend = {
@@ -406,12 +482,39 @@ class ShardedPool:
                 "pos": pend["pos"][rest],
                 "emb": pend["emb"][rest],
             }
-        if last_taken is not None:  # scanned = candidates up to the row that filled the budget
-            scanned = int(sum(ray.get([sh.count_upto.remote(*last_taken) for sh in self.shards])))
-        else:
-            scanned = 0 if capacity == 0 else stats["candidates"]
+        neg = np.concatenate(picks_neg) if picks_neg else np.empty(0)
+        acc_seq = np.concatenate(picks_seq) if picks_seq else np.empty(0, np.int64)
+        # Every shard learns the rest of the selection and reports what happened to its rows.
+        delta = ray.put(selector.accepted[sent : selector.k].copy())
+        fins = ray.get(
+            [sh.finish.remote(delta, neg, acc_seq, last_taken, explain) for sh in self.shards]
+        )
+        scanned = int(sum(f["scanned"] for f in fins))
         indices = np.concatenate(picks_pos) if picks_pos else np.empty(0, np.int64)
         selected = len(indices)
+        status = np.full(self.total, NOT_REACHED, np.int8)
+        rejected_by = np.full(self.total, -1, np.int64) if explain else None
+        rejected_sim = np.full(self.total, np.nan) if explain else None
+        for f in fins:
+            status[f["missing_pos"]] = MISSING_SCORE
+            status[f["invalid_pos"]] = INVALID_EMBEDDING
+        for f in fins:
+            status[f["rejected"]] = SIMILAR
+            if explain:
+                rejected_by[f["rejected"]] = f["rejected_rank"]
+                rejected_sim[f["rejected"]] = f["rejected_sim"]
+        for k, pos in enumerate(rej_pos):
+            status[pos] = SIMILAR
+            if explain:
+                rejected_by[pos] = rej_rank[k]
+                rejected_sim[pos] = rej_sim[k]
+        status[indices] = SELECTED
+        n_rejected = int(np.count_nonzero(status == SIMILAR))
+        if n_rejected != scanned - selected:  # the shards and the driver must agree
+            raise RuntimeError(
+                f"distributed selection: {n_rejected} rows rejected for similarity, but "
+                f"{scanned} scanned and {selected} selected"
+            )
         stats.update(
             {
                 "selected": int(selected),
@@ -427,15 +530,17 @@ class ShardedPool:
                 "select_s": round(time.perf_counter() - t0, 3),
             }
         )
-        neg = np.concatenate(picks_neg) if picks_neg else np.empty(0)
         return SelectionResult(
             indices=indices.astype(np.int64),
             max_sim=np.concatenate(sims) if sims else np.empty(0, np.float32),
             stats=stats,
             ids=picks_ids,
-            seq=np.concatenate(picks_seq) if picks_seq else np.empty(0, np.int64),
+            seq=acc_seq,
             scores=-neg,
             method="deita",
+            row_status=status,
+            rejected_by=rejected_by,
+            rejected_sim=rejected_sim,
         )
 
 
@@ -449,6 +554,7 @@ def select_distributed(
     shard_num_cpus: float = 1.0,
     scheduling_strategy: str = "SPREAD",
     driver_device: str = "auto",
+    explain: bool = True,
 ) -> SelectionResult:
     """Exact distributed selection over ``num_shards`` Ray actors (Ray must be initialised).
 
@@ -456,4 +562,4 @@ def select_distributed(
     arguments are those of the two.
     """
     with ShardedPool(embed_dir, num_shards, device, shard_num_cpus, scheduling_strategy) as pool:
-        return pool.select(tau, budget, block_size, driver_device)
+        return pool.select(tau, budget, block_size, driver_device, explain)

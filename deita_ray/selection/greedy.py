@@ -1,4 +1,4 @@
-"""Exact score-first, diversity-aware greedy selection (SPEC section 4): the blocked method.
+"""Exact score-first, diversity-aware greedy selection (docs/selection.md): the blocked method.
 
 Pure: arrays in, positions out. No Ray, no files, no models; torch is imported lazily and only
 when a torch device is asked for (``device="numpy"`` never imports it).
@@ -12,9 +12,12 @@ block's own similarities (:data:`SUB_BLOCK` rows per Gram product; the in-order 
 computed as a vectorised fixed point, see :meth:`GreedySelector._resolve`).
 
 Numerical policy (why every method returns the same ids):
-    * Vectors are L2-normalised once per row by :func:`normalize_rows` (norm accumulated in
-      float64, row scaled in float32). The computation of a row depends on that row only, so every caller
-      (this module, the distributed shards, the tests' oracle) gets bit-identical unit vectors.
+    * Vectors are L2-normalised once per row by :func:`normalize_rows`, the norm accumulated
+      in float64. The computation of a row depends on that row only, so every caller (this
+      module, the distributed shards, the tests' oracle) gets bit-identical unit vectors, and
+      no finite non-zero row overflows: a row whose float32 reciprocal norm would not be a
+      normal float32 number (norm below ~8.5e-39 or above ~8.5e37, subnormal rows included)
+      is divided by its norm in float64 instead.
     * The *canonical* cosine of two rows is the dot product of their float32 unit vectors,
       evaluated in float64 (each product of two float32 numbers is exact in float64; only the
       summation rounds, by at most ``d * 2**-53``) and clamped to ``[-1, 1]``. A row is rejected
@@ -33,12 +36,19 @@ Numerical policy (why every method returns the same ids):
       (``stats["invalid_embedding"]``), nor are rows whose score is NaN (``missing_score``).
     * ``max_sim`` reports the float32 kernel value (it may differ from another method's report
       in the last bits; the decisions do not).
+    * Why a row was not picked (``SelectionResult.rejected_by`` / ``rejected_sim``): for a row
+      rejected for similarity, the selected row with the largest canonical cosine among those
+      selected before it (ties: the earliest selected) and that cosine. The float32 products
+      only narrow the search (every entry within two kernel margins of a row's float32
+      maximum is recomputed canonically), so the answer is the canonical one, the same in
+      every method.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -48,6 +58,20 @@ NORMALIZE_CHUNK = 8192
 SUB_BLOCK = 512
 """Survivors of a block resolved together with their own Gram matrix (one product per
 sub-block: few large operations beat many small ones, notably on busy CPUs)."""
+
+ROW_STATUS = (
+    "selected",
+    "similar_to_selected",
+    "not_reached",
+    "missing_score",
+    "invalid_embedding",
+)
+"""What happened to each pool row (:attr:`SelectionResult.row_status` holds indices into it)."""
+SELECTED, SIMILAR, NOT_REACHED, MISSING_SCORE, INVALID_EMBEDDING = range(len(ROW_STATUS))
+
+ProductHook = Callable[[int, int], None]
+"""Called with ``(rows, cols)`` of every similarity product a selector computes (each
+``rows x d`` times ``d x cols``); benchmarks use it to replay the bare work."""
 
 
 @dataclass
@@ -67,8 +91,13 @@ class SelectionResult:
         seq: global input order of the selected rows, when known.
         scores: evol scores of the selected rows (NaN where unknown).
         method: the method that produced it.
-        product_shapes: ``(rows, cols)`` of every similarity product the blocked method
-            computed (each ``rows x d`` times ``d x cols``), in order; benchmarks replay them.
+        row_status: int8 per pool row (same positions as ``indices``), an index into
+            :data:`ROW_STATUS` (deita only; None for the baselines).
+        rejected_by: int64 per pool row: for a row rejected for similarity, the selection
+            position (index into ``indices``) of the selected row it was too similar to, the
+            one with the largest canonical cosine among the rows selected before it (ties: the
+            earliest selected); -1 for every other row. None when not asked for.
+        rejected_sim: float64 per pool row: that canonical cosine (NaN for every other row).
     """
 
     indices: np.ndarray
@@ -78,7 +107,9 @@ class SelectionResult:
     seq: np.ndarray | None = None
     scores: np.ndarray | None = None
     method: str = "deita"
-    product_shapes: list[tuple[int, int]] = field(default_factory=list)
+    row_status: np.ndarray | None = None
+    rejected_by: np.ndarray | None = None
+    rejected_sim: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.indices))
@@ -94,24 +125,37 @@ def kernel_margin(dim: int) -> float:
     return 1.05 * (dim + 2) * 2.0**-24 + 1e-7
 
 
+_F32 = np.finfo(np.float32)
+
+
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """L2-normalise rows to float32 unit vectors; zero rows stay zero.
 
-    The norm is accumulated in float64; the row is then scaled by the float32 reciprocal.
-    Every row is computed from that row alone, so the result is the same bits whichever rows
-    are normalised together (and wherever they sit in memory). Non-finite rows yield non-finite output:
+    The norm is accumulated in float64. A row is then scaled by the float32 reciprocal of its
+    norm when that is a normal float32 number (nearly every row), else divided by its norm in
+    float64 (tiny, subnormal or huge rows, whose reciprocal would overflow to inf or lose bits
+    as a subnormal): every finite non-zero row becomes a unit vector. Every row is computed
+    from that row alone, so the result is the same bits whichever rows are normalised
+    together (and wherever they sit in memory). Non-finite rows yield non-finite output:
     filter them out first (see :func:`valid_rows`).
     """
     x = np.asarray(x)
     out = np.empty(x.shape, dtype=np.float32)
     for start in range(0, x.shape[0], NORMALIZE_CHUNK):
         chunk = x[start : start + NORMALIZE_CHUNK]
+        dst = out[start : start + NORMALIZE_CHUNK]
         norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk, dtype=np.float64))
         # Zero vectors stay zero: cosine 0 to everything.
         inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        np.multiply(
-            chunk, inv.astype(np.float32)[:, None], out=out[start : start + NORMALIZE_CHUNK]
+        with np.errstate(over="ignore"):
+            inv32 = inv.astype(np.float32)
+        slow = np.flatnonzero(
+            (norms > 0) & np.isfinite(norms) & ~((inv32 >= _F32.tiny) & (inv32 <= _F32.max))
         )
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(chunk, inv32[:, None], out=dst)
+        if len(slow):
+            dst[slow] = chunk[slow].astype(np.float64) / norms[slow, None]
     return out
 
 
@@ -147,14 +191,20 @@ def candidate_order(scores: np.ndarray, seq: np.ndarray, mask: np.ndarray) -> np
 
 def canonical_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Canonical cosines of row pairs ``(a[i], b[i])`` of float32 unit vectors (see module doc)."""
-    c = np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+    if a.shape[-1] <= np.getbufsize():
+        # einsum casts each row to float64 in one buffer: the same sum, bit for bit, as on
+        # float64 copies, without making them.
+        c = np.einsum("ij,ij->i", a, b, dtype=np.float64)
+    else:
+        c = np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
     return np.clip(c, -1.0, 1.0)
 
 
 def resolve_device(device: str = "auto") -> str:
     """Map a device name to ``"numpy"``, ``"cpu"`` (torch) or ``"cuda"`` (torch).
 
-    ``auto``: cuda when torch sees a GPU, else torch on CPU, else numpy when torch is absent.
+    ``auto``: cuda when torch sees a GPU, else numpy: on CPU, numpy's products beat torch's
+    for this method (benchmarks/select.py times both, interleaved; results/select.json).
     """
     if device == "numpy":
         return "numpy"
@@ -165,7 +215,7 @@ def resolve_device(device: str = "auto") -> str:
             return "numpy"
         raise
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "numpy"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("select.device is 'cuda' but torch sees no GPU")
     return device
@@ -193,13 +243,18 @@ class _NumpyOps:
     def rows(self, s: Any, rows: np.ndarray) -> np.ndarray:
         return s[rows]
 
-    def gram(self, xd: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        xs = xd[rows]
-        return xs @ xs.T
+    def gram(self, xd: np.ndarray, rows: np.ndarray, extra: np.ndarray) -> np.ndarray:
+        xs = xd[np.concatenate([rows, extra])] if len(extra) else xd[rows]
+        return xs @ xs[: len(rows)].T
 
     def cross(self, xd: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, Any]:
         s = xd[rows] @ xd[cols].T
         return s.max(axis=1), s
+
+    def near(self, s: Any, rows: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row in ``rows``, column) of the entries of ``s[rows]`` at or above their row's
+        threshold."""
+        return np.nonzero(s[rows] >= thr[:, None])
 
 
 class _TorchOps:
@@ -233,14 +288,128 @@ class _TorchOps:
     def rows(self, s: Any, rows: np.ndarray) -> np.ndarray:
         return s[self.torch.from_numpy(rows).to(self.device)].cpu().numpy()
 
-    def gram(self, xd: Any, rows: np.ndarray) -> np.ndarray:
-        xs = xd[self.torch.from_numpy(rows).to(self.device)]
-        return (xs @ xs.T).cpu().numpy()
+    def gram(self, xd: Any, rows: np.ndarray, extra: np.ndarray) -> np.ndarray:
+        both = np.concatenate([rows, extra]) if len(extra) else rows
+        xs = xd[self.torch.from_numpy(both).to(self.device)]
+        return (xs @ xs[: len(rows)].T).cpu().numpy()
 
     def cross(self, xd: Any, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, Any]:
         idx = self.torch.from_numpy
         s = xd[idx(rows).to(self.device)] @ xd[idx(cols).to(self.device)].T
         return s.amax(dim=1).cpu().numpy(), s
+
+    def near(self, s: Any, rows: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        to = self.torch.from_numpy
+        sub = s[to(rows).to(self.device)]
+        nz = (sub >= to(thr).to(self.device)[:, None]).nonzero().cpu().numpy()
+        return nz[:, 0], nz[:, 1]
+
+
+def best_of(
+    ri: np.ndarray, ci: np.ndarray, cos: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the largest of some canonical cosines and its column (ties: lowest column).
+
+    Args:
+        ri, ci: row and column of each computed cosine.
+        cos: the canonical cosines.
+        n: number of rows.
+
+    Returns:
+        (best cosine, its column) per row; ``-inf`` and -1 for rows with none.
+    """
+    best = np.full(n, -np.inf)
+    col = np.full(n, -1, np.int64)
+    if len(ri):
+        order = np.lexsort((ci, -cos, ri))
+        r = ri[order]
+        first = order[np.concatenate([[True], r[1:] != r[:-1]])]
+        best[ri[first]] = cos[first]
+        col[ri[first]] = ci[first]
+    return best, col
+
+
+def near_width(dim: int) -> float:
+    """How far below a row's float32 maximum its canonical maximum may lie: two kernel
+    margins, plus slack for rounding the threshold to float32."""
+    return 2 * kernel_margin(dim) + 2.0**-20
+
+
+def canonical_best(
+    xr: np.ndarray,
+    sims: np.ndarray,
+    others: np.ndarray,
+    width: float,
+    rowmax: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical best match of each row of ``xr`` among ``others``, from float32 ``sims``.
+
+    Only the entries within ``width`` (:func:`near_width`) of a row's float32 maximum can hold
+    its canonical maximum; those are recomputed canonically.
+
+    Args:
+        xr: unit vectors (host), one per row of ``sims``.
+        sims: their float32 cosines to ``others`` (host); ``-inf`` masks an entry out.
+        others: unit vectors of the columns (host).
+        width: see :func:`near_width`.
+        rowmax: ``sims.max(axis=1)`` when the caller has it already.
+
+    Returns:
+        (largest canonical cosine, its column; ties: the lowest) per row, ``-inf`` / -1 for
+        rows with no unmasked entry.
+    """
+    n = len(xr)
+    if n == 0 or sims.shape[1] == 0:
+        return np.full(n, -np.inf), np.full(n, -1, np.int64)
+    rowmax = sims.max(axis=1) if rowmax is None else rowmax
+    thr = (rowmax.astype(np.float64) - width).astype(np.float32)
+    thr[rowmax == -np.inf] = np.inf  # nothing unmasked in that row
+    ri, ci = np.nonzero(sims >= thr[:, None])
+    return best_of(ri, ci, canonical_cosines(xr[ri], others[ci]), n)
+
+
+def merge_best(
+    best: np.ndarray, rank: np.ndarray, other: np.ndarray, other_rank: np.ndarray
+) -> None:
+    """Fold ``(other, other_rank)`` into ``(best, rank)`` in place: larger cosine wins, ties
+    go to the earlier selected row (lower rank)."""
+    take = (other > best) | ((other == best) & (other_rank >= 0) & (other_rank < rank))
+    best[take] = other[take]
+    rank[take] = other_rank[take]
+
+
+class Screen(NamedTuple):
+    """Candidates screened against the accepted set (:meth:`GreedySelector.screen`).
+
+    ``survives``: no accepted row is within tau; ``rowmax``: float32 maximum cosine to the
+    accepted set (-inf when empty); for the rows that do not survive (when asked for),
+    ``best_sim`` / ``best_rank``: the largest canonical cosine to the accepted set and the
+    accepted row's rank (ties: the lowest), ``-inf`` / -1 elsewhere.
+    """
+
+    survives: np.ndarray
+    rowmax: np.ndarray
+    best_sim: np.ndarray | None = None
+    best_rank: np.ndarray | None = None
+
+
+class Offer(NamedTuple):
+    """A block offered to the in-order greedy (:meth:`GreedySelector.offer`).
+
+    ``pos``: positions in the block of the accepted rows, in order; ``max_sim``: their float32
+    max cosine to earlier picks (NaN for the very first pick); ``examined``: leading rows of
+    the block examined (fewer than the block when the budget filled); ``rejected``: positions
+    of the examined rows rejected for similarity; ``rejected_rank`` / ``rejected_sim``: the
+    rank of the selected row each was too similar to and that canonical cosine (see
+    :attr:`SelectionResult.rejected_by`), when asked for.
+    """
+
+    pos: np.ndarray
+    max_sim: np.ndarray
+    examined: int
+    rejected: np.ndarray
+    rejected_rank: np.ndarray | None = None
+    rejected_sim: np.ndarray | None = None
 
 
 class GreedySelector:
@@ -249,21 +418,31 @@ class GreedySelector:
     ``offer`` runs the exact in-order greedy over a block of candidates (already in global
     order, already normalised) against everything accepted so far; ``screen`` only rejects
     candidates against the accepted set (what the distributed shards do). Both follow the
-    numerical policy of the module docstring.
+    numerical policy of the module docstring. Accepted rows are kept in selection order: the
+    rank of a selected row is its row in :attr:`accepted`.
 
     Args:
         dim: embedding dimension.
         tau: cosine threshold (a row is taken iff its cosine to every taken row is <= tau).
         capacity: most rows that will be accepted (the budget).
         device: ``"numpy"``, ``"cpu"`` or ``"cuda"`` (see :func:`resolve_device`).
+        on_product: optional :data:`ProductHook`, called for every similarity product.
     """
 
-    def __init__(self, dim: int, tau: float, capacity: int, device: str = "numpy"):
+    def __init__(
+        self,
+        dim: int,
+        tau: float,
+        capacity: int,
+        device: str = "numpy",
+        on_product: ProductHook | None = None,
+    ):
         self.dim = dim
         self.tau = float(tau)
         self.margin = kernel_margin(dim)
         self.hi = self.tau + self.margin
         self.lo = self.tau - self.margin
+        self.near_width = near_width(dim)
         self.capacity = int(capacity)
         self.k = 0
         self.device = device
@@ -273,8 +452,11 @@ class GreedySelector:
         self.ops = _NumpyOps(0, dim) if device == "numpy" else _TorchOps(0, dim, device)
         self.ops.resize(self.accepted, 0)
         self.band_checks = 0
-        # (rows, cols) of every similarity product, for benchmarks that replay the bare work.
-        self.product_shapes: list[tuple[int, int]] = []
+        self.on_product = on_product
+
+    def _product(self, rows: int, cols: int) -> None:
+        if self.on_product is not None:
+            self.on_product(rows, cols)
 
     def _reserve(self, n: int) -> None:
         """Make room for ``n`` accepted rows."""
@@ -321,29 +503,50 @@ class GreedySelector:
         rejected[ri[exact > self.tau]] = True
         return rejected
 
-    def screen(self, x: np.ndarray, xd: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def best_match(
+        self, xr: np.ndarray, sims: np.ndarray, others: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`canonical_best` with this selector's kernel margin."""
+        return canonical_best(xr, sims, others, self.near_width)
+
+    def screen(self, x: np.ndarray, xd: Any = None, explain: bool = False) -> Screen:
         """Reject candidates against the accepted set only.
 
         Args:
             x: block of unit vectors (host, float32), in global order.
             xd: the same block already on the device (optional).
+            explain: also find, for each rejected row, its canonical best match.
 
         Returns:
-            (survives, rowmax): per row whether no accepted row is within tau of it, and its
-            float32 maximum cosine to the accepted set (-inf when the set is empty).
+            A :class:`Screen`.
         """
         n = len(x)
         if self.k == 0 or n == 0:
-            return np.ones(n, dtype=bool), np.full(n, -np.inf, dtype=np.float32)
+            none = np.full(n, -np.inf), np.full(n, -1, np.int64)
+            return Screen(
+                np.ones(n, dtype=bool),
+                np.full(n, -np.inf, dtype=np.float32),
+                *(none if explain else (None, None)),
+            )
         xd = self.ops.put(x) if xd is None else xd
         rowmax, s = self.ops.screen(xd, self.k)
-        self.product_shapes.append((n, self.k))
+        self._product(n, self.k)
         survives = rowmax <= self.hi
         band = np.flatnonzero(survives & (rowmax >= self.lo))
         if len(band):
             rej = self._band_reject(x, band, self.ops.rows(s, band), self.accepted[: self.k])
             survives[band[rej]] = False
-        return survives, rowmax
+        if not explain:
+            return Screen(survives, rowmax)
+        best = np.full(n, -np.inf)
+        rank = np.full(n, -1, np.int64)
+        out = np.flatnonzero(~survives)
+        if len(out):
+            thr = (rowmax[out].astype(np.float64) - self.near_width).astype(np.float32)
+            ri, ci = self.ops.near(s, out, thr)
+            cos = canonical_cosines(x[out[ri]], self.accepted[ci])
+            best[out], rank[out] = best_of(ri, ci, cos, len(out))
+        return Screen(survives, rowmax, best, rank)
 
     def _resolve(self, x: np.ndarray, sub: np.ndarray, g: np.ndarray) -> np.ndarray:
         """In-order greedy among the rows ``sub`` of a block, from their Gram matrix ``g``.
@@ -375,7 +578,7 @@ class GreedySelector:
             undecided &= ~(acc | rejected)
         return acc
 
-    def offer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def offer(self, x: np.ndarray, explain: bool = False) -> Offer:
         """Run the exact greedy over a block of candidates in order, accepting into the set.
 
         The block is screened against the accepted set in one product; its survivors are then
@@ -384,18 +587,27 @@ class GreedySelector:
 
         Args:
             x: block of unit vectors (host, float32), in global candidate order.
+            explain: also find what each rejected row was too similar to (its canonical best
+                match among the rows selected before it). The products the method computes
+                anyway carry it: the screen for the rows selected before the block; for the
+                block's own acceptances, the rows rejected before the Gram step ride along
+                as extra rows of the sub-block's products (no extra product).
 
         Returns:
-            (positions, max_sim, examined): positions in ``x`` of the accepted rows, their
-            float32 max cosine to earlier picks (NaN for the very first pick), and how many
-            leading rows of ``x`` were examined (fewer than ``len(x)`` when the budget filled).
+            An :class:`Offer`.
         """
         n = len(x)
         if n == 0 or self.full:
-            return np.empty(0, np.int64), np.empty(0, np.float32), 0
+            e = np.empty(0, np.int64)
+            return Offer(e, np.empty(0, np.float32), 0, e)
+        k0 = self.k
         xd = self.ops.put(x)
-        survives, rowmax = self.screen(x, xd)
-        surv = np.flatnonzero(survives)
+        scr = self.screen(x, xd, explain)
+        rowmax = scr.rowmax
+        surv = np.flatnonzero(scr.survives)
+        # Rows the screen rejected, in order: each rides along with the sub-block of survivors
+        # its position falls in (explain only).
+        passive = np.flatnonzero(~scr.survives) if explain else np.empty(0, np.int64)
         room = self.capacity - self.k
         hi, lo = self.hi, self.lo
         taken: list[np.ndarray] = []  # positions in x, in order
@@ -403,29 +615,65 @@ class GreedySelector:
         n_taken = 0
         for s0 in range(0, len(surv), SUB_BLOCK):
             sub = surv[s0 : s0 + SUB_BLOCK]
+            last = s0 + SUB_BLOCK >= len(surv)
+            ride = passive[passive < (n if last else sub[-1] + 1)]
+            passive = passive[len(ride) :]
             prev = np.full(len(sub), -np.inf, dtype=np.float32)
             if n_taken:  # screen against this block's earlier acceptances
                 tk = np.concatenate(taken)
-                prev, s = self.ops.cross(xd, sub, tk)
-                self.product_shapes.append((len(sub), len(tk)))
+                both = np.concatenate([sub, ride])
+                cmax, s = self.ops.cross(xd, both, tk)
+                self._product(len(both), len(tk))
+                prev = cmax[: len(sub)]
                 ok = prev <= hi
                 band = np.flatnonzero(ok & (prev >= lo))
                 if len(band):
                     rej = self._band_reject(x, sub[band], self.ops.rows(s, band), x[tk])
                     ok[band[rej]] = False
+                if explain:
+                    # Every row of the sub-block and its riders: best match among ``tk``.
+                    cb, cr = canonical_best(
+                        x[both],
+                        self.ops.rows(s, np.arange(len(both))),
+                        x[tk],
+                        self.near_width,
+                        cmax,
+                    )
+                    cr = np.where(cr >= 0, k0 + cr, -1)
+                    ride = np.concatenate([sub[~ok], ride])
+                    r_sim = np.concatenate([cb[: len(sub)][~ok], cb[len(sub) :]])
+                    r_rank = np.concatenate([cr[: len(sub)][~ok], cr[len(sub) :]])
+                    k_sim, k_rank = cb[: len(sub)][ok], cr[: len(sub)][ok]
                 sub, prev = sub[ok], prev[ok]
+            elif explain:
+                r_sim, r_rank = np.full(len(ride), -np.inf), np.full(len(ride), -1, np.int64)
+                k_sim, k_rank = np.full(len(sub), -np.inf), np.full(len(sub), -1, np.int64)
             if len(sub) == 0:
+                if explain:
+                    self._explain_set(scr, ride, r_sim, r_rank)
                 continue
-            if len(sub) > 1:
-                g = self.ops.gram(xd, sub)
-                self.product_shapes.append((len(sub), len(sub)))
+            if len(sub) > 1 or len(ride):
+                g = self.ops.gram(xd, sub, ride)  # (sub + riders) x sub
+                self._product(len(sub) + len(ride), len(sub))
             else:
                 g = np.ones((1, 1), np.float32)
-            acc = self._resolve(x, sub, g)
+            acc = self._resolve(x, sub, g[: len(sub)])
             # Max cosine of each accepted row to the block's earlier accepted rows.
             earlier = np.tri(len(sub), k=-1, dtype=bool) & acc[None, :]
-            gm = np.where(earlier, g, -np.inf).max(axis=1)
+            gm = np.where(earlier, g[: len(sub)], -np.inf).max(axis=1)
             best = np.maximum(np.maximum(rowmax[sub], prev), gm)[acc]
+            if explain:
+                # Rejected survivors and riders: best match among this sub-block's acceptances
+                # that precede them, merged with the earlier ones.
+                rows = np.concatenate([sub[~acc], ride])
+                mask = acc[None, :] & (sub[None, :] < rows[:, None])
+                f = np.where(mask, np.concatenate([g[: len(sub)][~acc], g[len(sub) :]]), -np.inf)
+                b, c = canonical_best(x[rows], f, x[sub], self.near_width)
+                rank_in = k0 + n_taken + np.cumsum(acc) - 1
+                b0 = np.concatenate([k_sim[~acc], r_sim])
+                r0 = np.concatenate([k_rank[~acc], r_rank])
+                merge_best(b0, r0, b, np.where(c >= 0, rank_in[np.maximum(c, 0)], -1))
+                self._explain_set(scr, rows, b0, r0)
             take = sub[acc][: room - n_taken]
             taken.append(take)
             sims.append(best[: len(take)])
@@ -434,10 +682,29 @@ class GreedySelector:
                 break
         pos = np.concatenate(taken) if taken else np.empty(0, np.int64)
         examined = int(pos[-1]) + 1 if n_taken >= room and len(pos) else n
+        is_rej = np.ones(examined, dtype=bool)
+        is_rej[pos] = False
+        rejected = np.flatnonzero(is_rej)
         self.add(x[pos])
         ms = np.concatenate(sims).astype(np.float32) if sims else np.empty(0, np.float32)
         ms[ms == -np.inf] = np.nan
-        return pos.astype(np.int64), ms, examined
+        if not explain:
+            return Offer(pos.astype(np.int64), ms, examined, rejected)
+        return Offer(
+            pos.astype(np.int64),
+            ms,
+            examined,
+            rejected,
+            scr.best_rank[rejected],
+            scr.best_sim[rejected],
+        )
+
+    @staticmethod
+    def _explain_set(scr: Screen, rows: np.ndarray, sim: np.ndarray, rank: np.ndarray) -> None:
+        """Fold in-block best matches of ``rows`` into the screen's (held in ``scr``)."""
+        b, r = scr.best_sim[rows], scr.best_rank[rows]
+        merge_best(b, r, sim, rank)
+        scr.best_sim[rows], scr.best_rank[rows] = b, r
 
 
 def select_diverse(
@@ -449,8 +716,10 @@ def select_diverse(
     ids: list[str] | None = None,
     block_size: int = 1024,
     device: str = "auto",
+    explain: bool = True,
+    on_product: ProductHook | None = None,
 ) -> SelectionResult:
-    """Exact score-first, diversity-aware greedy selection (SPEC section 4).
+    """Exact score-first, diversity-aware greedy selection (docs/selection.md).
 
     Args:
         embeddings: ``[n, d]`` float32 (or float16) embeddings, not necessarily normalised.
@@ -461,15 +730,19 @@ def select_diverse(
         ids: optional row ids, returned for the selected rows.
         block_size: candidates per matrix product (any value >= 1 gives the same ids).
         device: ``"auto"``, ``"cpu"``/``"cuda"`` (torch) or ``"numpy"``.
+        explain: fill :attr:`SelectionResult.rejected_by` / ``rejected_sim`` (what each
+            rejected row was too similar to); ``row_status`` is always filled.
+        on_product: optional :data:`ProductHook` (benchmarks).
 
     Returns:
-        The selection in order, with per-pick max cosine to earlier picks and pool statistics.
+        The selection in order, with per-pick max cosine to earlier picks, what happened to
+        every row, and pool statistics.
 
     Example:
         >>> emb = np.array([[1, 0], [1, 0.01], [0, 1]], np.float32)
         >>> r = select_diverse(emb, np.array([3.0, 2.0, 1.0]), tau=0.9, budget=2, device="numpy")
-        >>> r.indices.tolist()
-        [0, 2]
+        >>> r.indices.tolist(), r.rejected_by.tolist()
+        ([0, 2], [-1, 0, -1])
     """
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
@@ -487,7 +760,12 @@ def select_diverse(
     order = candidate_order(scores, seq, cand_mask)
     capacity = max(0, min(int(budget), len(order)))
     dev = resolve_device(device)
-    selector = GreedySelector(dim, tau, capacity, dev)
+    selector = GreedySelector(dim, tau, capacity, dev, on_product)
+    status = np.full(n, NOT_REACHED, np.int8)
+    status[~finite] = INVALID_EMBEDDING
+    status[missing] = MISSING_SCORE
+    rejected_by = np.full(n, -1, np.int64) if explain else None
+    rejected_sim = np.full(n, np.nan) if explain else None
     picks: list[np.ndarray] = []
     sims: list[np.ndarray] = []
     scanned = 0
@@ -495,10 +773,15 @@ def select_diverse(
         if selector.full:
             break
         blk = order[start : start + block_size]
-        pos, ms, examined = selector.offer(normalize_rows(emb[blk]))
-        picks.append(blk[pos])
-        sims.append(ms)
-        scanned = start + examined
+        res = selector.offer(normalize_rows(emb[blk]), explain)
+        picks.append(blk[res.pos])
+        sims.append(res.max_sim)
+        scanned = start + res.examined
+        status[blk[res.pos]] = SELECTED
+        status[blk[res.rejected]] = SIMILAR
+        if explain:
+            rejected_by[blk[res.rejected]] = res.rejected_rank
+            rejected_sim[blk[res.rejected]] = res.rejected_sim
     if not selector.full:
         scanned = len(order)
     indices = np.concatenate(picks) if picks else np.empty(0, np.int64)
@@ -523,5 +806,7 @@ def select_diverse(
         seq=seq[indices],
         scores=scores[indices],
         method="deita",
-        product_shapes=selector.product_shapes,
+        row_status=status,
+        rejected_by=rejected_by,
+        rejected_sim=rejected_sim,
     )

@@ -18,17 +18,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_greedy import oracle, planted_pool
+from test_greedy import assert_same_explanation, oracle, oracle_explained, planted_pool
 
+from deita_ray.data.sink import parquet_files
 from deita_ray.selection.distributed import (
     SelectShard,
     ShardedPool,
-    load_pool,
-    parquet_files,
-    plan_shards,
+    keys_before,
     select_distributed,
 )
 from deita_ray.selection.greedy import select_diverse
+from deita_ray.selection.pool import DuplicateSeqError, load_embed_pool, load_pool, plan_shards
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +110,8 @@ def test_distributed_matches_oracle(ray_local, tmp_path, seed):
     files = parquet_files(str(tmp_path))
     pool = load_pool(plan_shards(files, 1)[0][0])
     cases = [(0.5, n + 10), (0.9, n // 3), (0.99, n // 2)]
-    want = {c: oracle(pool.embeddings, pool.scores, pool.seq, *c)[0] for c in cases}
+    explained = {c: oracle_explained(pool.embeddings, pool.scores, pool.seq, *c) for c in cases}
+    want = {c: explained[c]["picks"] for c in cases}
     single = {}
     for tau, budget in cases:
         single[tau] = select_diverse(
@@ -126,6 +127,8 @@ def test_distributed_matches_oracle(ray_local, tmp_path, seed):
                     assert r.indices.tolist() == want[(tau, budget)], (tau, shards, block)
                     s1 = single[tau]
                     assert r.ids == s1.ids
+                    # What each row was rejected by: the oracle's, bit for bit.
+                    assert_same_explanation(r, explained[(tau, budget)], (tau, shards, block))
                     np.testing.assert_allclose(r.max_sim, s1.max_sim, atol=1e-5, equal_nan=True)
                     for key in (
                         "pool",
@@ -149,7 +152,9 @@ def test_select_distributed_one_shot_torch(ray_local, tmp_path):
     r = select_distributed(
         files, 0.9, 100, 2, block_size=32, device="cpu", shard_num_cpus=0.01, driver_device="cpu"
     )
-    assert r.indices.tolist() == oracle(emb, scores, seq, 0.9, 100)[0]
+    want = oracle_explained(emb, scores, seq, 0.9, 100)
+    assert r.indices.tolist() == want["picks"]
+    assert_same_explanation(r, want)
 
 
 def test_distributed_budget_edges(ray_local, tmp_path):
@@ -181,7 +186,8 @@ CLUSTER_SCRIPT = r"""
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from deita_ray.selection.distributed import parquet_files, select_distributed
+from deita_ray.data.sink import parquet_files
+from deita_ray.selection.distributed import select_distributed
 
 folder, out = sys.argv[1], sys.argv[2]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -197,7 +203,9 @@ try:
                                device="numpy", shard_num_cpus=0.3, scheduling_strategy="SPREAD",
                                driver_device="numpy")
         results.append({"tau": tau, "budget": budget, "shards": shards, "block": block,
-                        "ids": r.ids, "nodes": r.stats["shard_nodes"]})
+                        "ids": r.ids, "nodes": r.stats["shard_nodes"],
+                        "status": r.row_status.tolist(), "rejected_by": r.rejected_by.tolist(),
+                        "rejected_sim": [x.hex() for x in r.rejected_sim.tolist()]})
 finally:
     ray.shutdown()
     cluster.shutdown()
@@ -231,3 +239,41 @@ def test_distributed_on_multi_node_cluster(tmp_path):
         want = oracle(pool.embeddings, pool.scores, pool.seq, res["tau"], res["budget"])[0]
         assert res["ids"] == [pool.ids[i] for i in want], res["tau"]
         assert res["nodes"] >= 2  # the shards really ran on different nodes
+        # The blocked single-node method explains every row exactly as the shards did.
+        single = select_diverse(
+            pool.embeddings, pool.scores, res["tau"], res["budget"], seq=pool.seq, block_size=64
+        )
+        assert res["status"] == single.row_status.tolist()
+        assert res["rejected_by"] == single.rejected_by.tolist()
+        assert res["rejected_sim"] == [x.hex() for x in single.rejected_sim.tolist()]
+        assert any(b >= 0 for b in res["rejected_by"])
+
+
+def test_keys_before_matches_brute_force():
+    rng = np.random.default_rng(4)
+    neg = -rng.integers(0, 4, 60).astype(np.float64)
+    seq = rng.permutation(200)[:60]
+    acc = np.lexsort((seq, neg))[:25]
+    acc = acc[np.lexsort((seq[acc], neg[acc]))]
+    query = np.setdiff1d(np.arange(60), acc)
+    got = keys_before(neg[acc], seq[acc], neg[query], seq[query])
+    want = [sum((neg[a], seq[a]) < (neg[q], seq[q]) for a in acc) for q in query]
+    assert got.tolist() == want
+
+
+def test_duplicate_seq_fails_at_load(ray_local, tmp_path):
+    """The frontier algorithm orders rows by (-score, seq): a repeated seq is refused at load,
+    within a shard and across shards, with the seq and both ids in the message."""
+    rng = np.random.default_rng(3)
+    emb, scores, seq = planted_pool(rng, 60, 8, 6)
+    seq = np.arange(60, dtype=np.int64)
+    seq[50] = seq[5]  # row 5 (file 0) and row 50 (file 1) share seq 5
+    folder = tmp_path / "dup"
+    ids = write_embed_parquet(folder, emb, scores, seq, files=2)
+    files = parquet_files(str(folder))
+    with pytest.raises(DuplicateSeqError, match=r"seq 5 .*'row-5'"):
+        load_embed_pool(files)
+    for shards in (1, 2, 3):
+        with pytest.raises(DuplicateSeqError, match="seq 5") as err:
+            ShardedPool(files, shards, device="numpy", shard_num_cpus=0.01)
+        assert ids[5] in str(err.value)

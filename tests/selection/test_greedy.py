@@ -17,6 +17,11 @@ import numpy as np
 import pytest
 
 from deita_ray.selection.greedy import (
+    INVALID_EMBEDDING,
+    MISSING_SCORE,
+    NOT_REACHED,
+    SELECTED,
+    SIMILAR,
     canonical_cosines,
     kernel_margin,
     normalize_rows,
@@ -30,12 +35,33 @@ BLOCKS = (1, 2, 3, 7, 64, 100, 333, 1024, 4096)
 def oracle(
     emb: np.ndarray, scores: np.ndarray, seq: np.ndarray, tau: float, budget: int
 ) -> tuple[list[int], list[float]]:
-    """The contract of SPEC section 4, one row at a time: (picks, max cosine to earlier picks)."""
+    """The contract of docs/selection.md, one row at a time: (picks, max cosine to earlier
+    picks)."""
+    want = oracle_explained(emb, scores, seq, tau, budget)
+    return want["picks"], want["sims"]
+
+
+def oracle_explained(
+    emb: np.ndarray, scores: np.ndarray, seq: np.ndarray, tau: float, budget: int
+) -> dict:
+    """The brute-force greedy, with what happened to every row.
+
+    Decisions use one float64 mat-vec per row; for a rejected row, ``rejected_by`` is the
+    selection rank of the row with the largest canonical cosine among the rows selected before
+    it (``np.argmax``: ties go to the earliest selected) and ``rejected_sim`` that cosine.
+    """
     n = len(scores)
     finite = np.isfinite(emb).all(axis=1)
-    u = normalize_rows(np.where(finite[:, None], emb, 0)).astype(np.float64)
-    cands = [i for i in range(n) if not np.isnan(scores[i]) and finite[i]]
+    u32 = normalize_rows(np.where(finite[:, None], emb, 0))
+    u = u32.astype(np.float64)
+    missing = np.isnan(scores)
+    cands = [i for i in range(n) if not missing[i] and finite[i]]
     cands.sort(key=lambda i: (-scores[i], seq[i]))
+    status = np.full(n, NOT_REACHED, np.int8)
+    status[~finite] = INVALID_EMBEDDING
+    status[missing] = MISSING_SCORE
+    rejected_by = np.full(n, -1, np.int64)
+    rejected_sim = np.full(n, np.nan)
     picks: list[int] = []
     sims: list[float] = []
     for i in cands:
@@ -45,7 +71,26 @@ def oracle(
         if not picks or cos.max() <= tau:
             picks.append(i)
             sims.append(float(cos.max()) if picks[:-1] else float("nan"))
-    return picks, sims
+            status[i] = SELECTED
+        else:
+            canon = canonical_cosines(u32[picks], np.repeat(u32[i : i + 1], len(picks), 0))
+            status[i] = SIMILAR
+            rejected_by[i] = int(np.argmax(canon))
+            rejected_sim[i] = canon.max()
+    return {
+        "picks": picks,
+        "sims": sims,
+        "status": status,
+        "rejected_by": rejected_by,
+        "rejected_sim": rejected_sim,
+    }
+
+
+def assert_same_explanation(result, want: dict, context: object = None) -> None:
+    """Row status, rejected_by and rejected_sim equal the oracle's exactly (bit for bit)."""
+    np.testing.assert_array_equal(result.row_status, want["status"], err_msg=str(context))
+    np.testing.assert_array_equal(result.rejected_by, want["rejected_by"], err_msg=str(context))
+    np.testing.assert_array_equal(result.rejected_sim, want["rejected_sim"], err_msg=str(context))
 
 
 def planted_pool(
@@ -71,11 +116,13 @@ def planted_pool(
 
 
 def check(emb, scores, seq, tau, budget, blocks=BLOCKS, devices=("numpy", "cpu")):
-    want, want_sims = oracle(emb, scores, seq, tau, budget)
+    explained = oracle_explained(emb, scores, seq, tau, budget)
+    want, want_sims = explained["picks"], explained["sims"]
     for dev in devices:
         for bs in blocks:
             r = select_diverse(emb, scores, tau, budget, seq=seq, block_size=bs, device=dev)
             assert r.indices.tolist() == want, (dev, bs, tau, budget)
+            assert_same_explanation(r, explained, (dev, bs, tau, budget))
             np.testing.assert_allclose(
                 r.max_sim, np.asarray(want_sims, np.float32), atol=1e-5, equal_nan=True
             )
@@ -263,3 +310,126 @@ def test_real_rows_embedded_by_tiny_model(shared_data, tiny_llama):
         tau = float(np.quantile(sims, q))
         picks = check(emb, scores, seq, tau, 120, blocks=(1, 16, 300))
         assert 1 < len(picks) <= 120
+
+
+def _special_rows(rng: np.random.Generator, d: int) -> np.ndarray:
+    """Finite rows at the edges of float32: tiny, subnormal, huge, zero, a lone subnormal."""
+    base = rng.standard_normal((4, d))
+    return np.stack(
+        [
+            base[0] * 1e-39,  # norm ~1e-39: the float32 reciprocal overflows
+            base[1] * 1e-44,  # every value subnormal (or zero)
+            base[2] / np.abs(base[2]).max() * 3e38,  # norm above float32 max
+            np.zeros(d),
+            np.eye(1, d, int(rng.integers(d)))[0] * 1e-45,  # one subnormal, the rest zero
+            base[3] * 1e-20,
+        ]
+    ).astype(np.float32)
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 64, 1024])
+def test_normalize_rows_against_float64(d):
+    """Every finite non-zero row becomes the float64 unit vector rounded to float32 (within an
+    ulp or two), whatever its scale; zero rows stay zero; non-finite rows stay non-finite."""
+    rng = np.random.default_rng(d)
+    x = np.concatenate(
+        [
+            _special_rows(rng, d),
+            rng.standard_normal((20, d)).astype(np.float32),
+            (rng.standard_normal((5, d)) * 1e30).astype(np.float32),
+            np.full((1, d), np.float32(1.5e-38)),
+            np.full((1, d), np.float32(3e38)),
+        ]
+    )
+    bad = np.stack([np.full(d, np.nan), np.full(d, np.inf)]).astype(np.float32)
+    out = normalize_rows(np.concatenate([x, bad]))
+    assert out.dtype == np.float32
+    x64 = x.astype(np.float64)
+    norms = np.sqrt((x64 * x64).sum(axis=1))  # independent: plain float64 arithmetic
+    nonzero = norms > 0
+    want = np.zeros_like(x64)
+    want[nonzero] = x64[nonzero] / norms[nonzero, None]
+    got = out[: len(x)].astype(np.float64)
+    assert np.isfinite(got).all()
+    # float32 rounding of a unit vector: 2**-24 relative, plus the subnormal spacing.
+    np.testing.assert_allclose(got, want, rtol=2.0**-22, atol=2.0**-148)
+    got_norms = np.sqrt((got * got).sum(axis=1))
+    np.testing.assert_allclose(got_norms[nonzero], 1.0, atol=(d + 2) * 2.0**-23)
+    assert (got[~nonzero] == 0).all()
+    assert not np.isfinite(out[len(x) :]).all(axis=1).any()
+    # Row by row: the same bits whichever rows are normalised together.
+    for i in range(len(x)):
+        np.testing.assert_array_equal(normalize_rows(x[i : i + 1])[0], out[i])
+
+
+def test_tiny_norm_row_is_block_size_invariant():
+    """The row of the bug report: a 1e-39 row plus eye(4) gave [0], [0, 1] or 5 rows
+    depending on the block size; it is a unit vector at cosine 0.5 to each e_i."""
+    emb = np.concatenate([np.full((1, 4), 1e-39, np.float32), np.eye(4, dtype=np.float32)])
+    scores = np.arange(5.0)[::-1].copy()
+    for dev in ("numpy", "cpu"):
+        for bs in (1, 2, 3, 1024):
+            r = select_diverse(emb, scores, 0.9, 10, block_size=bs, device=dev)
+            assert r.indices.tolist() == [0, 1, 2, 3, 4], (dev, bs)
+            r = select_diverse(emb, scores, 0.4, 10, block_size=bs, device=dev)
+            assert r.indices.tolist() == [0], (dev, bs)
+            assert r.rejected_by.tolist() == [-1, 0, 0, 0, 0]
+            np.testing.assert_allclose(r.rejected_sim[1:], 0.5, rtol=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_size_invariance_with_extreme_rows(seed):
+    """Property: random pools salted with tiny-norm, subnormal, huge-norm and zero rows (and
+    rescaled copies of ordinary rows, near-duplicates at any scale) select the oracle's ids,
+    with the same explanations, for every block size and device."""
+    rng = np.random.default_rng(1000 + seed)
+    d = int(rng.choice([2, 5, 16, 64]))
+    emb, scores, seq = planted_pool(rng, int(rng.integers(40, 160)), d, int(rng.integers(3, 20)))
+    special = np.concatenate([_special_rows(rng, d) for _ in range(3)])
+    scale = np.float32(10.0) ** rng.integers(-42, 38, size=12).astype(np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        rescaled = emb[rng.integers(0, len(emb), 12)] * scale[:, None]
+    rescaled = rescaled[np.isfinite(rescaled).all(axis=1)]
+    emb = np.concatenate([emb, special, rescaled])
+    n = len(emb)
+    scores = np.concatenate([scores, rng.integers(0, 6, n - len(scores)).astype(np.float64)])
+    seq = rng.permutation(n).astype(np.int64)
+    for tau in (-0.1, 0.5, 0.9, 0.99):
+        check(emb, scores, seq, tau, int(rng.integers(1, n + 5)), blocks=(1, 2, 5, 33, 4096))
+
+
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
+def test_rejected_by_is_largest_cosine_and_ties_go_to_earliest(device):
+    """c is similar to two selected rows: blamed on the closer one, wherever they were
+    accepted (earlier block or same block); at an exact tie, on the earlier selected."""
+    e1, e2 = np.eye(3, dtype=np.float32)[:2]
+    near_e2 = np.array([0.1, 1.0, 0.0], np.float32)  # closer to e2 than to e1
+    mid = np.array([0.9, 0.8, 0.0], np.float32)  # cos 0.75 to e1, 0.66 to e2
+    emb = np.stack([e1, e2, mid, near_e2])
+    scores = np.array([4.0, 3.0, 2.0, 1.0])
+    for bs in (1, 2, 3, 4):
+        r = select_diverse(emb, scores, 0.6, 10, block_size=bs, device=device)
+        assert r.indices.tolist() == [0, 1], bs
+        assert r.rejected_by.tolist() == [-1, -1, 0, 1], bs
+        assert r.row_status.tolist() == [SELECTED, SELECTED, SIMILAR, SIMILAR]
+    # An exact tie: (1, 1)/sqrt(2) is at the same cosine to e1 and e2; e2 is selected first.
+    tie = np.stack([e2, e1, np.array([1.0, 1.0, 0.0], np.float32)])
+    for bs in (1, 2, 3):
+        r = select_diverse(tie, np.array([3.0, 2.0, 1.0]), 0.5, 10, block_size=bs, device=device)
+        assert r.indices.tolist() == [0, 1]
+        assert r.rejected_by.tolist() == [-1, -1, 0]
+        assert r.rejected_sim[2] == canonical_cosines(normalize_rows(tie[2:]), tie[:1])[0]
+
+
+def test_explain_off_changes_nothing_else():
+    rng = np.random.default_rng(11)
+    emb, scores, seq = planted_pool(rng, 400, 16, 40)
+    a = select_diverse(emb, scores, 0.9, 150, seq=seq, block_size=64, device="numpy")
+    b = select_diverse(emb, scores, 0.9, 150, seq=seq, block_size=64, device="numpy", explain=False)
+    assert a.indices.tolist() == b.indices.tolist() and a.stats == b.stats
+    np.testing.assert_array_equal(a.row_status, b.row_status)
+    assert b.rejected_by is None and b.rejected_sim is None
+    assert (a.rejected_by[a.row_status == SIMILAR] >= 0).all()
+    assert (a.rejected_by[a.row_status != SIMILAR] == -1).all()
+    assert np.count_nonzero(a.row_status == SIMILAR) == a.stats["rejected_for_similarity"]
+    assert np.count_nonzero(a.row_status == NOT_REACHED) == a.stats["not_reached"]
