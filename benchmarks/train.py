@@ -105,7 +105,9 @@ def bare_loop(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from deita_ray.training.common import collate, load_tokenizer, lr_factor
+    from deita_ray.models.backend import load_tokenizer
+    from deita_ray.training.plan import lr_factor
+    from deita_ray.training.render import collate
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -235,7 +237,7 @@ def main() -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from deita_ray.training.common import TokenizeSFT
+    from deita_ray.stages.sft import TokenizeSFT
 
     tok = TokenizeSFT(model_dir, "vicuna_v1.1", args.max_length)(pa.Table.from_pylist(rows))
     kept = tok.filter(pc.is_null(tok["_reject_reason"]))

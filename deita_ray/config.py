@@ -312,7 +312,7 @@ class SelectConfig:
 
 @dataclass
 class TrainingConfig:
-    """Options shared by SFT and DPO (SPEC section 5)."""
+    """Options shared by SFT and DPO (docs/training.md)."""
 
     model: str = _f(
         "",
@@ -348,11 +348,22 @@ class TrainingConfig:
     num_workers: int = _f(1, ge=1, doc="Ray Train workers (one per GPU on GPU clusters).")
     use_gpu: bool = _f(False, doc="Train on GPUs.")
     cpus_per_worker: float = _f(1.0, gt=0, doc="CPUs reserved per worker.")
+    epoch_remainder: str = _f(
+        "drop",
+        choices=("drop", "carry"),
+        doc=(
+            "Micro-batches left over after an epoch's whole optimizer steps: 'drop' skips them "
+            "(each epoch makes whole steps on its own); 'carry' feeds all micro-batches as one "
+            "stream, so they start the next epoch's first step (transformers' Trainer, as the "
+            "DEITA scripts ran it). Total steps are ceil(epochs x steps per epoch) either way."
+        ),
+    )
     checkpoint_every_steps: int = _f(
         0,
         ge=0,
         doc=(
-            "Save a resumable checkpoint every N optimizer steps (0: only at the end of each epoch)."
+            "Save a resumable checkpoint every N optimizer steps (0: every steps-per-epoch "
+            "steps, i.e. once an epoch)."
         ),
     )
     max_failures: int = _f(1, ge=-1, doc="Worker failures Ray Train recovers from (-1: unlimited).")
@@ -364,11 +375,58 @@ class TrainingConfig:
 class SFTConfig(TrainingConfig):
     """Full-parameter supervised fine-tuning on the selection."""
 
+    loss_weighting: str = _f(
+        "token",
+        choices=("token", "sequence"),
+        doc=(
+            "How a micro-batch's loss averages: 'token': mean over all its assistant tokens "
+            "(longer conversations weigh more); 'sequence': mean per conversation, then over "
+            "conversations (every conversation weighs the same, as micro_batch_size 1 with "
+            "gradient accumulation does in the DEITA scripts)."
+        ),
+    )
+    train_fraction: float = _f(
+        1.0,
+        gt=0,
+        le=1,
+        doc=(
+            "Share of the selection trained on: the rows are put in the order of a seeded "
+            "permutation (split_seed) and the first int(rows x train_fraction) are kept; the "
+            "rest is held out (ids in the report). DEITA's SFT script trains on 0.98."
+        ),
+    )
+    split_seed: int = _f(
+        0, doc="Seed of that permutation (numpy's legacy RandomState, as np.random.seed)."
+    )
+
 
 @dataclass
 class DPOConfig(TrainingConfig):
     """Direct preference optimisation starting from the SFT model."""
 
+    template: str = _f(
+        "vicuna_v1.1",
+        choices=("vicuna_v1.1", "chat_template", "deita_dpo"),
+        doc=(
+            "Pair rendering: vicuna_v1.1, the tokenizer's chat template, or 'deita_dpo', the "
+            "DEITA DPO script's text (' user: ' / 'assistant: ' roles, no BOS, an EOS "
+            "appended to each response, the role tag in the loss)."
+        ),
+    )
+    max_prompt_length: int = _f(
+        512,
+        gt=0,
+        doc=(
+            "When prompt + the longer response exceed max_length, the prompt is cut to this "
+            "many tokens first (truncation_mode), then both responses to max_length - "
+            "max_prompt_length (TRL's DPO order of truncation)."
+        ),
+    )
+    truncation_mode: str = _f(
+        "keep_end",
+        choices=("keep_end", "keep_start"),
+        doc="Which end of a too-long prompt is kept.",
+    )
     beta: float = _f(0.1, gt=0, doc="DPO temperature.")
     paths: list[str] = _f(
         factory=list,
@@ -601,12 +659,18 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
                 f"{name}.global_batch_size: {t.global_batch_size} must be a multiple of "
                 f"{name}.micro_batch_size x {name}.num_workers = {per_step}"
             )
-    # SFT trains on the selection: fewer rows than one optimizer step would only fail after
-    # every earlier stage ran.
-    if {"select", "sft"} <= set(cfg.stages) and cfg.select.budget < cfg.sft.global_batch_size:
+    if cfg.dpo.max_prompt_length >= cfg.dpo.max_length:
         raise ConfigError(
-            f"sft.global_batch_size: {cfg.sft.global_batch_size} must be <= select.budget = "
-            f"{cfg.select.budget} (SFT on the selection needs one full optimizer step)"
+            f"dpo.max_prompt_length: {cfg.dpo.max_prompt_length} must be < dpo.max_length = "
+            f"{cfg.dpo.max_length} (responses keep max_length - max_prompt_length tokens)"
+        )
+    # SFT trains on (a share of) the selection: fewer rows than one optimizer step would only
+    # fail after every earlier stage ran.
+    trained = int(cfg.select.budget * cfg.sft.train_fraction)
+    if {"select", "sft"} <= set(cfg.stages) and trained < cfg.sft.global_batch_size:
+        raise ConfigError(
+            f"sft.global_batch_size: {cfg.sft.global_batch_size} must be <= select.budget x "
+            f"sft.train_fraction = {trained} (SFT on the selection needs one full optimizer step)"
         )
     return cfg
 

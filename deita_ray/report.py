@@ -483,19 +483,41 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
+def merge_earlier_stages(out_dir: str, stages: dict[str, dict]) -> dict[str, dict]:
+    """``stages`` plus every stage an earlier job finished in ``out_dir`` (``manifest.json``),
+    marked ``earlier_run``, in pipeline order: a job that runs only some stages into the
+    output directory of another (DPO after SFT) still reports all of them."""
+    from deita_ray.config import STAGES
+
+    manifest = _read_json(os.path.join(out_dir, MANIFEST_FILE)) or {}
+    merged = {
+        name: dict(entry["result"], earlier_run=True)
+        for name, entry in (manifest.get("stages") or {}).items()
+        if isinstance(entry, dict) and entry.get("status") == "done" and "result" in entry
+    }
+    merged.update(stages)
+    rank = {name: i for i, name in enumerate(STAGES)}
+    return dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
 def write_report(out_dir: str, stages: dict[str, dict], notes: list[str] | None = None) -> dict:
     """Write ``<out_dir>/report.json`` and the plots in ``<out_dir>/plots/``.
 
     Args:
         out_dir: the job's output directory.
         stages: per stage ``{rows_in, rows_out, rows_rejected, rejected_by_reason, seconds,
-            rows_per_s, metrics}`` as the pipeline records them (copied into the report as is).
-        notes: free-text remarks for the reader (e.g. which models stood in for which).
+            rows_per_s, metrics}`` as the pipeline records them (copied into the report as is);
+            stages that earlier jobs finished there are added (:func:`merge_earlier_stages`).
+        notes: free-text remarks for the reader (e.g. which models stood in for which); those
+            of the existing report are kept.
 
     Returns:
         The report: ``{"stages", "statistics", "selected_ids", "plots", "notes"}``; plot paths
         are relative to ``out_dir``.
     """
+    stages = merge_earlier_stages(out_dir, stages)
+    old_notes = (_read_json(os.path.join(out_dir, REPORT_FILE)) or {}).get("notes") or []
+    notes = list(dict.fromkeys([*old_notes, *(notes or [])]))
     plots_dir = os.path.join(out_dir, PLOTS_DIR)
     built = build_statistics(out_dir, stages, plots_dir)
     # A rebuild must not leave plots whose inputs are gone.

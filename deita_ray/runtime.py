@@ -108,6 +108,48 @@ def _logs_dir() -> str | None:
         return None
 
 
+PoolSize = int | tuple[int, int]
+"""An actor pool's size: a fixed number of actors, or (min, max) for an autoscaling pool."""
+
+
+def map_batches_kwargs(
+    pool: PoolSize,
+    *,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """``map_batches`` keyword arguments for a callable class run in an actor pool (the
+    training stages' tokenisers and the DPO reference model).
+
+    Uses Ray Data's current API, ``compute=ray.data.ActorPoolStrategy(...)``: the
+    ``concurrency=`` argument is deprecated since Ray 2.51 and warns on every stage.
+
+    Args:
+        pool: ``n`` actors, or ``(min, max)`` for a pool Ray Data scales between them.
+        num_cpus: CPUs reserved per actor (default 1).
+        num_gpus: GPUs reserved per actor (default 0).
+        batch_size: rows per call (default: Ray Data's).
+
+    Returns:
+        ``{"compute", "num_cpus", "num_gpus"[, "batch_size"]}`` for ``ds.map_batches(fn, **kw)``.
+    """
+    import ray.data  # noqa: PLC0415 - only when a stage is planned
+
+    if isinstance(pool, tuple):
+        compute = ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1])
+    else:
+        compute = ray.data.ActorPoolStrategy(size=pool)
+    kwargs: dict[str, Any] = {
+        "compute": compute,
+        "num_cpus": 1.0 if num_cpus is None else num_cpus,
+        "num_gpus": 0.0 if num_gpus is None else num_gpus,
+    }
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
+    return kwargs
+
+
 def actor_pool_kwargs(pool: ActorPoolConfig, model: ModelConfig | None = None) -> dict[str, Any]:
     """``map_batches`` keyword arguments for a stage that hosts a model in an actor pool.
 

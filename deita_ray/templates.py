@@ -122,6 +122,33 @@ def vicuna_segments(messages: Sequence[Mapping]) -> list[tuple[str, bool]]:
     return segments
 
 
+def deita_dpo_segments(messages: Sequence[Mapping]) -> list[tuple[str, bool]]:
+    """The rendering of DEITA's DPO script (hkust-nlp/deita, src/deita/alignment/dpo_train.py,
+    ``preprocess``) as pieces ``(text, is_target)``.
+
+    The script writes the prompt as ``system + " " + "user: " + prompt + " "`` and each
+    response as ``"assistant: " + response + "</s>"``: the vicuna_v1.1 rendering with
+    lower-case role names, where the whole response text, role tag included, carries the loss
+    (TRL's DPOTrainer labels every response token). Multi-turn prompts continue the same
+    layout; everything else (system text, roles allowed) is as in :func:`vicuna_segments`.
+
+    Raises:
+        ValueError: a role other than system/user/assistant.
+    """
+    vicuna = vicuna_segments(messages)
+    out: list[tuple[str, bool]] = vicuna[:1]  # the system text
+    lower = {f"{tag}:": f"{role}:" for role, tag in VICUNA_ROLES.items()}
+    for text, target in vicuna[1:]:
+        for tag, low in lower.items():
+            if not target and text.startswith(tag):
+                text = low + text[len(tag) :]
+        if target and out and out[-1][0] == f"{lower['ASSISTANT:']} ":
+            out[-1] = (out[-1][0] + text, True)  # the role tag joins the response
+        else:
+            out.append((text, target))
+    return out
+
+
 def render_vicuna(messages: Sequence[Mapping]) -> str:
     """Render a conversation with the vicuna_v1.1 template (SPEC section 3).
 

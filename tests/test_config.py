@@ -130,11 +130,29 @@ def test_sft_batch_larger_than_the_selection_fails_at_load():
     job = {"input": {"paths": ["x.jsonl"]}, "stages": ["ingest", "score", "embed", "select", "sft"]}
     with pytest.raises(ConfigError) as err:
         load_config(data=job, overrides=["select.budget=100", "sft.global_batch_size=128"])
-    assert "sft.global_batch_size: 128 must be <= select.budget = 100" in str(err.value)
+    assert "sft.global_batch_size: 128 must be <= select.budget x sft.train_fraction = 100" in (
+        str(err.value)
+    )
     # one full step is enough, and without the select stage the selection's size is unknown
     assert load_config(data=job, overrides=["select.budget=128"]).select.budget == 128
+    # the held-out share of the selection does not train
+    with pytest.raises(ConfigError, match="select.budget x sft.train_fraction = 125"):
+        load_config(data=job, overrides=["select.budget=128", "sft.train_fraction=0.98"])
     sft_only = {**job, "stages": ["sft"]}
     assert load_config(data=sft_only, overrides=["select.budget=100"]).stages == ["sft"]
+
+
+def test_dpo_prompt_limit_below_the_sequence_limit():
+    job = {"stages": ["dpo"], "dpo": {"paths": ["p.jsonl"]}}
+    assert load_config(data=job).dpo.max_prompt_length == 512
+    with pytest.raises(ConfigError, match="dpo.max_prompt_length: 512 must be < dpo.max_length"):
+        load_config(data=job, overrides=["dpo.max_length=512"])
+    with pytest.raises(ConfigError, match="dpo.truncation_mode"):
+        load_config(data=job, overrides=["dpo.truncation_mode=middle"])
+    # deita_dpo renders DPO pairs only: SFT does not accept it
+    assert load_config(data=job, overrides=["dpo.template=deita_dpo"]).dpo.template == "deita_dpo"
+    with pytest.raises(ConfigError, match="sft.template"):
+        load_config(data=job, overrides=["sft.template=deita_dpo"])
 
 
 def test_trust_remote_code_is_off_by_default():

@@ -362,3 +362,27 @@ def test_tau_from_metrics_or_manifest(tmp_path):
         json.dumps({"config": {"select": {"method": "deita", "tau": 0.7}}})
     )
     assert _tau(str(tmp_path), {}) == 0.7
+
+
+def test_a_later_job_in_the_same_dir_reports_every_finished_stage(job, tmp_path):
+    """The DPO job writes into the SFT job's output dir: its report keeps the stages the SFT
+    job finished there (from manifest.json) and that report's notes, next to its own."""
+    out = tmp_path / "sft_then_dpo"
+    shutil.copytree(job["out"], out)
+    earlier = {k: v for k, v in job["stages"].items() if k != "dpo"}
+    manifest = {
+        "version": 2,
+        "stages": {
+            **{k: {"status": "done", "hash": k, "result": v} for k, v in earlier.items()},
+            "dpo": {"status": "running", "hash": "x"},  # not finished: not an earlier result
+        },
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    dpo = dict(job["stages"]["dpo"], metrics={"loss": [0.69, 0.5]})
+    report = write_report(str(out), {"dpo": dpo}, notes=["dpo note"])
+    assert list(report["stages"]) == ["ingest", "score", "embed", "select", "sft", "dpo"]
+    assert report["stages"]["dpo"] == dpo
+    assert report["stages"]["sft"] == dict(earlier["sft"], earlier_run=True)
+    assert report["notes"] == ["a note", "dpo note"]
+    assert report["selected_ids"] == job["report"]["selected_ids"]
+    assert "similarity" in report["statistics"] and "training_loss.png" in str(report["plots"])

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deita_ray.config import ActorPoolConfig, ModelConfig, RayConfig
-from deita_ray.runtime import actor_pool_kwargs, worker_env
+from deita_ray.runtime import actor_pool_kwargs, map_batches_kwargs, worker_env
 
 
 def test_worker_env_defaults_threads_and_user_overrides():
@@ -23,6 +23,20 @@ def test_actor_pool_kwargs_reserve_one_gpu_per_tensor_parallel_rank():
     assert actor_pool_kwargs(pool, ModelConfig(backend="hf"))["num_gpus"] == 1
     cpu_pool = ActorPoolConfig(num_gpus=0)
     assert actor_pool_kwargs(cpu_pool, ModelConfig(backend="vllm"))["num_gpus"] == 0
+
+
+def test_map_batches_kwargs_use_the_compute_strategy_not_concurrency():
+    """Ray 2.51+ deprecates map_batches(concurrency=...): the builder passes compute=."""
+    import ray
+
+    kw = map_batches_kwargs((1, 3), num_cpus=2, batch_size=8)
+    assert "concurrency" not in kw
+    assert isinstance(kw["compute"], ray.data.ActorPoolStrategy)
+    assert (kw["compute"].min_size, kw["compute"].max_size) == (1, 3)
+    assert (kw["num_cpus"], kw["num_gpus"], kw["batch_size"]) == (2, 0.0, 8)
+    fixed = map_batches_kwargs(1)
+    assert (fixed["compute"].min_size, fixed["compute"].max_size) == (1, 1)
+    assert "batch_size" not in fixed and fixed["num_cpus"] == 1.0
 
 
 def test_a_parquet_read_starts_few_footer_reader_actors(ray_local, tmp_path):

@@ -164,3 +164,26 @@ def test_vicuna_equals_fastchat(case):
 def test_empty_reply_has_no_target():
     segs = vicuna_segments(FASTCHAT_CASES["empty_reply"])
     assert not any(target for _, target in segs)
+
+
+def test_deita_dpo_segments_are_vicuna_with_lower_case_roles_and_the_tag_in_the_target():
+    """hkust-nlp/deita src/deita/alignment/dpo_train.py writes "user: " / "assistant: " and
+    TRL trains on the whole response text, role tag included."""
+    from deita_ray.templates import deita_dpo_segments
+
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "USER: Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "ASSISTANT: ok"},
+    ]
+    assert deita_dpo_segments(msgs) == [
+        ("Be brief. ", False),
+        ("user: USER: Hi ", False),
+        ("assistant: Hello</s>", True),
+        ("user: Bye ", False),
+        ("assistant: ASSISTANT: ok</s>", True),
+    ]
+    with pytest.raises(ValueError, match="tool"):
+        deita_dpo_segments([{"role": "tool", "content": "x"}])

@@ -52,6 +52,7 @@ it cannot be rebuilt exactly from the messages.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -214,6 +215,24 @@ def validate_messages(messages: list[dict]) -> Reject | None:
     if n_user == 0:
         return _reject("empty_conversation", "no user message, so no turn")
     return None
+
+
+def parse_messages(
+    value: Any, field: str = "messages", role_map: Mapping[str, str] | None = None
+) -> list[dict] | Reject:
+    """A message list as a later stage or a preference file holds it -> canonical messages.
+
+    Accepts a list of ``{role|from, content|value}`` objects (roles through
+    :data:`ROLE_ALIASES` and ``role_map``), or its JSON text. Checks the shape and types of the
+    messages only; the conversation rules are :func:`validate_messages`.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            return _reject("invalid_json", f"'{field}': {e}")
+    res = _convert_messages(value, field, role_map)
+    return res if isinstance(res, Reject) else res[0]
 
 
 def _str_field(record: Mapping[str, Any], key: str, required: bool) -> str | Reject:

@@ -43,10 +43,18 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    """The HF tokenizer of a model folder (the same one every backend tokenises with)."""
+    """The HF tokenizer of a model folder: the one scoring, embedding and training all use.
+
+    A tokenizer without a pad token gets its EOS token as pad. Padding only fills batches
+    (always masked, never a label), and the pad token is not added to the vocabulary, so
+    encodings are the same with or without it.
+    """
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 class Backend(ABC):

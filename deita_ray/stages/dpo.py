@@ -1,11 +1,13 @@
-"""DPO (sigmoid loss) from the SFT model with Ray Train + DeepSpeed (SPEC section 5).
+"""DPO (sigmoid loss) from the SFT model with Ray Train + DeepSpeed (docs/training.md).
 
 Flow of :func:`run_dpo`:
 
 1. ``cfg.dpo.paths`` are read with :func:`deita_ray.data.read.read_pool`; each record becomes a
    pair (:func:`parse_pair`: prompt / chosen / rejected as strings or message lists, the
    ShareGPT preference shape of LLaMA-Factory's ``dpo_en_demo.json``, or HH-RLHF transcripts)
-   and is tokenised by :class:`PreparePairs` (loss mask on the response only).
+   with the pool's id scheme (its own id, else ``<file prefix>:<index>``), and is tokenised by
+   :class:`PreparePairs`: prompt and responses apart, loss on the response only, cut to
+   ``dpo.max_length`` in TRL's order (:func:`truncate_pair`).
 2. :class:`ReferenceLogProbs` computes the frozen reference's log-probabilities of both
    responses ONCE, in a separate Ray Data pass, so the reference model never sits beside the
    policy in memory. Pairs and reference log-probs are written to ``<out_dir>/dpo/part-*``;
@@ -18,30 +20,37 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from deita_ray.accounting import StageResult
+from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.config import PipelineConfig
-from deita_ray.data.formats import ROLE_ALIASES, parse_hh_transcript
-from deita_ray.data.rejects import DETAIL, RAW, REASON
-from deita_ray.data.sink import parquet_files, stage_dir, write_with_rejects
+from deita_ray.data.formats import (
+    Reject,
+    parse_hh_transcript,
+    parse_messages,
+    record_id,
+    validate_messages,
+)
+from deita_ray.data.read import file_stem
+from deita_ray.data.rejects import DETAIL, RANGE_END, RANGE_START, RANGE_UNIT, RAW, REASON
 from deita_ray.preflight import ModelToLoad, same_path
 from deita_ray.stages.base import Stage
-from deita_ray.training.common import (
+from deita_ray.training.render import (
+    IGNORE_INDEX,
     TemplateError,
     TokenizingStage,
-    check_template,
-    encode_segments,
-    fit,
-    load_tokenizer,
-    map_tokenize,
+    collate,
+    labelled,
     only_last_target,
     render_segments,
-    summarize_history,
+    start_ids,
+    tokenize_segments,
 )
+from deita_ray.training.tensors import sequence_logps, to_torch
 
 NAME = "dpo"
 
@@ -87,10 +96,8 @@ def dpo_step(engine: Any, batch: dict, device: Any, config: dict) -> tuple[Any, 
     """One DPO micro-batch on a worker: chosen and rejected responses in one forward pass."""
     import torch
 
-    from deita_ray.training.common import _to_torch, collate, sequence_logps
-
     n = len(batch["chosen_input_ids"])
-    t = _to_torch(
+    t = to_torch(
         collate(
             list(batch["chosen_input_ids"]) + list(batch["rejected_input_ids"]),
             list(batch["chosen_labels"]) + list(batch["rejected_labels"]),
@@ -118,22 +125,15 @@ def dpo_step(engine: Any, batch: dict, device: Any, config: dict) -> tuple[Any, 
 
 
 def _messages(value: Any, field: str) -> list[dict]:
-    """[{role|from, content|value}] -> canonical messages (roles via ROLE_ALIASES)."""
+    """[{role|from, content|value}] (or one such message) -> canonical messages."""
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
         raise PairError("bad_pair", f"'{field}' is not a non-empty message list")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise PairError("bad_pair", f"{field}[{i}] is not an object")
-        role = m.get("role", m.get("from"))
-        content = m.get("content", m.get("value"))
-        role = ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
-        if role is None or not isinstance(content, str):
-            raise PairError("bad_pair", f"{field}[{i}] has no known role or no string content")
-        out.append({"role": role, "content": content})
-    return out
+    msgs = parse_messages(value, field)
+    if isinstance(msgs, Reject):
+        raise PairError("bad_pair", f"{msgs.reason}: {msgs.detail}")
+    return msgs
 
 
 def _response(value: Any, prompt: list[dict] | None, field: str) -> tuple[list[dict] | None, str]:
@@ -192,6 +192,9 @@ def parse_pair(record: dict) -> tuple[list[dict], str, str]:
             prompt = p_c
     if not prompt or prompt[-1]["role"] != "user":
         raise PairError("bad_pair", "the prompt does not end with a user message")
+    bad = validate_messages(prompt)
+    if bad is not None:
+        raise PairError("bad_pair", f"{bad.reason}: {bad.detail}")
     if not chosen_text.strip() or not rejected_text.strip():
         raise PairError("empty_response", "chosen or rejected response is empty")
     if chosen_text == rejected_text:
@@ -199,58 +202,181 @@ def parse_pair(record: dict) -> tuple[list[dict], str, str]:
     return prompt, chosen_text, rejected_text
 
 
+Tokens = tuple[list[int], list[int]]
+"""(input ids, labels) of one piece of a pair."""
+
+
+def truncate_pair(
+    prompt: list[int],
+    chosen: Tokens,
+    rejected: Tokens,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+) -> tuple[list[int], Tokens, Tokens, bool]:
+    """Fit prompt + response into ``max_length`` tokens the way TRL's DPO collator does.
+
+    The order of truncation of ``DPODataCollatorWithPadding.tokenize_batch_element`` in TRL
+    0.7.2 (the version DEITA's DPO script pins, huggingface/trl, trl/trainer/utils.py): when the
+    prompt plus the *longer* response exceed ``max_length``, the prompt is cut to
+    ``max_prompt_length`` tokens (its end kept under ``keep_end``, its start under
+    ``keep_start``); if that is still too long, both responses are cut to
+    ``max_length - max_prompt_length`` tokens, keeping their start.
+
+    Returns:
+        (prompt ids, chosen, rejected, whether anything was cut).
+    """
+    longer = max(len(chosen[0]), len(rejected[0]))
+    cut = False
+    if len(prompt) + longer > max_length:
+        kept = (
+            prompt[:max_prompt_length]
+            if truncation_mode == "keep_start"
+            else prompt[-max_prompt_length:]
+        )
+        cut = len(kept) < len(prompt)
+        prompt = kept
+    if len(prompt) + longer > max_length:
+        keep = max_length - max_prompt_length
+        chosen = (chosen[0][:keep], chosen[1][:keep])
+        rejected = (rejected[0][:keep], rejected[1][:keep])
+        cut = True
+    return prompt, chosen, rejected, cut
+
+
+def split_response(segments: list[tuple[str, bool]]) -> tuple[str, list[tuple[str, bool]]]:
+    """(prompt text, response segments) of a rendering whose last target is the response:
+    the prompt is everything before it, tokenised as one text as TRL does."""
+    last = max((i for i, (_, t) in enumerate(segments) if t), default=-1)
+    if last < 0:
+        raise TemplateError("the rendering has no response to train on")
+    return "".join(text for text, _ in segments[:last]), segments[last:]
+
+
 class PreparePairs(TokenizingStage):
     """Ray Data stage: preference records -> tokenised pairs with response-only label masks.
 
+    Prompt and response are tokenised apart (the prompt as one text, with the template's BOS
+    prefix) and cut with :func:`truncate_pair`. With ``template: deita_dpo`` each response
+    also ends with the tokenizer's EOS id and no BOS is added, as TRL 0.7.2 tokenised the
+    DEITA DPO script's pairs.
+
     Input columns (:func:`deita_ray.data.read.read_pool`): ``record`` (JSON text), ``source``,
     ``index``, ``seq``, ``error``, ``detail``.
-    Output columns: ``id`` (``<file stem>:<index>``), ``source``, ``seq``,
+    Output columns: ``id`` (the record's own id, else ``<file prefix>:<index>`` with the
+    prefixes of :func:`deita_ray.data.read.id_prefixes`), ``source``, ``seq``,
     ``chosen_input_ids`` / ``chosen_labels`` / ``rejected_input_ids`` / ``rejected_labels``
-    (list<int32>), ``num_tokens``, and the reject mark columns (reasons: the reader's error,
-    ``bad_pair``, ``empty_response``, ``identical_responses``, ``template_error``,
-    ``no_target_tokens``).
+    (list<int32>), ``num_tokens``, ``truncated``, and the reject mark columns with the
+    reader's input range (reasons: the reader's error, ``bad_pair``, ``empty_response``,
+    ``identical_responses``, ``template_error``, ``no_target_tokens``).
+
+    Args:
+        max_prompt_length: see :func:`truncate_pair`.
+        truncation_mode: ``keep_end`` or ``keep_start``.
+        id_prefixes: source path -> prefix of synthesized ids (default: the file stem).
+        id_field: the field holding a record's own id.
     """
+
+    def __init__(
+        self,
+        model_path: str,
+        template: str,
+        max_length: int,
+        trust_remote_code: bool = False,
+        max_prompt_length: int = 512,
+        truncation_mode: str = "keep_end",
+        id_prefixes: Mapping[str, str] | None = None,
+        id_field: str = "id",
+    ):
+        super().__init__(model_path, template, max_length, trust_remote_code)
+        if max_prompt_length >= max_length:
+            raise ValueError(
+                f"max_prompt_length {max_prompt_length} must be < max_length {max_length}"
+            )
+        self.max_prompt_length = max_prompt_length
+        self.truncation_mode = truncation_mode
+        self.id_prefixes = dict(id_prefixes or {})
+        self.id_field = id_field
+        self.append_eos = template == "deita_dpo"
+
+    def _id(self, record: Any, source: str, index: int) -> str:
+        own = record_id(record, self.id_field) if isinstance(record, dict) else None
+        if own is not None:
+            return own
+        prefix = self.id_prefixes.get(source)
+        if prefix is None:
+            prefix = self.id_prefixes[source] = file_stem(source)
+        return f"{prefix}:{index}"
+
+    def _response(self, segs: list[tuple[str, bool]], pieces: list[list[int]]) -> Tokens:
+        ids, labels = labelled(segs, pieces)
+        if self.append_eos:
+            eos = self.tokenizer.eos_token_id
+            ids, labels = ids + [eos], labels + [eos]
+        return ids, labels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         n = len(rows)
         reasons: list[str | None] = [None] * n
         details: list[str | None] = [None] * n
-        segs, owners = [], []
+        ids = [""] * n
+        work, owners, starts = [], [], []
         for i, row in enumerate(rows):
+            record = None
             try:
                 if row.get("error"):
                     raise PairError(row["error"], row.get("detail") or row["error"])
-                prompt, chosen, rejected = parse_pair(json.loads(row["record"]))
+                record = json.loads(row["record"])
+                prompt, chosen, rejected = parse_pair(record)
+                halves = []
                 for text in (chosen, rejected):
                     conv = prompt + [{"role": "assistant", "content": text}]
-                    segs.append(
-                        only_last_target(render_segments(conv, self.template, self.tokenizer))
-                    )
+                    segs = only_last_target(render_segments(conv, self.template, self.tokenizer))
+                    halves.append((split_response(segs), segs))
+                (p_chosen, resp_c), segs_c = halves[0]
+                (p_rejected, resp_r), _ = halves[1]
+                if p_chosen != p_rejected:
+                    raise TemplateError("chosen and rejected render different prompts")
+                work.append([(p_chosen, False), *resp_c, *resp_r])
+                starts.append((start_ids(segs_c, self.tokenizer, self.template), len(resp_c)))
                 owners.append(i)
             except PairError as e:
                 reasons[i], details[i] = e.reason, str(e)[:500]
             except (TemplateError, ValueError, TypeError, KeyError) as e:
                 reasons[i], details[i] = "template_error", f"{type(e).__name__}: {e}"[:500]
-        enc = encode_segments(segs, self.tokenizer, self.max_length)
+            finally:
+                ids[i] = self._id(record, str(row.get("source")), row.get("index"))
         cols: dict[str, list] = {
             k: [[] for _ in range(n)]
             for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
         }
         num_tokens = [0] * n
-        for j, i in enumerate(owners):
-            c, r = enc[2 * j], enc[2 * j + 1]
-            if c.num_targets == 0 or r.num_targets == 0:
+        truncated = [False] * n
+        pieces_batch = tokenize_segments(work, self.tokenizer)
+        for i, segs, pieces, (prefix, n_c) in zip(owners, work, pieces_batch, starts, strict=True):
+            prompt = prefix + pieces[0]
+            chosen = self._response(segs[1 : 1 + n_c], pieces[1 : 1 + n_c])
+            rejected = self._response(segs[1 + n_c :], pieces[1 + n_c :])
+            prompt, chosen, rejected, truncated[i] = truncate_pair(
+                prompt,
+                chosen,
+                rejected,
+                self.max_length,
+                self.max_prompt_length,
+                self.truncation_mode,
+            )
+            if not any(x != IGNORE_INDEX for x in chosen[1]) or not any(
+                x != IGNORE_INDEX for x in rejected[1]
+            ):
                 reasons[i] = "no_target_tokens"
                 details[i] = f"no response token left within max_length={self.max_length}"
                 continue
-            cols["chosen_input_ids"][i], cols["chosen_labels"][i] = c.input_ids, c.labels
-            cols["rejected_input_ids"][i], cols["rejected_labels"][i] = r.input_ids, r.labels
-            num_tokens[i] = len(c.input_ids) + len(r.input_ids)
-        ids = [
-            f"{os.path.splitext(os.path.basename(str(r.get('source'))))[0]}:{r.get('index')}"
-            for r in rows
-        ]
+            masked = [IGNORE_INDEX] * len(prompt)
+            for side, (r_ids, r_labels) in (("chosen", chosen), ("rejected", rejected)):
+                cols[f"{side}_input_ids"][i] = prompt + r_ids
+                cols[f"{side}_labels"][i] = masked + r_labels
+            num_tokens[i] = 2 * len(prompt) + len(chosen[0]) + len(rejected[0])
         out = {
             "id": pa.array(ids, pa.string()),
             "source": pa.array([r.get("source") for r in rows], pa.string()),
@@ -258,11 +384,19 @@ class PreparePairs(TokenizingStage):
         }
         out.update({k: pa.array(v, pa.list_(pa.int32())) for k, v in cols.items()})
         out["num_tokens"] = pa.array(num_tokens, pa.int32())
+        out["truncated"] = pa.array(truncated, pa.bool_())
         out[REASON] = pa.array(reasons, pa.string())
         out[DETAIL] = pa.array(details, pa.string())
         out[RAW] = pa.array(
             [rows[i]["record"] if reasons[i] else None for i in range(n)], pa.large_string()
         )
+        # Where a rejected record sits in its file, as the reader located it.
+        for col, field, typ in (
+            (RANGE_START, "range_start", pa.int64()),
+            (RANGE_END, "range_end", pa.int64()),
+            (RANGE_UNIT, "range_unit", pa.string()),
+        ):
+            out[col] = pa.array([rows[i].get(field) if reasons[i] else None for i in range(n)], typ)
         return pa.table(out)
 
 
@@ -304,8 +438,6 @@ class ReferenceLogProbs:
     def logps(self, input_ids: list, labels: list) -> np.ndarray:
         """Sequence log-probs of the label tokens, ``batch_rows`` sequences per forward."""
         import torch
-
-        from deita_ray.training.common import collate, sequence_logps
 
         out = []
         for s in range(0, len(input_ids), self.batch_rows):
@@ -351,6 +483,7 @@ TRAIN_COLUMNS = [
 
 def dpo_model_path(cfg: PipelineConfig, out_dir: str) -> str:
     """Policy and reference start: ``dpo.model``, else the SFT output ``<out_dir>/sft/final``."""
+    from deita_ray.data.sink import stage_dir
     from deita_ray.models.registry import resolve_model_path
 
     if cfg.dpo.model:
@@ -358,23 +491,35 @@ def dpo_model_path(cfg: PipelineConfig, out_dir: str) -> str:
     return os.path.join(stage_dir(out_dir, "sft"), "final")
 
 
-def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: int) -> Any:
+def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: int) -> StageCounts:
     """Read, tokenise and score (reference log-probs) the pairs; write them and their rejects.
 
     Returns:
         The stage counts (rows_in = records read).
     """
-    import ray
-
-    from deita_ray.data.read import ReadLedger, read_pool
-    from deita_ray.training.common import use_bf16
+    from deita_ray.data.read import ReadLedger, expand_paths, id_prefixes, read_pool
+    from deita_ray.data.sink import write_with_rejects
+    from deita_ray.runtime import map_batches_kwargs
+    from deita_ray.training.plan import resolve_threads, use_bf16
+    from deita_ray.training.render import map_tokenize
 
     t = cfg.dpo
+    files = expand_paths(t.paths)
     ledger = ReadLedger()  # rows in as the read tasks count them, apart from what is written
-    ds = read_pool(t.paths, max_record_bytes=cfg.input.max_record_bytes, ledger=ledger)
+    ds = read_pool(files, max_record_bytes=cfg.input.max_record_bytes, ledger=ledger)
     # Tokenise first and keep the (small) result, so that the reading tasks never wait for
     # CPUs held by the reference-model actors on a small cluster.
-    ds = map_tokenize(ds, PreparePairs, model_path, t, batch_size=64).materialize()
+    ds = map_tokenize(
+        ds,
+        PreparePairs,
+        model_path,
+        t,
+        batch_size=64,
+        max_prompt_length=t.max_prompt_length,
+        truncation_mode=t.truncation_mode,
+        id_prefixes=id_prefixes(files),
+        id_field=cfg.input.id_field,
+    ).materialize()
     ds = ds.map_batches(
         ReferenceLogProbs,
         fn_constructor_kwargs={
@@ -383,20 +528,35 @@ def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: in
             "batch_rows": t.micro_batch_size,
             "use_gpu": t.use_gpu,
             "bf16": use_bf16(t),
-            "threads": max(1, int(t.cpus_per_worker)),
+            "threads": resolve_threads(t),
             "trust_remote_code": t.trust_remote_code,
         },
         batch_format="pyarrow",
-        batch_size=64,
         # One model replica per GPU; on CPU one replica leaves room for the write tasks.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=t.num_workers if t.use_gpu else 1),
-        num_cpus=t.cpus_per_worker,
-        num_gpus=1 if t.use_gpu else 0,
+        **map_batches_kwargs(
+            (1, t.num_workers if t.use_gpu else 1),
+            num_cpus=t.cpus_per_worker,
+            num_gpus=1 if t.use_gpu else 0,
+            batch_size=64,
+        ),
     )
     try:
         return write_with_rejects(ds, NAME, out_dir, rows_in=ledger.check)
     finally:
         ledger.close()
+
+
+def truncated_pairs(dpo_dir: str) -> int:
+    """How many written pairs were cut to fit ``max_length``."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from deita_ray.data.sink import parquet_files
+
+    return sum(
+        int(pc.sum(pq.read_table(f, columns=["truncated"])["truncated"]).as_py() or 0)
+        for f in parquet_files(dpo_dir)
+    )
 
 
 def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
@@ -406,6 +566,11 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
     trained on, rejects by reason. Metrics: loss, reward margins and accuracy, lr per step.
     """
     import ray
+
+    from deita_ray.data.sink import parquet_files, stage_dir
+    from deita_ray.models.backend import load_tokenizer
+    from deita_ray.training.loop import fit, summarize_history
+    from deita_ray.training.render import check_template
 
     model_path = dpo_model_path(cfg, out_dir)
     check_template(cfg.dpo, model_path, NAME)
@@ -431,6 +596,8 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
         "model": model_path,
         "final_model": os.path.join(dpo_dir, "final"),
         "beta": cfg.dpo.beta,
+        "template": cfg.dpo.template,
+        "truncated_pairs": truncated_pairs(dpo_dir),
         "steps": state["step"],
         "optimizer_steps": state.get("optimizer_steps"),
         "examples": state["examples"],
@@ -447,6 +614,8 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
 
 def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
     """The start model (:func:`dpo_model_path`), unless this job's sft stage writes it first."""
+    from deita_ray.data.sink import stage_dir
+
     out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
     sft_final = os.path.join(stage_dir(out_dir, "sft"), "final")
     path = cfg.dpo.model or sft_final
@@ -459,7 +628,8 @@ def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
 STAGE = Stage(
     name=NAME,
     run=run_dpo,
-    config_keys=("dpo",),
+    # The pair files are read with the pool's record-size limit and id field.
+    config_keys=("dpo", "input.id_field", "input.max_record_bytes"),
     reads=("sft",),
     output_columns=tuple(TRAIN_COLUMNS),
     trains=True,

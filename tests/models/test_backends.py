@@ -45,6 +45,47 @@ def test_factory_and_task_guard(tiny_llama):
         load_backend(bad, str(tiny_llama), "score")
 
 
+def test_load_tokenizer_pads_with_eos_and_encodes_the_same(tiny_llama, tmp_path):
+    """The one load_tokenizer (scoring, embedding, training) gives a tokenizer without a pad
+    token its EOS as pad; encodings do not change."""
+    from transformers import AutoTokenizer
+
+    from deita_ray.models.backend import load_tokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(tiny_llama))
+    plain.pad_token = None  # as Mistral / LLaMA tokenizers ship
+    plain.save_pretrained(tmp_path)
+    raw = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert raw.pad_token_id is None
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.pad_token_id == tok.eos_token_id
+    text = complexity_prompt("Pad </s> me <pad> twice")
+    assert tok(text)["input_ids"] == raw(text)["input_ids"]
+    assert load_tokenizer(str(tiny_llama)).pad_token == "<pad>"  # an own pad token stays
+
+
+@pytest.mark.parametrize("task", ["embed", "score"])
+def test_hf_backend_outputs_do_not_depend_on_the_pad_id(tiny_llama, task):
+    """Right padding is masked: the values of every prompt are bit-identical whatever id fills
+    the padding (so giving pad-less tokenizers EOS as pad changes no score or embedding)."""
+    cfg = ModelConfig(path=str(tiny_llama), backend="hf", max_model_len=256, hf_batch_size=4)
+    backend = load_backend(cfg, str(tiny_llama), task)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, 500, size=n).tolist() for n in (3, 17, 9, 40, 5, 22)]
+
+    def run() -> np.ndarray:
+        if task == "embed":
+            return backend.embed(prompts)[0]
+        return backend.digit_logits(prompts, list(range(10, 16)))[0]
+
+    results = []
+    for pad in (0, backend.tokenizer.eos_token_id, 499):
+        backend.pad_id = pad
+        results.append(run())
+    for other in results[1:]:
+        assert other.tobytes() == results[0].tobytes()
+
+
 def test_vllm_logprob_contract_fails_loudly(tiny_llama):
     """An engine whose log-probabilities are not the six processed digit ones must raise,
     never yield a score (the reference code silently returns 3.0 here)."""

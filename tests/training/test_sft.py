@@ -17,7 +17,7 @@ import pytest
 
 from deita_ray.config import PipelineConfig
 from deita_ray.templates import render_vicuna
-from deita_ray.training.common import FAIL_AT_STEP_ENV, FAIL_FLAG_ENV, TRAINER_STATE
+from deita_ray.training.loop import FAIL_AT_STEP_ENV, FAIL_FLAG_ENV, TRAINER_STATE
 
 
 def selection_rows() -> list[dict]:
@@ -76,13 +76,83 @@ def make_job(tmp: Path, model: Path, zero_stage: int, **over) -> tuple[PipelineC
 
 
 def test_chat_template_without_template_fails_at_start(tiny_llama):
-    from deita_ray.training.common import check_template
+    from deita_ray.training.render import check_template
 
     cfg = PipelineConfig()
     check_template(cfg.sft, str(tiny_llama), "sft")  # vicuna_v1.1: nothing to check
     cfg.sft.template = "chat_template"
     with pytest.raises(ValueError, match="sft.template"):
         check_template(cfg.sft, str(tiny_llama), "sft")
+
+
+def test_sequence_weighting_equals_micro_batch_one_with_accumulation(tiny_llama):
+    """'sequence': the loss of a micro-batch is the mean of its conversations' own losses, the
+    average that micro-batches of one with gradient accumulation give (the DEITA recipe);
+    'token' is transformers' mean over all target tokens of the batch."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deita_ray.models.backend import load_tokenizer
+    from deita_ray.stages.sft import TokenizeSFT, sft_step
+
+    rows = selection_rows()[:4]
+    tok = TokenizeSFT(str(tiny_llama), "vicuna_v1.1", max_length=128)(pa.Table.from_pylist(rows))
+    ids, labels = tok["input_ids"].to_pylist(), tok["labels"].to_pylist()
+    assert len({len(x) for x in ids}) > 1  # conversations of different lengths
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    config = {"pad_id": load_tokenizer(str(tiny_llama)).pad_token_id}
+
+    def loss(rows_ids, rows_labels, weighting):
+        batch = {"input_ids": rows_ids, "labels": rows_labels}
+        with torch.no_grad():
+            value, n_tokens, extra = sft_step(
+                model, batch, "cpu", {**config, "loss_weighting": weighting}
+            )
+        assert n_tokens == sum(len(x) for x in rows_ids) and extra == {}
+        return float(value)
+
+    singles = np.array([loss([i], [lab], "token") for i, lab in zip(ids, labels, strict=True)])
+    targets = np.array([sum(x != -100 for x in lab[1:]) for lab in labels])
+    assert loss(ids, labels, "sequence") == pytest.approx(singles.mean(), rel=1e-5)
+    assert loss(ids, labels, "token") == pytest.approx(
+        (singles * targets).sum() / targets.sum(), rel=1e-5
+    )
+    assert loss(ids, labels, "sequence") != pytest.approx(loss(ids, labels, "token"), rel=1e-4)
+
+
+def test_training_rows_come_back_in_the_split_order(ray_local, tmp_path):
+    """Tokenised parts are written in any order; training reads them in the split's order."""
+    from deita_ray.stages.sft import ORDER, training_dataset
+
+    parts = []
+    for k, order in enumerate(([3, 0, 4], [2, 1])):
+        table = pa.table(
+            {
+                "id": [f"r{o}" for o in order],
+                ORDER: pa.array(order, pa.int64()),
+                "input_ids": [[o, o] for o in order],
+                "labels": [[-100, o] for o in order],
+            }
+        )
+        parts.append(str(tmp_path / f"part-{k}.parquet"))
+        pq.write_table(table, parts[-1])
+    rows = training_dataset(parts, block_rows=2).take_all()
+    assert [list(r["input_ids"]) for r in rows] == [[o, o] for o in range(5)]
+    assert set(rows[0]) == {"input_ids", "labels"}
+
+
+def test_sft_step_imports_without_ray_or_deepspeed():
+    """benchmarks/gpu_check.py imports the step on a machine without Ray."""
+    code = (
+        "import sys\n"
+        "from deita_ray.stages.sft import sft_step\n"
+        "print(sorted(m for m in ('ray', 'deepspeed', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +247,15 @@ def test_final_model_loads_in_transformers_and_vllm(sft_zero2, tmp_path):
 def test_zero3_run_that_loses_a_worker_resumes_with_the_same_steps(
     sft_zero2, ray_local, tiny_llama, tmp_path, monkeypatch
 ):
-    """ZeRO-3 + gradient checkpointing, and the last worker dies after step 3 (once): Ray Train
-    restarts the group from the step-2 checkpoint (partitioned optimizer state included) and the
-    run ends with as many optimizer steps, and the same lr schedule, as the unbroken run."""
+    """ZeRO-3 + gradient checkpointing, the paper's SFT settings (epoch remainder carried over,
+    every conversation weighing the same, a held-out split), and the last worker dies after
+    step 3 (once): Ray Train restarts the group from the step-2 checkpoint (partitioned
+    optimizer state included) and the run ends with as many optimizer steps, and the same lr
+    schedule, as the unbroken run.
+
+    14 of the 16 selected rows train (train_fraction 0.9); 2 workers x 3 micro-batches of 2 an
+    epoch, 2 micro-batches a step: with 'carry' step 2 spans the first epoch's end, and the
+    restart resumes in the middle of the second epoch."""
     from transformers import AutoModelForCausalLM
 
     from deita_ray.stages.sft import run_sft
@@ -188,16 +264,29 @@ def test_zero3_run_that_loses_a_worker_resumes_with_the_same_steps(
     flag = tmp_path / "failed_once.json"
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")  # checkpoints at 2, 4: resume from step 2
     monkeypatch.setenv(FAIL_FLAG_ENV, str(flag))
-    cfg, out = make_job(tmp_path, tiny_llama, zero_stage=3, gradient_checkpointing=True)
+    cfg, out = make_job(
+        tmp_path,
+        tiny_llama,
+        zero_stage=3,
+        gradient_checkpointing=True,
+        global_batch_size=8,
+        epochs=6.0,
+        epoch_remainder="carry",
+        loss_weighting="sequence",
+        train_fraction=0.9,
+    )
     res = run_sft(cfg, out)
     assert flag.exists(), "the injected failure did not happen"
     assert json.loads(flag.read_text())["step"] == 3
     m, u = res.metrics, unbroken.metrics
+    assert m["held_out"] == 2 and len(m["held_out_ids"]) == 2 and m["selected"] == 16
+    assert res.counts.rows_in == 14
+    assert m["plan"]["micro_per_epoch"] == 3 and m["plan"]["grad_accum"] == 2
     assert m["restarts"] == 1 and m["resumed_from_step"] == 2
     assert m["steps"] == m["optimizer_steps"] == u["steps"] == u["optimizer_steps"] == 6
     assert len(m["loss"]) == 6 and m["loss"][-1] < 0.6 * m["loss"][0]
     assert m["lr"] == pytest.approx(u["lr"])  # the schedule continued where it stopped
-    assert m["examples"] == u["examples"]
+    assert m["examples"] == 6 * 8
     # The gathered ZeRO-3 weights are the trained ones: same shapes, other values.
     start = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).state_dict()
     final = AutoModelForCausalLM.from_pretrained(m["final_model"]).state_dict()

@@ -1,29 +1,22 @@
-"""Rendering with exact label masks, collation, step plans, schedules and the DeepSpeed config
-(no Ray here: the tokenizer stage is called directly on Arrow tables)."""
+"""Rendering with exact label masks and collation (training/render.py), and the SFT tokenizer
+stage (no Ray here: the stage is called directly on Arrow tables)."""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pyarrow as pa
 import pytest
 
-from deita_ray.config import TrainingConfig
 from deita_ray.data.rejects import REASON
+from deita_ray.models.backend import load_tokenizer
+from deita_ray.stages.sft import TokenizeSFT
 from deita_ray.templates import render_vicuna
-from deita_ray.training.common import (
+from deita_ray.training.render import (
     IGNORE_INDEX,
     TemplateError,
-    TokenizeSFT,
     chat_template_segments,
     collate,
-    deepspeed_config,
     encode_segments,
-    load_tokenizer,
-    lr_factor,
     only_last_target,
-    plan_steps,
     render_segments,
 )
 
@@ -184,7 +177,7 @@ def test_tokenize_stage_rejects_rows_without_targets(tiny_llama, tiny_tok):
         None,
         "no_target_tokens",
         "no_assistant_message",
-        "bad_messages",
+        "unsupported_role",  # the pool's message rules (data/formats.py), as at ingest
     ]
     good = out[0]
     assert good["num_tokens"] == len(good["input_ids"]) == len(good["labels"])
@@ -198,67 +191,3 @@ def test_collate_right_pads():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
-def test_plan_steps_and_accumulation():
-    t = TrainingConfig(
-        global_batch_size=8, micro_batch_size=2, num_workers=2, epochs=3.0, warmup_ratio=0.1
-    )
-    p = plan_steps(37, t)  # 18 rows per worker -> 9 micro batches -> 4 steps of accumulation 2
-    assert (p.grad_accum, p.steps_per_epoch, p.total_steps, p.warmup_steps) == (2, 4, 12, 2)
-    t.max_steps = 5
-    assert plan_steps(37, t).total_steps == 5
-    with pytest.raises(ValueError, match="cannot fill"):
-        plan_steps(7, t)
-    t.global_batch_size = 6
-    with pytest.raises(ValueError, match="multiple"):
-        plan_steps(100, t)
-
-
-def test_lr_schedules_match_the_closed_forms():
-    total, warm = 10, 2
-    assert [lr_factor(s, total, warm, "cosine") for s in (0, 1, 2)] == [0.0, 0.5, 1.0]
-    for s in range(warm, total + 1):
-        prog = (s - warm) / (total - warm)
-        assert lr_factor(s, total, warm, "cosine") == pytest.approx(
-            0.5 * (1 + math.cos(math.pi * prog))
-        )
-        assert lr_factor(s, total, warm, "linear") == pytest.approx(1 - prog)
-        assert lr_factor(s, total, warm, "constant") == 1.0
-
-
-def test_deepspeed_config_from_training_config():
-    t = TrainingConfig(
-        global_batch_size=512,
-        micro_batch_size=4,
-        num_workers=8,
-        zero_stage=2,
-        use_gpu=True,
-        learning_rate=2e-5,
-        weight_decay=0.0,
-    )
-    plan = plan_steps(6000, t)
-    c = deepspeed_config(t, plan)
-    assert c["gradient_accumulation_steps"] == 16 == plan.grad_accum
-    assert c["train_batch_size"] == 512 and c["train_micro_batch_size_per_gpu"] == 4
-    assert c["bf16"]["enabled"] and c["optimizer"]["type"] == "AdamW"
-    assert c["zero_optimization"] == {"stage": 2}
-    t_cpu = TrainingConfig(zero_stage=3, global_batch_size=4, micro_batch_size=2, num_workers=2)
-    c = deepspeed_config(t_cpu, plan_steps(8, t_cpu))
-    assert not c["bf16"]["enabled"] and c["optimizer"]["params"]["torch_adam"]
-    assert c["zero_optimization"]["stage"] == 3
-    assert c["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-
-
-def test_sequence_logps_sums_only_labelled_tokens():
-    import torch
-
-    from deita_ray.training.common import sequence_logps
-
-    torch.manual_seed(0)
-    logits = torch.randn(2, 4, 6)
-    labels = torch.tensor([[-100, 2, 3, -100], [-100, -100, -100, 5]])
-    lp = torch.log_softmax(logits, -1)
-    want = [lp[0, 0, 2] + lp[0, 1, 3], lp[1, 2, 5]]
-    got = sequence_logps(logits, labels)
-    np.testing.assert_allclose(got.numpy(), torch.stack(want).numpy(), rtol=1e-6)
