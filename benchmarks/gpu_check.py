@@ -91,8 +91,8 @@ from deita_ray.selection.greedy import (
 )
 from deita_ray.stages.embed import EMBEDDING, Embedder
 from deita_ray.stages.score import SCORE_COLUMNS, TurnScorer
+from deita_ray.stages.sft import TokenizeSFT
 from deita_ray.templates import complexity_prompt, quality_prompt, render_vicuna
-from deita_ray.training.common import TokenizeSFT
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PATH = REPO / "benchmarks" / "results" / "gpu_check.json"
@@ -756,7 +756,7 @@ class TorchEngine:
 
     The step function calls ``engine(**inputs)`` (the forward pass, here under bf16
     autocast over fp32 weights); the worker loop calls ``engine.backward(loss)`` and
-    ``engine.step()`` (deita_ray/training/common.py), here ``loss.backward()``, gradient
+    ``engine.step()`` (deita_ray/training/loop.py), here ``loss.backward()``, gradient
     clipping at 1.0 and AdamW, as the project's DeepSpeed config does.
     """
 
