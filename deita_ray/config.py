@@ -308,6 +308,18 @@ class SelectConfig:
     shard_num_cpus: float = _f(
         1.0, ge=0, doc="CPUs reserved per shard actor of the distributed method (num_shards > 1)."
     )
+    calibrate: bool = _f(
+        True,
+        doc=(
+            "Method 'deita' on one node: also compute the tau curve (rows selected and scanned "
+            "per tau of tau_grid) and the pool's nearest-neighbour cosines, for the report "
+            "(plots/tau_curve.png; docs/report.md)."
+        ),
+    )
+    tau_grid: list[float] = _f(
+        factory=list,
+        doc="Taus of the tau curve; empty: a grid around tau (1 - f * (1 - tau), f in 0.25..4).",
+    )
 
 
 @dataclass
@@ -591,6 +603,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     ids = cfg.score.digit_token_ids
     if ids is not None and len(ids) != 6:
         raise ConfigError(f"score.digit_token_ids: {ids!r} must hold six ids (digits 1..6)")
+    bad_taus = [t for t in cfg.select.tau_grid if not -1.0 <= t <= 1.0]
+    if bad_taus:
+        raise ConfigError(f"select.tau_grid: {bad_taus!r} must be cosines in [-1, 1]")
     if "dpo" in cfg.stages and not cfg.dpo.paths:
         raise ConfigError("dpo.paths: required when the 'dpo' stage runs (preference pair files)")
     for name in ("sft", "dpo"):

@@ -33,6 +33,7 @@ from deita_ray.config import (
     load_config,
     to_dict,
 )
+from deita_ray.data.sink import decisions_dir, rejects_dir, stage_dir
 from deita_ray.stages import registry
 
 if TYPE_CHECKING:
@@ -67,8 +68,13 @@ def _write_json_atomic(path: str, data: Any) -> None:
 
 
 def clear_stage_outputs(out_dir: str, stage: str) -> None:
-    """Remove a stage's outputs and rejects: the one place a stage's earlier work is dropped."""
-    for path in (os.path.join(out_dir, stage), os.path.join(out_dir, "rejects", stage)):
+    """Remove a stage's outputs, rejects and decisions: the one place a stage's earlier work
+    is dropped."""
+    for path in (
+        stage_dir(out_dir, stage),
+        rejects_dir(out_dir, stage),
+        decisions_dir(out_dir, stage),
+    ):
         if os.path.isdir(path):
             shutil.rmtree(path)
 

@@ -18,20 +18,27 @@ import deita_ray.report as report_module
 from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import CANONICAL_SCHEMA
 from deita_ray.data.rejects import REJECTS_SCHEMA
-from deita_ray.report import (
-    PLOT_NAMES,
-    nearest_neighbour_cosines,
+from deita_ray.report import write_report
+from deita_ray.reporting import ReportContext, summarize
+from deita_ray.selection.greedy import select_diverse
+from deita_ray.stages.reports.select import (
     read_selected_embeddings,
     read_selection,
-    summarize,
-    write_report,
+    selection_tau,
 )
-from deita_ray.selection.greedy import select_diverse
 from deita_ray.stages.select import run_select
 
 REPO = Path(__file__).resolve().parents[1]
 N, DIM, TAU, BUDGET = 300, 32, 0.9, 40
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOT_NAMES = (
+    "score_distributions.png",
+    "complexity_vs_quality.png",
+    "rank_vs_evol.png",
+    "nearest_neighbour_similarity.png",
+    "tau_curve.png",
+    "training_loss.png",
+)
 
 
 def _canonical(ids: list[str], seq: np.ndarray) -> dict[str, pa.Array]:
@@ -320,19 +327,6 @@ def test_read_selected_embeddings_float16_in_requested_order(tmp_path):
     assert read_selected_embeddings(str(tmp_path), ["a", "zz"]) is None
 
 
-def test_nearest_neighbour_cosines_blocks_and_zero_vectors():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(37, 5)).astype(np.float32)
-    x[4] = 0.0
-    nn = nearest_neighbour_cosines(x, block_rows=8)
-    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-    s = xn @ xn.T
-    np.fill_diagonal(s, -np.inf)
-    np.testing.assert_allclose(nn, s.max(axis=1), atol=1e-6)
-    assert nn[4] == 0.0
-    assert nearest_neighbour_cosines(x[:1]).size == 0
-
-
 def test_selection_read_in_rank_order(tmp_path):
     table = pa.table(
         {
@@ -349,16 +343,17 @@ def test_selection_read_in_rank_order(tmp_path):
 
 
 def test_tau_from_metrics_or_manifest(tmp_path):
-    from deita_ray.report import _tau
+    def tau(stages: dict) -> float | None:
+        return selection_tau(ReportContext(str(tmp_path), stages))
 
-    assert _tau(str(tmp_path), {"select": {"metrics": {"tau": 0.8}}}) == 0.8
+    assert tau({"select": {"metrics": {"tau": 0.8}}}) == 0.8
     # A method without a threshold: no tau line, even though the config has a default tau.
     (tmp_path / "manifest.json").write_text(
         json.dumps({"config": {"select": {"method": "random", "tau": 0.9}}})
     )
-    assert _tau(str(tmp_path), {"select": {"metrics": {"tau": None}}}) is None
-    assert _tau(str(tmp_path), {}) is None
+    assert tau({"select": {"metrics": {"tau": None}}}) is None
+    assert tau({}) is None
     (tmp_path / "manifest.json").write_text(
         json.dumps({"config": {"select": {"method": "deita", "tau": 0.7}}})
     )
-    assert _tau(str(tmp_path), {}) == 0.7
+    assert tau({}) == 0.7

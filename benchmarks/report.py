@@ -1,0 +1,275 @@
+"""Report benchmark: build a synthetic job output folder and time and size its report.
+
+Writes, with pyarrow directly (no model runs), the outputs of ingest, score and embed for
+``n`` rows spread over three source files (texts: real Alpaca records from
+``../shared/data/alpaca/alpaca_5000.json`` cycled, or generated words when that file is
+absent), rejects of ingest and score, then runs the real select stage (exact greedy, numpy)
+and the real report. Prints one JSON object: the seconds of each part and the size of
+``report.html``, ``report.json`` and the plots.
+
+``write_job`` is also the fixture of tests/test_report_html.py (small ``n``).
+
+Usage: ``python benchmarks/report.py [--rows 100000] [--budget 5000] [--out DIR] [--quick]``
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/select.py is named like the stdlib module `select`: when this file runs as a
+# script its folder comes first on sys.path and would shadow it. Drop that entry.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("pool_a.jsonl", "pool_b.json", "pool_c.parquet")
+HOSTILE = '<script>window.__pwned = 1</script></script><!-- <b onmouseover="x()">bold?</b> & co'
+"""Text planted in one row and one reject: the page must show it as text."""
+
+
+def _texts(n: int, rng: np.random.Generator, data: Path | None) -> list[list[dict]]:
+    """Messages of ``n`` rows: Alpaca records cycled (a third of the rows get a second turn),
+    or generated sentences when no data folder is given."""
+    records = None
+    if data is not None and (data / "alpaca" / "alpaca_5000.json").exists():
+        records = json.loads((data / "alpaca" / "alpaca_5000.json").read_text())
+    words = [
+        "data",
+        "model",
+        "train",
+        "answer",
+        "question",
+        "explain",
+        "simple",
+        "write",
+        "list",
+        "code",
+        "value",
+    ]
+
+    def turn(k: int) -> tuple[str, str]:
+        if records is not None:
+            r = records[k % len(records)]
+            q = r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")
+            return q, r["output"]
+        q = " ".join(rng.choice(words, 12)) + "?"
+        return q, " ".join(rng.choice(words, int(rng.integers(20, 120)))) + "."
+
+    out = []
+    for i in range(n):
+        msgs = []
+        for t in range(2 if i % 3 == 0 else 1):
+            q, a = turn(7 * i + t)
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        out.append(msgs)
+    return out
+
+
+def _write(folder: Path, table: pa.Table, parts: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    step = max(1, -(-table.num_rows // parts))
+    for k in range(parts):
+        piece = table.slice(k * step, step)
+        if piece.num_rows:
+            pq.write_table(piece, folder / f"part-{k:05d}.parquet")
+
+
+def write_job(
+    out: Path,
+    n: int = 300,
+    dim: int = 32,
+    budget: int = 40,
+    tau: float = 0.9,
+    seed: int = 7,
+    data: Path | None = None,
+    calibrate: bool = True,
+) -> dict:
+    """Write a synthetic job output folder and its report; returns facts for checks.
+
+    Returns:
+        ``{"out", "report", "stages", "ids", "hostile_id", "seconds"}``.
+    """
+    from deita_ray.config import PipelineConfig
+    from deita_ray.data.formats import CANONICAL_SCHEMA
+    from deita_ray.data.rejects import REJECTS_SCHEMA
+    from deita_ray.report import write_report
+    from deita_ray.stages.select import run_select
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    ids = [f"row-{i}" for i in range(n)]
+    msgs = _texts(n, rng, data)
+    hostile = n // 2
+    msgs[hostile][0]["content"] = HOSTILE
+    source = [SOURCES[i % 7 % 3] for i in range(n)]  # uneven shares
+    canon = {
+        "id": pa.array(ids),
+        "seq": pa.array(np.arange(n, dtype=np.int64)),
+        "messages": pa.array(msgs, CANONICAL_SCHEMA.field("messages").type),
+        "source": pa.array(source),
+        "format": pa.array(["alpaca"] * n),
+        "extra": pa.array(["{}"] * n, pa.large_string()),
+    }
+    _write(out / "ingest", pa.table(canon, schema=CANONICAL_SCHEMA), 4)
+
+    turns = np.array([len(m) // 2 for m in msgs])
+    comp = [list(rng.uniform(1, 6, t)) for t in turns]
+    qual = [list(rng.uniform(1, 6, t)) for t in turns]
+    evol = np.array([float(np.dot(c, q)) for c, q in zip(comp, qual, strict=True)])
+    evol[5] = np.nan
+    score = pa.table(
+        {
+            **canon,
+            "complexity_scores": pa.array(comp, pa.list_(pa.float64())),
+            "quality_scores": pa.array(qual, pa.list_(pa.float64())),
+            "evol_score": pa.array(evol, pa.float64(), from_pandas=True),
+            "truncated": pa.array([False] * n),
+        }
+    )
+    _write(out / "score", score, 4)
+
+    # Clusters of near-duplicates: many rows are rejected for similarity.
+    centres = rng.normal(size=(max(2, n // 6), dim))
+    emb = centres[rng.integers(0, len(centres), n)] + 0.15 * rng.normal(size=(n, dim))
+    emb = emb.astype(np.float32)
+    embed = pa.table(
+        {
+            "id": ids,
+            "seq": canon["seq"],
+            "evol_score": pa.array(evol, from_pandas=True),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(emb.reshape(-1), pa.float32()), dim
+            ),
+        }
+    )
+    _write(out / "embed", embed, 4)
+
+    bad = max(3, n // 100)
+    reasons = ["invalid_json", "unknown_format", "empty_instruction"]
+    raw = [HOSTILE if k == 0 else '{"instruction": ' + "x" * (k % 50) for k in range(bad)]
+    rej = pa.table(
+        {
+            "id": [None] * bad,
+            "seq": pa.array([10**12 + k for k in range(bad)], pa.int64()),
+            "stage": ["ingest"] * bad,
+            "reason": [reasons[k % 3] for k in range(bad)],
+            "detail": [f"line {k}" for k in range(bad)],
+            "raw": raw,
+            "source": [SOURCES[k % 3] for k in range(bad)],
+        },
+        schema=REJECTS_SCHEMA,
+    )
+    _write(out / "rejects" / "ingest", rej, 1)
+    t_write = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cfg = PipelineConfig()
+    cfg.select.tau, cfg.select.budget, cfg.select.device = tau, budget, "numpy"
+    cfg.select.calibrate = calibrate
+    selected = run_select(cfg, str(out))
+    t_select = time.perf_counter() - t0
+    by_reason = {r: sum(1 for k in range(bad) if reasons[k % 3] == r) for r in reasons}
+
+    def entry(rows_in: int, rows_out: int, rejected: dict, metrics: dict) -> dict:
+        return {
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "rows_rejected": rows_in - rows_out,
+            "rejected_by_reason": rejected,
+            "seconds": 1.5,
+            "rows_per_s": rows_in / 1.5,
+            "metrics": metrics,
+        }
+
+    c = selected.counts
+    stages = {
+        "ingest": entry(n + bad, n, by_reason, {"files": 3}),
+        "score": entry(n, n, {}, {}),
+        "embed": entry(n, n, {}, {"dim": dim}),
+        "select": entry(c.rows_in, c.rows_out, dict(c.rejected_by_reason), selected.metrics),
+    }
+    manifest = {"config": {"stages": ["ingest", "score", "embed", "select"]}, "stages": {}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    t0 = time.perf_counter()
+    report = write_report(str(out), stages, notes=["synthetic job (benchmarks/report.py)"])
+    t_report = time.perf_counter() - t0
+    return {
+        "out": out,
+        "report": report,
+        "stages": stages,
+        "ids": ids,
+        "hostile_id": ids[hostile],
+        "seconds": {
+            "write_outputs": round(t_write, 2),
+            "select": round(t_select, 2),
+            "report": round(t_report, 2),
+        },
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--budget", type=int, default=5_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--out", help="keep the folder here (default: a temporary folder)")
+    p.add_argument("--data", help="shared data folder (default: ../shared/data)")
+    p.add_argument("--quick", action="store_true", help="10K rows, budget 1K")
+    args = p.parse_args()
+    if args.quick:
+        args.rows, args.budget = 10_000, 1_000
+    data = Path(args.data or os.environ.get("DEITA_SHARED_DATA") or REPO.parent / "shared" / "data")
+    tmp = None
+    out = Path(args.out) if args.out else Path(tmp := tempfile.mkdtemp(prefix="report-bench-"))
+    if out.exists() and args.out:
+        shutil.rmtree(out)
+    try:
+        facts = write_job(
+            out,
+            n=args.rows,
+            dim=args.dim,
+            budget=args.budget,
+            tau=args.tau,
+            data=data if data.is_dir() else None,
+        )
+        html_bytes = (out / "report.html").stat().st_size
+        plots = sorted((out / "plots").glob("*.png"))
+        sel = facts["stages"]["select"]
+        print(
+            json.dumps(
+                {
+                    "rows": args.rows,
+                    "budget": args.budget,
+                    "selected": sel["rows_out"],
+                    "not_selected": sel["rejected_by_reason"],
+                    "texts": "alpaca_5000 cycled" if data.is_dir() else "generated words",
+                    "seconds": facts["seconds"],
+                    "report_html_bytes": html_bytes,
+                    "report_html_mib": round(html_bytes / 2**20, 2),
+                    "report_json_bytes": (out / "report.json").stat().st_size,
+                    "plots_bytes": sum(p.stat().st_size for p in plots),
+                },
+                indent=2,
+            )
+        )
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
