@@ -10,6 +10,7 @@ are collected in :attr:`Browser.errors`, the URL of every request the page makes
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import shutil
@@ -84,7 +85,10 @@ class Browser:
         if not targets:
             self.close()
             raise RuntimeError("chromium has no page target")
-        self.ws = connect(targets[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self._stack = contextlib.ExitStack()
+        self.ws = self._stack.enter_context(
+            connect(targets[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        )
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable")
         return self
@@ -93,9 +97,9 @@ class Browser:
         self.close()
 
     def close(self) -> None:
-        ws = getattr(self, "ws", None)
-        if ws is not None:
-            ws.close()
+        stack = getattr(self, "_stack", None)
+        if stack is not None:
+            stack.close()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
