@@ -26,7 +26,9 @@ from typing import Any
 
 import yaml
 
-STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo")
+from deita_ray.data.exports import EXPORT_FORMATS
+
+STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "export")
 """Every stage, in the order the pipeline runs them."""
 
 EMBEDDED_MODEL = "embedded:smollm2"
@@ -437,6 +439,25 @@ class FailureBudgetConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The selection as files trainers read (the optional ``export`` stage; docs/report.md)."""
+
+    formats: list[str] = _f(
+        factory=lambda: ["sharegpt", "messages"],
+        choices=EXPORT_FORMATS,
+        doc=(
+            "Files to write under <output.dir>/export: 'sharegpt' (conversations from/value; "
+            "LLaMA-Factory, FastChat, axolotl), 'messages' (OpenAI role/content; TRL, axolotl), "
+            "'alpaca' (instruction/input/output with system and history; LLaMA-Factory)."
+        ),
+    )
+    name: str = _f(
+        "deita_selection",
+        doc="Dataset name in dataset_info.json (entries <name>_sharegpt, <name>_alpaca).",
+    )
+
+
+@dataclass
 class PipelineConfig:
     """A whole deita_ray job."""
 
@@ -453,6 +474,7 @@ class PipelineConfig:
     select: SelectConfig = _f(factory=SelectConfig, doc="Selection.")
     sft: SFTConfig = _f(factory=SFTConfig, doc="Supervised fine-tuning.")
     dpo: DPOConfig = _f(factory=DPOConfig, doc="Preference tuning.")
+    export: ExportConfig = _f(factory=ExportConfig, doc="Export of the selection.")
     failure_budget: FailureBudgetConfig = _f(
         factory=FailureBudgetConfig, doc="When rejected rows stop the job."
     )
