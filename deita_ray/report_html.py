@@ -15,8 +15,9 @@ size (about 14 MB for 100K rows, see README):
 - the :data:`TOP_BOTTOM` best and worst rows by the row score (whatever their status);
 - per stage and reject reason, the first :data:`REJECTS_PER_REASON` rejects with their raw
   text;
-- each message's text cut at :data:`MESSAGE_CHARS` characters, a reject's raw text at
-  :data:`RAW_CHARS` (the page says how many were cut).
+- each message's text cut at :data:`MESSAGE_CHARS` characters and a row's at
+  :data:`ROW_CHARS` (later messages left out), a reject's raw text at :data:`RAW_CHARS` (the
+  page says how much was cut), so the page holds at most about 15K rows x 4K characters.
 
 Counts (per status, per source file, per stage and reason) always cover every row.
 """
@@ -50,7 +51,8 @@ MAX_SELECTED = 10_000
 PER_STATUS = 1_000
 TOP_BOTTOM = 100
 REJECTS_PER_REASON = 100
-MESSAGE_CHARS = 2_000
+MESSAGE_CHARS = 1_500
+ROW_CHARS = 4_000
 RAW_CHARS = 2_000
 SAMPLE_SEED = 0
 POOL_STATUS = "pool"
@@ -87,15 +89,25 @@ def _cut(text: str | None, limit: int) -> tuple[str, int]:
     return (text[:limit], len(text) - limit) if len(text) > limit else (text, 0)
 
 
-def _messages(value: Any) -> list[list] | None:
-    """``[[role, content, characters cut], ...]`` of a canonical messages value."""
+def _messages(value: Any) -> tuple[list[list] | None, list[int] | None]:
+    """``[[role, content, characters cut], ...]`` of a canonical messages value, each message
+    cut at :data:`MESSAGE_CHARS` and the row at :data:`ROW_CHARS`; and ``[messages, characters]``
+    left out at the end of the row (None when none)."""
     if value is None:
-        return None
-    out = []
+        return None, None
+    out: list[list] = []
+    left = ROW_CHARS
+    hidden = [0, 0]
     for m in value:
-        text, cut = _cut(m.get("content"), MESSAGE_CHARS)
+        content = m.get("content") or ""
+        if left <= 0:
+            hidden[0] += 1
+            hidden[1] += len(content)
+            continue
+        text, cut = _cut(content, min(MESSAGE_CHARS, left))
+        left -= len(text)
         out.append([m.get("role") or "", text, cut])
-    return out
+    return out, (hidden if hidden[0] else None)
 
 
 def _read_json(path: str) -> Any:
@@ -208,6 +220,7 @@ def browser_rows(built: Assembled) -> tuple[dict[str, list], dict, list[str]]:
             "cosine",
             "max_sim",
             "messages",
+            "hidden",
             "stage",
             "reason",
             "detail",
@@ -235,7 +248,9 @@ def browser_rows(built: Assembled) -> tuple[dict[str, list], dict, list[str]]:
     cols["rejected_by"] = column("rejected_by")
     cols["cosine"] = [_num(v) for v in column("cosine")]
     cols["max_sim"] = [_num(v) for v in column("max_sim")]
-    cols["messages"] = [_messages(texts.get(i)) for i in ids]
+    shown = [_messages(texts.get(i)) for i in ids]
+    cols["messages"] = [m for m, _ in shown]
+    cols["hidden"] = [h for _, h in shown]
     scores = {name: [_num(v) for v in column(name)] for name in score_names}
     cols["scores"] = [
         {k: v[j] for k, v in scores.items() if v[j] is not None} for j in range(len(ids))
@@ -311,7 +326,7 @@ def add_rejects(cols: dict[str, list], rejects: list[dict]) -> None:
         cols["reason"].append(r["reason"])
         cols["detail"].append(r["detail"])
         cols["raw"].append(r["raw"])
-        for k in ("rank", "rejected_by", "cosine", "max_sim", "messages"):
+        for k in ("rank", "rejected_by", "cosine", "max_sim", "messages", "hidden"):
             cols[k].append(None)
         cols["scores"].append({})
 
@@ -502,6 +517,7 @@ def payload(out_dir: str, report: dict, built: Assembled) -> dict:
             "top_bottom": TOP_BOTTOM,
             "rejects_per_reason": REJECTS_PER_REASON,
             "message_chars": MESSAGE_CHARS,
+            "row_chars": ROW_CHARS,
             "raw_chars": RAW_CHARS,
             "seed": SAMPLE_SEED,
         },

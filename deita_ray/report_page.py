@@ -274,7 +274,8 @@ details > summary { cursor: pointer; color: #0b57d0; }
     `a fixed-seed (seed ${fmt(f.seed)}) sample of up to ${fmt(f.per_status)} rows of every other status ` +
     `with the selected rows that rejected them, the ${fmt(f.top_bottom)} best and worst rows by score, ` +
     `and the first ${fmt(f.rejects_per_reason)} rejects per stage and reason. ` +
-    `Texts are cut at ${fmt(f.message_chars)} characters per message. Counts in brackets: held of total.`];
+    `Texts are cut at ${fmt(f.message_chars)} characters per message and ${fmt(f.row_chars)} per row. ` +
+    "Counts in brackets: held of total."];
   byId("sampling").textContent = notes.join(" ");
 
   const selectedAt = new Map();
@@ -311,12 +312,15 @@ details > summary { cursor: pointer; color: #0b57d0; }
     if (F.sort === "cosine_desc") return nullsLast(R.cosine[a], R.cosine[b], -1) || a - b;
     return nullsLast(R.rank[a], R.rank[b], 1) || a - b;
   }
-  function messages(list) {
+  function messages(i) {
+    const list = R.messages[i], hidden = R.hidden[i];
     if (!list) return h("p", {class: "muted", text: "(text not available in this report)"});
-    return list.map(([role, text, cut]) => h("div", {
+    return [list.map(([role, text, cut]) => h("div", {
       class: "msg role-" + (["system", "user", "assistant"].includes(role) ? role : "other")},
       h("div", {class: "role", text: role}), h("pre", {text: text}),
-      cut ? h("div", {class: "cut", text: `\u2026 ${fmt(cut)} more characters`}) : null));
+      cut ? h("div", {class: "cut", text: `\u2026 ${fmt(cut)} more characters`}) : null)),
+      hidden ? h("div", {class: "cut", text: `\u2026 ${fmt(hidden[0])} more messages ` +
+        `(${fmt(hidden[1])} characters) not held by this page`}) : null];
   }
   function scoreLine(i) {
     const parts = Object.entries(R.scores[i]).map(([k, v]) =>
@@ -344,12 +348,12 @@ details > summary { cursor: pointer; color: #0b57d0; }
         `${R.rejected_by[i]}` + (j !== undefined ? ` (rank ${fmt(R.rank[j])})` : "") +
         (D.tau !== null && D.tau !== undefined ? `, above tau = ${fmt(D.tau)}` : "")}));
       body.push(h("div", {class: "pair"},
-        h("div", {}, h("h4", {text: "this row"}), messages(R.messages[i])),
+        h("div", {}, h("h4", {text: "this row"}), messages(i)),
         h("div", {}, h("h4", {text: "the selected row it was too similar to"}),
-          j !== undefined ? messages(R.messages[j])
+          j !== undefined ? messages(j)
                           : h("p", {class: "muted", text: "(not held by this page)"}))));
     } else {
-      body.push(messages(R.messages[i]));
+      body.push(messages(i));
     }
     return h("div", {class: "row-card", "data-status": st, "data-id": R.id[i]}, body);
   }

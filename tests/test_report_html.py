@@ -347,6 +347,24 @@ def test_partial_report_in_headless_chromium(browser, job, tmp_path):
     assert b.eval("document.querySelectorAll('#study table tr').length") == 3
     assert "<script>x</script>" in b.eval("document.querySelector('#study pre').textContent")
     # Without a selection the page opens on every row of the pool.
-    assert _matched(b) == b.eval("JSON.parse(document.getElementById('report-data')"
-                                 ".textContent).rows.id.length")
+    assert _matched(b) == b.eval(
+        "JSON.parse(document.getElementById('report-data').textContent).rows.id.length"
+    )
     b.screenshot(tmp_path / "partial.png", full_page=True)
+
+
+def test_long_rows_are_cut_and_say_so():
+    msgs = [
+        {"role": "user" if k % 2 == 0 else "assistant", "content": "x" * 1000} for k in range(9)
+    ]
+    msgs[0]["content"] = "y" * 5000
+    shown, hidden = report_html._messages(msgs)
+    chars = sum(len(m[1]) for m in shown)
+    assert chars == report_html.ROW_CHARS
+    assert shown[0][1] == "y" * report_html.MESSAGE_CHARS
+    assert shown[0][2] == 5000 - report_html.MESSAGE_CHARS
+    assert hidden == [9 - len(shown), 1000 * (9 - len(shown))]
+    assert report_html._messages(msgs[1:3]) == (
+        [["assistant", "x" * 1000, 0], ["user", "x" * 1000, 0]],
+        None,
+    )

@@ -3,7 +3,7 @@
 - ``sharegpt``: ``{"id", "conversations": [{"from": "system"|"human"|"gpt", "value"}]}``
   (FastChat, LLaMA-Factory ``formatting: sharegpt``, axolotl ``type: sharegpt``);
 - ``messages``: ``{"id", "messages": [{"role", "content"}]}`` (OpenAI chat format: TRL's
-  ``SFTTrainer``, axolotl ``type: chat_template``, LLaMA-Factory ``formatting: openai``);
+  ``SFTTrainer``, axolotl ``type: chat_template``);
 - ``alpaca``: ``{"id", "instruction", "input": "", "output", "system", "history": [[user,
   assistant], ...]}`` (LLaMA-Factory's Alpaca with ``system`` and ``history``): a row is one
   optional leading system message, then user/assistant pairs; the last pair is
