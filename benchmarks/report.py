@@ -45,19 +45,7 @@ def _texts(n: int, rng: np.random.Generator, data: Path | None) -> list[list[dic
     records = None
     if data is not None and (data / "alpaca" / "alpaca_5000.json").exists():
         records = json.loads((data / "alpaca" / "alpaca_5000.json").read_text())
-    words = [
-        "data",
-        "model",
-        "train",
-        "answer",
-        "question",
-        "explain",
-        "simple",
-        "write",
-        "list",
-        "code",
-        "value",
-    ]
+    words = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 
     def turn(k: int) -> tuple[str, str]:
         if records is not None:
@@ -95,11 +83,18 @@ def write_job(
     seed: int = 7,
     data: Path | None = None,
     calibrate: bool = True,
+    extra_stages: dict | None = None,
+    notes: list[str] | None = None,
 ) -> dict:
     """Write a synthetic job output folder and its report; returns facts for checks.
 
+    Args:
+        extra_stages: stage results added to the report's (e.g. training losses).
+        notes: the report's notes.
+
     Returns:
-        ``{"out", "report", "stages", "ids", "hostile_id", "seconds"}``.
+        ``{"out", "report", "stages", "ids", "hostile_id", "seconds"}`` and the arrays the
+        outputs hold: ``seq``, ``comp``, ``qual`` (per-turn lists), ``evol``, ``emb``.
     """
     from deita_ray.config import PipelineConfig
     from deita_ray.data.formats import CANONICAL_SCHEMA
@@ -160,16 +155,21 @@ def write_job(
     bad = max(3, n // 100)
     reasons = ["invalid_json", "unknown_format", "empty_instruction"]
     raw = [HOSTILE if k == 0 else '{"instruction": ' + "x" * (k % 50) for k in range(bad)]
-    rej = pa.table(
-        {
-            "id": [None] * bad,
-            "seq": pa.array([10**12 + k for k in range(bad)], pa.int64()),
-            "stage": ["ingest"] * bad,
-            "reason": [reasons[k % 3] for k in range(bad)],
-            "detail": [f"line {k}" for k in range(bad)],
-            "raw": raw,
-            "source": [SOURCES[k % 3] for k in range(bad)],
-        },
+    rej = pa.Table.from_pylist(
+        [
+            {
+                "seq": 10**12 + k,
+                "stage": "ingest",
+                "reason": reasons[k % 3],
+                "detail": f"line {k}",
+                "raw": raw[k],
+                "source": SOURCES[k % 3],
+                "range_start": 100 * k,
+                "range_end": 100 * k + len(raw[k]),
+                "range_unit": "bytes",
+            }
+            for k in range(bad)
+        ],
         schema=REJECTS_SCHEMA,
     )
     _write(out / "rejects" / "ingest", rej, 1)
@@ -201,10 +201,12 @@ def write_job(
         "embed": entry(n, n, {}, {"dim": dim}),
         "select": entry(c.rows_in, c.rows_out, dict(c.rejected_by_reason), selected.metrics),
     }
-    manifest = {"config": {"stages": ["ingest", "score", "embed", "select"]}, "stages": {}}
+    stages.update(extra_stages or {})
+    manifest = {"config": {"stages": list(stages)}, "stages": {}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     t0 = time.perf_counter()
-    report = write_report(str(out), stages, notes=["synthetic job (benchmarks/report.py)"])
+    notes = ["synthetic job (benchmarks/report.py)"] if notes is None else notes
+    report = write_report(str(out), stages, notes=notes)
     t_report = time.perf_counter() - t0
     return {
         "out": out,
@@ -212,6 +214,11 @@ def write_job(
         "stages": stages,
         "ids": ids,
         "hostile_id": ids[hostile],
+        "seq": np.asarray(canon["seq"]),
+        "comp": comp,
+        "qual": qual,
+        "evol": evol,
+        "emb": emb,
         "seconds": {
             "write_outputs": round(t_write, 2),
             "select": round(t_select, 2),

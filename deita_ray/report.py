@@ -43,6 +43,7 @@ from deita_ray.reporting import (
     figure,
     jsonable,
     merge_rows,
+    read_json,
     save_png,
 )
 
@@ -171,14 +172,6 @@ def _remove_stale_plots(plots_dir: str, produced: set[str], descriptors: list[St
             os.remove(os.path.join(plots_dir, name))
 
 
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _write_atomic(out_dir: str, name: str, text: str) -> None:
     tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{name}")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -223,10 +216,10 @@ def rebuild(out_dir: str) -> dict:
     """Rebuild report.json, the plots and report.html of ``out_dir`` from its existing
     ``report.json`` (stages and notes), else from ``manifest.json``'s finished stages, plus
     the outputs on disk."""
-    old = _read_json(os.path.join(out_dir, REPORT_FILE))
+    old = read_json(os.path.join(out_dir, REPORT_FILE))
     if old is not None:
         return write_report(out_dir, old.get("stages") or {}, old.get("notes"))
-    manifest = _read_json(os.path.join(out_dir, MANIFEST_FILE)) or {}
+    manifest = read_json(os.path.join(out_dir, MANIFEST_FILE)) or {}
     stages = {
         name: entry["result"]
         for name, entry in (manifest.get("stages") or {}).items()

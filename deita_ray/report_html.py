@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from deita_ray.data.rejects import REJECTS_SCHEMA
 from deita_ray.data.sink import parquet_files, stage_dir
-from deita_ray.reporting import NOT_SCORES, SELECTED, score_columns, to_numpy
+from deita_ray.reporting import NOT_SCORES, SELECTED, read_json, score_columns, to_numpy
 
 if TYPE_CHECKING:
     from deita_ray.report import Assembled
@@ -108,14 +108,6 @@ def _messages(value: Any) -> tuple[list[list] | None, list[int] | None]:
         left -= len(text)
         out.append([m.get("role") or "", text, cut])
     return out, (hidden if hidden[0] else None)
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _png(path: str) -> str | None:
@@ -225,6 +217,7 @@ def browser_rows(built: Assembled) -> tuple[dict[str, list], dict, list[str]]:
             "reason",
             "detail",
             "raw",
+            "range",
         )
     }
     cols["scores"] = []
@@ -255,7 +248,7 @@ def browser_rows(built: Assembled) -> tuple[dict[str, list], dict, list[str]]:
     cols["scores"] = [
         {k: v[j] for k, v in scores.items() if v[j] is not None} for j in range(len(ids))
     ]
-    for k in ("stage", "reason", "detail", "raw"):
+    for k in ("stage", "reason", "detail", "raw", "range"):
         cols[k] = [None] * len(ids)
     return cols, facts, score_names
 
@@ -302,6 +295,10 @@ def read_rejects(out_dir: str, order: list[str]) -> tuple[list[dict], list[dict]
                                 "detail": (data.get("detail") or [None] * n)[j],
                                 "raw": [raw, cut],
                                 "source": source or None,
+                                "range": [
+                                    (data.get(k) or [None] * n)[j]
+                                    for k in ("range_start", "range_end", "range_unit")
+                                ],
                             }
                         )
     summary = [
@@ -326,6 +323,7 @@ def add_rejects(cols: dict[str, list], rejects: list[dict]) -> None:
         cols["reason"].append(r["reason"])
         cols["detail"].append(r["detail"])
         cols["raw"].append(r["raw"])
+        cols["range"].append(r["range"] if r["range"][0] is not None else None)
         for k in ("rank", "rejected_by", "cosine", "max_sim", "messages", "hidden"):
             cols[k].append(None)
         cols["scores"].append({})
@@ -363,7 +361,7 @@ def stage_table(out_dir: str, report: dict, built: Assembled) -> tuple[list[dict
     """Per stage: what it did (the recorded result) and whether its outputs are there; and
     sentences about what is missing."""
     stages = report.get("stages") or {}
-    manifest = _read_json(os.path.join(out_dir, "manifest.json")) or {}
+    manifest = read_json(os.path.join(out_dir, "manifest.json")) or {}
     configured = (manifest.get("config") or {}).get("stages")
     expected = list(configured) if isinstance(configured, list) else list(stages)
     names = [d.name for d in built.descriptors]
@@ -458,7 +456,7 @@ def study_section(out_dir: str) -> dict | None:
     path = os.path.join(out_dir, STUDY_JSON)
     if not os.path.exists(path):
         return None
-    study = _read_json(path)
+    study = read_json(path)
     section: dict[str, Any] = {"table": None, "markdown": None, "plots": []}
     if isinstance(study, dict):
         section["table"] = study_table(study)

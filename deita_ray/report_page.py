@@ -337,8 +337,10 @@ details > summary { cursor: pointer; color: #0b57d0; }
       score(i) !== null ? h("span", {text: `${scoreName} ${fmt(score(i))}`}) : null);
     const body = [head, h("div", {class: "scores", text: scoreLine(i)})];
     if (st === "rejected") {
+      const at = R.range[i];
       body.push(h("div", {class: "why", text: `rejected at ${R.stage[i]}: ${R.reason[i]}` +
-        (R.detail[i] ? ` \u2014 ${R.detail[i]}` : "")}));
+        (R.detail[i] ? ` \u2014 ${R.detail[i]}` : "") +
+        (at ? ` (input ${at[2] || ""} ${fmt(at[0])}\u2013${fmt(at[1])})` : "")}));
       const raw = R.raw[i] || ["", 0];
       body.push(h("pre", {class: "raw", text: raw[0]}));
       if (raw[1]) body.push(h("div", {class: "cut", text: `\u2026 ${fmt(raw[1])} more characters`}));

@@ -29,6 +29,7 @@ Everything here is light: numpy and pyarrow at import, matplotlib inside :func:`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -144,6 +145,15 @@ def rows_by_id(folder: str, ids: Sequence[str], columns: Sequence[str]) -> pa.Ta
     cols = ["id", *[c for c in columns if c != "id" and c in ds.schema.names]]
     wanted = pa.array(list(ids), ds.schema.field("id").type)
     return ds.to_table(columns=cols, filter=pds.field("id").isin(wanted))
+
+
+def read_json(path: str) -> Any:
+    """A JSON file's value, or None when it is absent or not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def to_numpy(array: pa.ChunkedArray | pa.Array) -> np.ndarray:

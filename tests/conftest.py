@@ -88,3 +88,19 @@ def tiny_llama(tmp_path_factory) -> Path:
     from deita_ray.models.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (its helpers build test fixtures too)."""
+    import importlib.util
+    import sys
+
+    module_name = f"benchmarks_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            module_name, REPO / "benchmarks" / f"{name}.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]

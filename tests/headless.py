@@ -127,38 +127,36 @@ class Browser:
             self.errors.append(f"load failed: {params.get('errorText')}")
         self._events.append(event)
 
+    def _receive(self, done, what: str, timeout: float) -> dict:
+        """Read messages (recording events) until ``done(message)``; returns that message."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(what)
+            msg = json.loads(self.ws.recv(timeout=left))
+            if "method" in msg:
+                self._note(msg)
+            if done(msg):
+                return msg
+
     def call(self, method: str, timeout: float = 120, **params: Any) -> dict:
         """Send one command and return its result (events meanwhile are recorded)."""
         msg_id = next(self._ids)
         self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(method)
-            msg = json.loads(self.ws.recv(timeout=left))
-            if msg.get("id") == msg_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-            if "method" in msg:
-                self._note(msg)
+        msg = self._receive(lambda m: m.get("id") == msg_id, method, timeout)
+        if "error" in msg:
+            raise RuntimeError(f"{method}: {msg['error']}")
+        return msg.get("result", {})
 
     def wait_event(self, method: str, timeout: float = 120) -> dict:
+        """The first event ``method`` (already recorded, or the next one to come)."""
         for i, event in enumerate(self._events):
             if event.get("method") == method:
                 return self._events.pop(i)
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(method)
-            msg = json.loads(self.ws.recv(timeout=left))
-            if "method" in msg:
-                self._note(msg)
-                if msg["method"] == method:
-                    self._events.remove(msg)
-                    return msg
+        msg = self._receive(lambda m: m.get("method") == method, method, timeout)
+        self._events.remove(msg)
+        return msg
 
     # -- conveniences
 

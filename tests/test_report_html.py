@@ -6,17 +6,15 @@ selection is the real select stage's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import missing_input
+from conftest import load_benchmark, missing_input
 from headless import Browser, chromium_binary, local_only
 
 import deita_ray.report_html as report_html
@@ -24,10 +22,7 @@ from deita_ray.report import rebuild, write_report
 from deita_ray.reporting import SELECTED
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_report", REPO / "benchmarks" / "report.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_report"] = bench
-_spec.loader.exec_module(bench)
+bench = load_benchmark("report")
 
 DATA_SCRIPT = re.compile(
     r'<script type="application/json" id="report-data">(.*?)</script>', re.DOTALL

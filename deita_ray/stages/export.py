@@ -57,19 +57,21 @@ def _write_text_atomic(path: str, lines: Sequence[str]) -> None:
 
 
 def _rejects_table(rejected: list[tuple[dict, Reject]]) -> pa.Table:
-    return pa.table(
-        {
-            "id": [r["id"] for r, _ in rejected],
-            "seq": pa.array([r.get("seq") for r, _ in rejected], pa.int64()),
-            "stage": [NAME] * len(rejected),
-            "reason": [why.reason for _, why in rejected],
-            "detail": [why.detail for _, why in rejected],
-            "raw": [
-                json.dumps({"id": r["id"], "messages": r["messages"], "extra": r["extra"]})
-                for r, _ in rejected
-            ],
-            "source": [r.get("source") for r, _ in rejected],
-        },
+    """The rows a format cannot hold, as rejects (the row itself as raw JSON; no input range:
+    the row comes from the selection, not from an input file)."""
+    return pa.Table.from_pylist(
+        [
+            {
+                "id": r["id"],
+                "seq": r.get("seq"),
+                "stage": NAME,
+                "reason": why.reason,
+                "detail": why.detail,
+                "raw": json.dumps({"id": r["id"], "messages": r["messages"], "extra": r["extra"]}),
+                "source": r.get("source"),
+            }
+            for r, why in rejected
+        ],
         schema=REJECTS_SCHEMA,
     )
 

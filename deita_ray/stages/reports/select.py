@@ -19,7 +19,6 @@ rows that rejected the most) and ``tau_calibration``. Plots: ``rank_vs_evol.png`
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +40,7 @@ from deita_ray.reporting import (
     figure,
     merge_rows,
     read_columns,
+    read_json,
     save_png,
     summarize,
     to_numpy,
@@ -98,14 +98,6 @@ def read_selected_embeddings(out_dir: str, ids: Sequence[str]) -> np.ndarray | N
     return np.stack([found[i] for i in ids])
 
 
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def selection_tau(ctx: ReportContext) -> float | None:
     """The selection threshold: from the select stage's metrics (None there means a method
     without one), else from the manifest's config when its method is ``deita``."""
@@ -113,7 +105,7 @@ def selection_tau(ctx: ReportContext) -> float | None:
     if "tau" in metrics:
         tau = metrics["tau"]
     else:
-        manifest = _read_json(os.path.join(ctx.out_dir, "manifest.json")) or {}
+        manifest = read_json(os.path.join(ctx.out_dir, "manifest.json")) or {}
         cfg = (manifest.get("config") or {}).get(NAME) or {}
         tau = cfg.get("tau") if cfg.get("method", "deita") == "deita" else None
     return float(tau) if isinstance(tau, int | float) and not isinstance(tau, bool) else None
