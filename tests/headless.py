@@ -13,7 +13,6 @@ import base64
 import contextlib
 import itertools
 import json
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -23,20 +22,12 @@ from typing import Any
 from websockets.sync.client import connect
 
 
-def chromium_binary() -> str | None:
-    """The Chromium executable on PATH, or None."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 class Browser:
     """One headless Chromium with one page target (use as a context manager)."""
 
-    def __init__(self, profile_dir: Path, width: int = 1400, height: int = 1000):
+    def __init__(self, profile_dir: Path, binary: str, width: int = 1400, height: int = 1000):
         self.profile_dir = Path(profile_dir)
+        self.binary = binary
         self.size = (width, height)
         self.errors: list[str] = []
         self.requests: list[str] = []
@@ -44,13 +35,10 @@ class Browser:
         self._events: list[dict] = []
 
     def __enter__(self) -> Browser:
-        binary = chromium_binary()
-        if binary is None:
-            raise FileNotFoundError("chromium not found")
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
-                binary,
+                self.binary,
                 "--headless=new",
                 "--no-sandbox",  # tests run as root in containers
                 "--disable-gpu",

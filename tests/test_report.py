@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import load_benchmark
 
 import deita_ray.report as report_module
 from deita_ray.data.formats import CANONICAL_SCHEMA
@@ -27,7 +26,6 @@ from deita_ray.stages.reports.select import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-bench = load_benchmark("report")
 N, DIM, TAU, BUDGET = 300, 32, 0.9, 40
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOT_NAMES = (
@@ -65,7 +63,7 @@ def _write(folder: Path, table: pa.Table, parts: int = 2) -> None:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> dict:
+def job(tmp_path_factory, report_bench) -> dict:
     """A job output with every stage: ingest, score, embed, select (the real stage), rejects,
     plus the training stages' recorded losses (benchmarks/report.py writes it)."""
 
@@ -85,7 +83,7 @@ def job(tmp_path_factory) -> dict:
         "dpo": entry(BUDGET, {"loss": [0.69, 0.6, 0.52]}),
     }
     out = tmp_path_factory.mktemp("job")
-    facts = bench.write_job(
+    facts = report_bench.write_job(
         out, n=N, dim=DIM, budget=BUDGET, tau=TAU, extra_stages=training, notes=["a note"]
     )
     ref = select_diverse(

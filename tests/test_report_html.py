@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import load_benchmark, missing_input
-from headless import Browser, chromium_binary, local_only
+from headless import Browser, local_only
 
 import deita_ray.report_html as report_html
 from deita_ray.report import rebuild, write_report
 from deita_ray.reporting import SELECTED
 
-REPO = Path(__file__).resolve().parents[1]
-bench = load_benchmark("report")
+HOSTILE = '<script>window.__pwned = 1</script></script><!-- <b onmouseover="x()">bold?</b> & co'
+"""The text benchmarks/report.py plants in one row and one reject."""
 
 DATA_SCRIPT = re.compile(
     r'<script type="application/json" id="report-data">(.*?)</script>', re.DOTALL
@@ -38,15 +37,14 @@ def page_data(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> dict:
-    return bench.write_job(tmp_path_factory.mktemp("html_job"), n=400, dim=16, budget=40)
+def job(tmp_path_factory, report_bench) -> dict:
+    assert report_bench.HOSTILE == HOSTILE
+    return report_bench.write_job(tmp_path_factory.mktemp("html_job"), n=400, dim=16, budget=40)
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    if chromium_binary() is None:
-        missing_input("chromium is not installed (apt-get install -y chromium)")
-    with Browser(tmp_path_factory.mktemp("chromium-profile")) as b:
+def browser(tmp_path_factory, chromium):
+    with Browser(tmp_path_factory.mktemp("chromium-profile"), binary=chromium) as b:
         yield b
 
 
@@ -74,9 +72,9 @@ def test_row_text_cannot_close_the_data_element(job):
     data = json.loads(payload)
     rows = data["rows"]
     at = rows["id"].index(job["hostile_id"])
-    assert rows["messages"][at][0][1] == bench.HOSTILE  # the text itself, unaltered
+    assert rows["messages"][at][0][1] == HOSTILE  # the text itself, unaltered
     raws = [r[0] for r in rows["raw"] if r]
-    assert bench.HOSTILE in raws
+    assert HOSTILE in raws
 
 
 def test_script_json_escapes_markup_and_line_separators():
@@ -309,7 +307,7 @@ def test_page_in_headless_chromium(browser, job, tmp_path):
     cards = _visible(b)
     assert {c["id"] for c in cards if c["id"]} == {job["hostile_id"]}
     assert any(c["status"] == "rejected" for c in cards)  # the reject with the same raw text
-    assert all(bench.HOSTILE in c["text"] for c in cards)
+    assert all(HOSTILE in c["text"] for c in cards)
     assert b.eval("typeof window.__pwned") == "undefined"
     assert b.eval("document.querySelectorAll('#rows b, #rows script').length") == 0
     b.screenshot(tmp_path / "hostile.png")
