@@ -1,37 +1,38 @@
 """Report benchmark: build a synthetic job output folder and time and size its report.
 
 Writes, with pyarrow directly (no model runs), the outputs of ingest, score and embed for
-``n`` rows spread over three source files (texts: real Alpaca records from
-``../shared/data/alpaca/alpaca_5000.json`` cycled, or generated words when that file is
-absent), rejects of ingest and score, then runs the real select stage (exact greedy, numpy)
-and the real report. Prints one JSON object: the seconds of each part and the size of
-``report.html``, ``report.json`` and the plots.
+``n`` rows spread over three source files (texts: real records cycled, short Alpaca ones from
+``../shared/data/alpaca/alpaca_5000.json`` or long LIMA answers with ``--texts lima``, or
+generated words when the data is absent), rejects of ingest, then runs the real select stage
+(exact greedy, numpy) and the real report, once per kind of text. Checks that the page holds every selected row,
+then prints and writes ``benchmarks/results/report.json`` (README rows: the size of
+``report.html`` and the seconds of the report and the select stage).
 
 ``write_job`` is also the fixture of tests/test_report_html.py (small ``n``).
 
-Usage: ``python benchmarks/report.py [--rows 100000] [--budget 5000] [--out DIR] [--quick]``
+Usage: ``python benchmarks/report.py [--rows 100000] [--budget 5000] [--texts alpaca|lima]
+[--out DIR] [--quick]``
 """
 
 from __future__ import annotations
 
-import os
 import sys
-
-# benchmarks/select.py is named like the stdlib module `select`: when this file runs as a
-# script its folder comes first on sys.path and would shadow it. Drop that entry.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse
-import json
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+# Run as a script, benchmarks/ is sys.path[0]: its select.py would shadow the stdlib `select`.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pool_a.jsonl", "pool_b.json", "pool_c.parquet")
@@ -39,18 +40,24 @@ HOSTILE = '<script>window.__pwned = 1</script></script><!-- <b onmouseover="x()"
 """Text planted in one row and one reject: the page must show it as text."""
 
 
-def _texts(n: int, rng: np.random.Generator, data: Path | None) -> list[list[dict]]:
-    """Messages of ``n`` rows: Alpaca records cycled (a third of the rows get a second turn),
-    or generated sentences when no data folder is given."""
+TEXTS = {"alpaca": "alpaca/alpaca_5000.json", "lima": "llama_factory/lima.json"}
+"""Real texts the rows cycle through: short Alpaca records, or LIMA's long answers."""
+
+
+def _texts(
+    n: int, rng: np.random.Generator, data: Path | None, texts: str = "alpaca"
+) -> list[list[dict]]:
+    """Messages of ``n`` rows: the records of :data:`TEXTS` cycled (a third of the rows get a
+    second turn), or generated sentences when no data folder is given."""
     records = None
-    if data is not None and (data / "alpaca" / "alpaca_5000.json").exists():
-        records = json.loads((data / "alpaca" / "alpaca_5000.json").read_text())
+    if data is not None and (data / TEXTS[texts]).exists():
+        records = json.loads((data / TEXTS[texts]).read_text())
     words = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 
     def turn(k: int) -> tuple[str, str]:
         if records is not None:
             r = records[k % len(records)]
-            q = r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")
+            q = r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")
             return q, r["output"]
         q = " ".join(rng.choice(words, 12)) + "?"
         return q, " ".join(rng.choice(words, int(rng.integers(20, 120)))) + "."
@@ -85,11 +92,13 @@ def write_job(
     calibrate: bool = True,
     extra_stages: dict | None = None,
     notes: list[str] | None = None,
+    texts: str = "alpaca",
 ) -> dict:
     """Write a synthetic job output folder and its report; returns facts for checks.
 
     Args:
         extra_stages: stage results added to the report's (e.g. training losses).
+        texts: which real texts the rows cycle through (:data:`TEXTS`).
         notes: the report's notes.
 
     Returns:
@@ -106,7 +115,7 @@ def write_job(
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     ids = [f"row-{i}" for i in range(n)]
-    msgs = _texts(n, rng, data)
+    msgs = _texts(n, rng, data, texts)
     hostile = n // 2
     msgs[hostile][0]["content"] = HOSTILE
     source = [SOURCES[i % 7 % 3] for i in range(n)]  # uneven shares
@@ -227,55 +236,93 @@ def write_job(
     }
 
 
+def measure(out: Path, args: argparse.Namespace, data: Path | None, texts: str) -> dict:
+    """One synthetic job of ``args.rows`` rows: its timings, sizes and self-checks."""
+    import resource
+
+    facts = write_job(
+        out, n=args.rows, dim=args.dim, budget=args.budget, tau=args.tau, data=data, texts=texts
+    )
+    html = (out / "report.html").read_text(encoding="utf-8")
+    held = json.loads(html.split('id="report-data">', 1)[1].split("</script>", 1)[0])["rows"]
+    sel = facts["stages"]["select"]
+    held_selected = [
+        i for i, st in zip(held["id"], held["status"], strict=True) if st == "selected"
+    ]
+    checks = {
+        # The page holds every selected row (budget <= 10,000) and report.json names them all.
+        "page_holds_every_selected_row": sorted(held_selected)
+        == sorted(facts["report"]["selected_ids"]),
+        "report_names_every_selected_row": len(facts["report"]["selected_ids"]) == sel["rows_out"],
+        "page_has_no_raw_markup_in_data": html.count("</script>") == 2,
+    }
+    plots = sorted((out / "plots").glob("*.png"))
+    return {
+        "texts": TEXTS[texts] if data is not None else "generated words",
+        "selected": sel["rows_out"],
+        "not_selected": sel["rejected_by_reason"],
+        "rows_held_by_page": len(held["id"]),
+        "seconds": facts["seconds"],
+        "report_html_bytes": len(html.encode("utf-8")),
+        "report_html_mib": round(len(html.encode("utf-8")) / 2**20, 2),
+        "report_json_bytes": (out / "report.json").stat().st_size,
+        "plots_bytes": sum(p.stat().st_size for p in plots),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "checks": checks,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--budget", type=int, default=5_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--tau", type=float, default=0.9)
-    p.add_argument("--out", help="keep the folder here (default: a temporary folder)")
+    p.add_argument("--out", help="keep the last folder here (default: temporary folders)")
     p.add_argument("--data", help="shared data folder (default: ../shared/data)")
-    p.add_argument("--quick", action="store_true", help="10K rows, budget 1K")
+    p.add_argument(
+        "--texts", choices=sorted(TEXTS), action="append", help="default: every one of them"
+    )
+    p.add_argument("--quick", action="store_true", help="10K rows, budget 1K, Alpaca texts")
     args = p.parse_args()
     if args.quick:
-        args.rows, args.budget = 10_000, 1_000
+        args.rows, args.budget, args.texts = 10_000, 1_000, ["alpaca"]
+    texts = args.texts or sorted(TEXTS)
     data = Path(args.data or os.environ.get("DEITA_SHARED_DATA") or REPO.parent / "shared" / "data")
-    tmp = None
-    out = Path(args.out) if args.out else Path(tmp := tempfile.mkdtemp(prefix="report-bench-"))
-    if out.exists() and args.out:
-        shutil.rmtree(out)
-    try:
-        facts = write_job(
-            out,
-            n=args.rows,
-            dim=args.dim,
-            budget=args.budget,
-            tau=args.tau,
-            data=data if data.is_dir() else None,
-        )
-        html_bytes = (out / "report.html").stat().st_size
-        plots = sorted((out / "plots").glob("*.png"))
-        sel = facts["stages"]["select"]
-        print(
-            json.dumps(
-                {
-                    "rows": args.rows,
-                    "budget": args.budget,
-                    "selected": sel["rows_out"],
-                    "not_selected": sel["rejected_by_reason"],
-                    "texts": "alpaca_5000 cycled" if data.is_dir() else "generated words",
-                    "seconds": facts["seconds"],
-                    "report_html_bytes": html_bytes,
-                    "report_html_mib": round(html_bytes / 2**20, 2),
-                    "report_json_bytes": (out / "report.json").stat().st_size,
-                    "plots_bytes": sum(p.stat().st_size for p in plots),
-                },
-                indent=2,
-            )
-        )
-    finally:
-        if tmp is not None:
+    data = data if data.is_dir() else None
+    from benchmarks._common import finish, require
+
+    runs = {}
+    for kind in texts:
+        tmp = tempfile.mkdtemp(prefix="report-bench-")
+        out = Path(args.out) if args.out else Path(tmp)
+        if args.out and out.exists():
+            shutil.rmtree(out)
+        try:
+            runs[kind] = measure(out, args, data, kind)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        require("report", runs[kind]["checks"], runs[kind])
+    rows = [
+        {
+            "setting": f"{args.rows:,} rows, {runs[k]['selected']:,} selected, {runs[k]['texts']} "
+            "texts; real select stage (tau curve on) and report",
+            "result": f"report.html {runs[k]['report_html_mib']} MiB holding "
+            f"{runs[k]['rows_held_by_page']:,} rows; report "
+            f"{runs[k]['seconds']['report']:.0f} s, select {runs[k]['seconds']['select']:.0f} s",
+        }
+        for k in runs
+    ]
+    finish(
+        "report",
+        {
+            "quick": args.quick,
+            "rows": args.rows,
+            "budget": args.budget,
+            "runs": runs,
+            "readme": rows,
+        },
+    )
 
 
 if __name__ == "__main__":
