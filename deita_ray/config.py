@@ -26,7 +26,9 @@ from typing import Any
 
 import yaml
 
-STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo")
+from deita_ray.data.exports import EXPORT_FORMATS
+
+STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "export")
 """Every stage, in the order the pipeline runs them."""
 
 EMBEDDED_MODEL = "embedded:smollm2"
@@ -308,6 +310,18 @@ class SelectConfig:
     shard_num_cpus: float = _f(
         1.0, ge=0, doc="CPUs reserved per shard actor of the distributed method (num_shards > 1)."
     )
+    calibrate: bool = _f(
+        True,
+        doc=(
+            "Method 'deita' on one node: also compute the tau curve (rows selected and scanned "
+            "per tau of tau_grid) and the pool's nearest-neighbour cosines, for the report "
+            "(plots/tau_curve.png; docs/report.md)."
+        ),
+    )
+    tau_grid: list[float] = _f(
+        factory=list,
+        doc="Taus of the tau curve; empty: a grid around tau (1 - f * (1 - tau), f in 0.25..4).",
+    )
 
 
 @dataclass
@@ -483,6 +497,25 @@ class FailureBudgetConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The selection as files trainers read (the optional ``export`` stage; docs/report.md)."""
+
+    formats: list[str] = _f(
+        factory=lambda: ["sharegpt", "messages"],
+        choices=EXPORT_FORMATS,
+        doc=(
+            "Files to write under <output.dir>/export: 'sharegpt' (conversations from/value; "
+            "LLaMA-Factory, FastChat, axolotl), 'messages' (OpenAI role/content; TRL, axolotl), "
+            "'alpaca' (instruction/input/output with system and history; LLaMA-Factory)."
+        ),
+    )
+    name: str = _f(
+        "deita_selection",
+        doc="Dataset name in dataset_info.json (entries <name>_sharegpt, <name>_alpaca).",
+    )
+
+
+@dataclass
 class PipelineConfig:
     """A whole deita_ray job."""
 
@@ -499,6 +532,7 @@ class PipelineConfig:
     select: SelectConfig = _f(factory=SelectConfig, doc="Selection.")
     sft: SFTConfig = _f(factory=SFTConfig, doc="Supervised fine-tuning.")
     dpo: DPOConfig = _f(factory=DPOConfig, doc="Preference tuning.")
+    export: ExportConfig = _f(factory=ExportConfig, doc="Export of the selection.")
     failure_budget: FailureBudgetConfig = _f(
         factory=FailureBudgetConfig, doc="When rejected rows stop the job."
     )
@@ -649,6 +683,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     ids = cfg.score.digit_token_ids
     if ids is not None and len(ids) != 6:
         raise ConfigError(f"score.digit_token_ids: {ids!r} must hold six ids (digits 1..6)")
+    bad_taus = [t for t in cfg.select.tau_grid if not -1.0 <= t <= 1.0]
+    if bad_taus:
+        raise ConfigError(f"select.tau_grid: {bad_taus!r} must be cosines in [-1, 1]")
     if "dpo" in cfg.stages and not cfg.dpo.paths:
         raise ConfigError("dpo.paths: required when the 'dpo' stage runs (preference pair files)")
     for name in ("sft", "dpo"):

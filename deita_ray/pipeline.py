@@ -1,6 +1,6 @@
 """``python -m deita_ray.pipeline``: run a deita_ray job, stage by stage, resumably.
 
-Stages run in pipeline order (ingest -> score -> embed -> select -> sft -> dpo), each reading the
+Stages run in pipeline order (``config.STAGES``, the stage registry), each reading the
 previous stage's Parquet under ``output.dir`` and writing its own. ``<output.dir>/manifest.json``
 records, per finished stage, a hash of the configuration that stage depends on (chained with
 the hashes of the stages before it). Re-running the same command skips finished stages whose
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from deita_ray.config import (
     EMBEDDED_MODEL,
+    STAGES,
     ConfigError,
     PipelineConfig,
     config_hash,
@@ -33,6 +34,7 @@ from deita_ray.config import (
     load_config,
     to_dict,
 )
+from deita_ray.data.sink import decisions_dir, rejects_dir, stage_dir
 from deita_ray.stages import registry
 
 if TYPE_CHECKING:
@@ -67,8 +69,13 @@ def _write_json_atomic(path: str, data: Any) -> None:
 
 
 def clear_stage_outputs(out_dir: str, stage: str) -> None:
-    """Remove a stage's outputs and rejects: the one place a stage's earlier work is dropped."""
-    for path in (os.path.join(out_dir, stage), os.path.join(out_dir, "rejects", stage)):
+    """Remove a stage's outputs, rejects and decisions: the one place a stage's earlier work
+    is dropped."""
+    for path in (
+        stage_dir(out_dir, stage),
+        rejects_dir(out_dir, stage),
+        decisions_dir(out_dir, stage),
+    ):
         if os.path.isdir(path):
             shutil.rmtree(path)
 
@@ -279,7 +286,7 @@ def _notes(cfg: PipelineConfig) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m deita_ray.pipeline",
-        description="Run a deita_ray job: ingest -> score -> embed -> select -> sft -> dpo.",
+        description="Run a deita_ray job: " + " -> ".join(STAGES) + ".",
     )
     p.add_argument("--config", "-c", help="job YAML (see jobs/)")
     p.add_argument(

@@ -88,3 +88,37 @@ def tiny_llama(tmp_path_factory) -> Path:
     from deita_ray.models.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (its helpers build test fixtures too)."""
+    import importlib.util
+    import sys
+
+    module_name = f"benchmarks_{name}"
+    if module_name not in sys.modules:
+        path = REPO / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+@pytest.fixture(scope="session")
+def report_bench():
+    """benchmarks/report.py: ``write_job`` writes a synthetic job output folder and its report."""
+    return load_benchmark("report")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium executable (Debian's package; .ci/run installs it). Fails in CI, skips
+    elsewhere, when absent."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    missing_input("chromium is not installed (apt-get install -y chromium)")

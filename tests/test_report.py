@@ -15,23 +15,27 @@ import pyarrow.parquet as pq
 import pytest
 
 import deita_ray.report as report_module
-from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import CANONICAL_SCHEMA
-from deita_ray.data.rejects import REJECTS_SCHEMA
-from deita_ray.report import (
-    PLOT_NAMES,
-    nearest_neighbour_cosines,
+from deita_ray.report import write_report
+from deita_ray.reporting import ReportContext, summarize
+from deita_ray.selection.greedy import select_diverse
+from deita_ray.stages.reports.select import (
     read_selected_embeddings,
     read_selection,
-    summarize,
-    write_report,
+    selection_tau,
 )
-from deita_ray.selection.greedy import select_diverse
-from deita_ray.stages.select import run_select
 
 REPO = Path(__file__).resolve().parents[1]
 N, DIM, TAU, BUDGET = 300, 32, 0.9, 40
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOT_NAMES = (
+    "score_distributions.png",
+    "complexity_vs_quality.png",
+    "rank_vs_evol.png",
+    "nearest_neighbour_similarity.png",
+    "tau_curve.png",
+    "training_loss.png",
+)
 
 
 def _canonical(ids: list[str], seq: np.ndarray) -> dict[str, pa.Array]:
@@ -59,105 +63,40 @@ def _write(folder: Path, table: pa.Table, parts: int = 2) -> None:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> dict:
-    """A job output with every stage: ingest, score, embed, select, sft, dpo, rejects."""
-    out = tmp_path_factory.mktemp("job")
-    rng = np.random.default_rng(7)
-    ids = [f"row-{i}" for i in range(N)]
-    seq = np.arange(N, dtype=np.int64)
-    canon = _canonical(ids, seq)
-    _write(out / "ingest", pa.table(canon, schema=CANONICAL_SCHEMA))
+def job(tmp_path_factory, report_bench) -> dict:
+    """A job output with every stage: ingest, score, embed, select (the real stage), rejects,
+    plus the training stages' recorded losses (benchmarks/report.py writes it)."""
 
-    # Scores: 1 or 2 turns per row; one row has a missing evol score.
-    turns = rng.integers(1, 3, N)
-    comp = [list(rng.uniform(1, 6, t)) for t in turns]
-    qual = [list(rng.uniform(1, 6, t)) for t in turns]
-    evol = np.array([float(np.dot(c, q)) for c, q in zip(comp, qual, strict=True)])
-    evol[5] = np.nan
-    score = pa.table(
-        {
-            **canon,
-            "complexity_scores": pa.array(comp, pa.list_(pa.float64())),
-            "quality_scores": pa.array(qual, pa.list_(pa.float64())),
-            "evol_score": pa.array(evol, pa.float64(), from_pandas=True),
-            "truncated": pa.array([False] * N),
-        }
-    )
-    _write(out / "score", score, parts=3)
-
-    # Embeddings: 50 centres, each row a noisy copy, so many pairs are near-duplicates.
-    centres = rng.normal(size=(50, DIM))
-    emb = (centres[rng.integers(0, 50, N)] + 0.15 * rng.normal(size=(N, DIM))).astype(np.float32)
-    embed = pa.table(
-        {
-            "id": ids,
-            "seq": seq,
-            "evol_score": pa.array(evol, from_pandas=True),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(emb.reshape(-1), pa.float32()), DIM
-            ),
-        }
-    )
-    _write(out / "embed", embed, parts=3)
-
-    # The selection as the real select stage writes it (single node, no Ray needed).
-    cfg = PipelineConfig()
-    cfg.select.tau, cfg.select.budget, cfg.select.device = TAU, BUDGET, "numpy"
-    select_result = run_select(cfg, str(out))
-    ref = select_diverse(emb, evol, tau=TAU, budget=BUDGET, seq=seq, ids=ids, device="numpy")
-    idx = ref.indices
-    assert select_result.counts.rows_out == idx.size
-
-    (out / "sft" / "final").mkdir(parents=True)
-    rej = pa.table(
-        {
-            "id": ["bad-1"],
-            "seq": [10**12],
-            "stage": ["ingest"],
-            "reason": ["invalid_json"],
-            "detail": ["x"],
-            "raw": ["{"],
-            "source": ["pool.jsonl"],
-            "range_start": [0],
-            "range_end": [1],
-            "range_unit": ["bytes"],
-        },
-        schema=REJECTS_SCHEMA,
-    )
-    _write(out / "rejects" / "ingest", rej, parts=1)
-
-    def entry(rows_in, rows_out, metrics):
+    def entry(n: int, metrics: dict) -> dict:
         return {
-            "rows_in": rows_in,
-            "rows_out": rows_out,
-            "rows_rejected": rows_in - rows_out,
-            "rejected_by_reason": {"invalid_json": 1} if rows_in > rows_out else {},
+            "rows_in": n,
+            "rows_out": n,
+            "rows_rejected": 0,
+            "rejected_by_reason": {},
             "seconds": 1.5,
-            "rows_per_s": rows_in / 1.5,
+            "rows_per_s": n / 1.5,
             "metrics": metrics,
         }
 
-    stages = {
-        "ingest": entry(N + 1, N, {"files": 1}),
-        "score": entry(N, N, {"models": ["a", "b"]}),
-        "embed": entry(N, N, {"dim": DIM}),
-        "select": entry(N, idx.size, select_result.metrics),
-        "sft": entry(idx.size, idx.size, {"loss": [3.0, 2.5, 2.1, 1.9, 1.8], "lr": [1e-5] * 5}),
-        "dpo": entry(idx.size, idx.size, {"loss": [0.69, 0.6, 0.52]}),
+    training = {
+        "sft": entry(BUDGET, {"loss": [3.0, 2.5, 2.1, 1.9, 1.8], "lr": [1e-5] * 5}),
+        "dpo": entry(BUDGET, {"loss": [0.69, 0.6, 0.52]}),
     }
-    report = write_report(str(out), stages, notes=["a note"])
-    return {
-        "out": out,
-        "report": report,
-        "stages": stages,
-        "comp": comp,
-        "qual": qual,
-        "evol": evol,
-        "emb": emb,
-        "idx": idx,
-        "ids": ids,
-        "max_sim": ref.max_sim,
-    }
+    out = tmp_path_factory.mktemp("job")
+    facts = report_bench.write_job(
+        out, n=N, dim=DIM, budget=BUDGET, tau=TAU, extra_stages=training, notes=["a note"]
+    )
+    ref = select_diverse(
+        facts["emb"],
+        facts["evol"],
+        tau=TAU,
+        budget=BUDGET,
+        seq=facts["seq"],
+        ids=facts["ids"],
+        device="numpy",
+    )
+    assert facts["stages"]["select"]["rows_out"] == ref.indices.size
+    return {**facts, "idx": ref.indices, "max_sim": ref.max_sim}
 
 
 def _check_png(path: Path) -> None:
@@ -177,6 +116,7 @@ def test_report_json_written_with_all_sections(job):
     assert sorted(on_disk) == ["notes", "plots", "selected_ids", "stages", "statistics"]
     assert on_disk["stages"] == job["stages"]
     assert on_disk["notes"] == ["a note"]
+    assert (job["out"] / "report.html").stat().st_size > 10_000
 
 
 def test_selected_ids_in_rank_order(job):
@@ -320,19 +260,6 @@ def test_read_selected_embeddings_float16_in_requested_order(tmp_path):
     assert read_selected_embeddings(str(tmp_path), ["a", "zz"]) is None
 
 
-def test_nearest_neighbour_cosines_blocks_and_zero_vectors():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(37, 5)).astype(np.float32)
-    x[4] = 0.0
-    nn = nearest_neighbour_cosines(x, block_rows=8)
-    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-    s = xn @ xn.T
-    np.fill_diagonal(s, -np.inf)
-    np.testing.assert_allclose(nn, s.max(axis=1), atol=1e-6)
-    assert nn[4] == 0.0
-    assert nearest_neighbour_cosines(x[:1]).size == 0
-
-
 def test_selection_read_in_rank_order(tmp_path):
     table = pa.table(
         {
@@ -349,19 +276,20 @@ def test_selection_read_in_rank_order(tmp_path):
 
 
 def test_tau_from_metrics_or_manifest(tmp_path):
-    from deita_ray.report import _tau
+    def tau(stages: dict) -> float | None:
+        return selection_tau(ReportContext(str(tmp_path), stages))
 
-    assert _tau(str(tmp_path), {"select": {"metrics": {"tau": 0.8}}}) == 0.8
+    assert tau({"select": {"metrics": {"tau": 0.8}}}) == 0.8
     # A method without a threshold: no tau line, even though the config has a default tau.
     (tmp_path / "manifest.json").write_text(
         json.dumps({"config": {"select": {"method": "random", "tau": 0.9}}})
     )
-    assert _tau(str(tmp_path), {"select": {"metrics": {"tau": None}}}) is None
-    assert _tau(str(tmp_path), {}) is None
+    assert tau({"select": {"metrics": {"tau": None}}}) is None
+    assert tau({}) is None
     (tmp_path / "manifest.json").write_text(
         json.dumps({"config": {"select": {"method": "deita", "tau": 0.7}}})
     )
-    assert _tau(str(tmp_path), {}) == 0.7
+    assert tau({}) == 0.7
 
 
 def test_a_later_job_in_the_same_dir_reports_every_finished_stage(job, tmp_path):

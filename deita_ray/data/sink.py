@@ -60,6 +60,15 @@ def rejects_dir(out_dir: str, stage: str) -> str:
     return os.path.join(out_dir, "rejects", stage)
 
 
+def decisions_dir(out_dir: str, stage: str) -> str:
+    """Folder of what a stage decided for every row it examined (``decisions/<stage>``).
+
+    Beside the stage's output folder, not inside it: the output folder is read whole as a
+    dataset (the select folder is a training set), and these rows are not training rows.
+    """
+    return os.path.join(out_dir, "decisions", stage)
+
+
 def split_block(table: pa.Table, stage: str) -> tuple[pa.Table, pa.Table]:
     """Split a marked table into (accepted rows without mark columns, rejects table)."""
     if REASON not in table.column_names:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from deita_ray.accounting import StageResult
     from deita_ray.config import PipelineConfig
     from deita_ray.preflight import ModelToLoad
+    from deita_ray.reporting import StageReport
 
 
 def config_part(cfg: PipelineConfig, dotted: str) -> Any:
@@ -66,6 +67,8 @@ class Stage:
             stage's "not selected" rows do not).
         models: optional ``fn(cfg) -> list[ModelToLoad]``: the models it loads from outside
             the job, which :mod:`deita_ray.preflight` checks before the first stage runs.
+        report: optional :class:`~deita_ray.reporting.StageReport`: the per-row facts,
+            statistics and plots it contributes to the job report (docs/report.md).
         doc: one line for ``--help`` and the report.
     """
 
@@ -81,6 +84,7 @@ class Stage:
     trains: bool = False
     rejects_are_failures: bool = True
     models: Callable[[PipelineConfig], list[ModelToLoad]] | None = None
+    report: StageReport | None = None
     doc: str = ""
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 

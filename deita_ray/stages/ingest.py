@@ -55,6 +55,7 @@ from deita_ray.data.read import (
 from deita_ray.data.rejects import DETAIL, RANGE_END, RANGE_START, RANGE_UNIT, RAW, REASON
 from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir, write_with_rejects
 from deita_ray.stages.base import Stage
+from deita_ray.stages.reports.canonical import canonical_report
 
 NAME = "ingest"
 
@@ -483,5 +484,6 @@ STAGE = Stage(
     run=run_ingest,
     config_keys=("input", "demo_pool"),
     output_columns=tuple(f.name for f in CANONICAL_SCHEMA),
+    report=canonical_report(NAME),
     doc="pool files -> canonical rows (ids, messages, source, format, extra) and rejects",
 )

@@ -33,6 +33,7 @@ from deita_ray.scoring import (
     resolve_digit_ids,
 )
 from deita_ray.stages.base import Stage
+from deita_ray.stages.reports.score import REPORT
 
 KINDS: tuple[str, ...] = ("complexity", "quality")
 SCORE_COLUMNS = {"complexity": "complexity_scores", "quality": "quality_scores"}
@@ -331,5 +332,6 @@ STAGE = Stage(
     output_columns=("complexity_scores", "quality_scores", EVOL, TRUNCATED),
     resumes_by_shard=True,
     models=_models,
+    report=REPORT,
     doc="DEITA complexity and quality scores per turn, and the row's evol score",
 )

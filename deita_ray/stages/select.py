@@ -11,6 +11,20 @@ followed by every other column of the text pool (``seq``, ``messages``, ``source
 folder is directly a training set. The selection is small, the pool may be big: the text is
 joined by streaming the pool's Parquet files batch by batch and keeping the selected ``seq``.
 
+Decisions: ``<out_dir>/decisions/select/part-00000.parquet`` holds one row per pool row: ``id``,
+``seq``, ``status`` (``selected``, ``similar_to_selected``, ``not_reached``, ``missing_score``,
+``invalid_embedding``; the baselines: ``selected``, ``below_budget_cut``, or ``missing_score``
+/ ``invalid_embedding`` for rows that were no candidate), ``rank`` (selected
+rows), and for a row rejected for similarity ``rejected_by`` (the id of the selected row it was
+too similar to: among the rows selected before it, the one with the largest cosine; ties: the
+earliest selected), ``rejected_by_rank`` and ``cosine`` (that cosine). The same in the
+single-node and the distributed method (docs/report.md, "Why a row was not picked").
+
+Tau calibration (method ``deita`` on one node, ``select.calibrate``): for each tau of
+``select.tau_grid`` (default: a grid around ``select.tau``) the rows the exact greedy would
+select before the budget fills and the rows it would scan, plus the cosine of a fixed-seed
+sample of pool rows to their nearest other pool row; in ``metrics["calibration"]``.
+
 Accounting: selection is not rejection. Nothing is written to ``rejects/select``; rows that
 are not selected are counted in ``rejected_by_reason`` only, so that ``rows_in`` (pool rows)
 ``== rows_out`` (selected) ``+`` not selected, by reason: ``similar_to_selected`` (cosine >
@@ -32,7 +46,7 @@ import pyarrow.parquet as pq
 
 from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.config import PipelineConfig
-from deita_ray.data.sink import parquet_files, stage_dir
+from deita_ray.data.sink import decisions_dir, parquet_files, stage_dir
 from deita_ray.selection.baselines import (
     message_lengths,
     select_kcenter,
@@ -40,13 +54,18 @@ from deita_ray.selection.baselines import (
     select_random,
     select_top_score,
 )
-from deita_ray.selection.distributed import (
-    load_pool,
-    plan_shards,
-    select_distributed,
+from deita_ray.selection.calibration import nearest_neighbor_cosines, tau_curve, tau_grid
+from deita_ray.selection.distributed import select_distributed
+from deita_ray.selection.greedy import (
+    ROW_STATUS,
+    SELECTED,
+    SelectionResult,
+    select_diverse,
+    valid_rows,
 )
-from deita_ray.selection.greedy import SelectionResult, select_diverse
+from deita_ray.selection.pool import iter_pieces, load_pool, plan_shards
 from deita_ray.stages.base import Stage
+from deita_ray.stages.reports.select import REPORT
 
 NAME = "select"
 REASONS = (
@@ -128,12 +147,12 @@ def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[st
             return res, facts
         plan, _ = plan_shards(files, 1)
         pool = load_pool(plan[0])
+        facts.update(mode="single_node", ids=pool.ids, seq=pool.seq)
         if sc.method == "kcenter":
-            facts["mode"] = "single_node"
+            facts["non_candidate"] = ("invalid_embedding", ~valid_rows(pool.embeddings)[0])
             return select_kcenter(
                 pool.embeddings, sc.budget, pool.scores, pool.seq, pool.ids
             ), facts
-        facts["mode"] = "single_node"
         res = select_diverse(
             pool.embeddings,
             pool.scores,
@@ -144,13 +163,15 @@ def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[st
             block_size=sc.block_size,
             device=sc.device,
         )
+        if sc.calibrate:
+            facts["calibration"] = calibrate(cfg, pool.scores, pool.embeddings, pool.seq)
         return res, facts
     src = text_source_dir(out_dir)
     if src is None:
         raise FileNotFoundError(f"select.method={sc.method} needs {out_dir}/score or /ingest")
     need_msgs = sc.method in ("instruction_length", "response_length")
     pool = _read_text_pool(parquet_files(src), need_msgs)
-    facts["mode"] = "single_node"
+    facts.update(mode="single_node", ids=pool["ids"], seq=pool["seq"])
     if sc.method == "random":
         return select_random(
             len(pool["ids"]), sc.budget, sc.seed, pool["seq"], pool["scores"], pool["ids"]
@@ -158,6 +179,7 @@ def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[st
     if sc.method == "score":
         if np.isnan(pool["scores"]).all() and len(pool["scores"]):
             raise ValueError("select.method=score needs evol_score (run the score stage)")
+        facts["non_candidate"] = ("missing_score", np.isnan(pool["scores"]))
         return select_top_score(pool["scores"], sc.budget, pool["seq"], pool["ids"]), facts
     if need_msgs:
         lengths = pool["user_len" if sc.method == "instruction_length" else "assistant_len"]
@@ -165,6 +187,104 @@ def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[st
             lengths, sc.budget, sc.method, pool["seq"], pool["scores"], pool["ids"]
         ), facts
     raise ValueError(f"unknown select.method {sc.method!r}")
+
+
+CALIBRATION_SAMPLE = 2000
+"""Pool rows whose nearest-neighbour cosine is computed (fixed seed 0), each against the whole
+pool: enough for the distribution's percentiles, a few seconds at 100K rows."""
+
+
+def calibrate(
+    cfg: PipelineConfig, scores: np.ndarray, embeddings: np.ndarray, seq: np.ndarray
+) -> dict[str, Any]:
+    """The tau curve and the pool's nearest-neighbour cosines (docs/report.md, "Tau
+    calibration"), for the select metrics."""
+    sc = cfg.select
+    t0 = time.perf_counter()
+    taus = sorted(set(sc.tau_grid)) if sc.tau_grid else tau_grid(sc.tau)
+    curve = tau_curve(
+        scores, embeddings, taus, sc.budget, seq=seq, block_size=sc.block_size, device=sc.device
+    )
+    nn = nearest_neighbor_cosines(embeddings, sample=CALIBRATION_SAMPLE, seed=0)
+    cos = nn["cosine"][np.isfinite(nn["cosine"])]
+    from deita_ray.reporting import histogram, summarize
+
+    return {
+        "configured_tau": sc.tau,
+        "curve": {k: curve[k] for k in ("tau", "selected", "scanned", "budget_filled")},
+        "budget": curve["budget"],
+        "candidates": curve["candidates"],
+        "pool": curve["pool"],
+        "nearest_neighbour": {
+            "method": nn["method"],
+            "rows": int(len(cos)),
+            "summary": summarize(cos),
+            "histogram": histogram(cos),
+            # Share of rows with a neighbour above each tau: rows that tau calls near-duplicates.
+            "share_above": [float(np.mean(cos > t)) if len(cos) else None for t in taus],
+        },
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _pool_keys(facts: dict[str, Any], out_dir: str, n: int) -> tuple[list[str], np.ndarray]:
+    """Ids and seq of the pool rows by position (the distributed method does not hand them
+    back: they are read from the embed output in the order its positions refer to)."""
+    if "ids" in facts:
+        return list(facts["ids"]), np.asarray(facts["seq"], np.int64)
+    plan, _ = plan_shards(parquet_files(stage_dir(out_dir, "embed")), 1)
+    ids: list[str] = []
+    seqs = []
+    for t in iter_pieces(plan[0], ("id", "seq")):
+        ids.extend(t["id"].to_pylist())
+        seqs.append(t["seq"].cast(pa.int64()).to_numpy(zero_copy_only=False))
+    seq = np.concatenate(seqs) if seqs else np.empty(0, np.int64)
+    if len(ids) != n:
+        raise RuntimeError(f"select: {len(ids)} rows in the embed output, {n} in the selection")
+    return ids, seq
+
+
+def decisions_table(
+    res: SelectionResult,
+    ids: list[str],
+    seq: np.ndarray,
+    non_candidate: tuple[str, np.ndarray] | None = None,
+) -> pa.Table:
+    """One row per pool row: what the selection did with it (see the module docstring).
+
+    Args:
+        res: the selection.
+        ids, seq: the pool's ids and seq by position.
+        non_candidate: for the baselines, (reason, mask) of the rows that were no candidate.
+    """
+    n = len(ids)
+    rank = np.full(n, -1, np.int64)
+    rank[res.indices] = np.arange(len(res), dtype=np.int64)
+    if res.row_status is not None:
+        status_np = np.asarray(ROW_STATUS, dtype=object)[res.row_status]
+    else:  # baselines: selected, ranked below the cut, or no candidate
+        status_np = np.full(n, "below_budget_cut", dtype=object)
+        if non_candidate is not None:
+            status_np[np.asarray(non_candidate[1], bool)] = non_candidate[0]
+        status_np[rank >= 0] = ROW_STATUS[SELECTED]
+    status = pa.array(status_np, pa.string())
+    by = res.rejected_by if res.rejected_by is not None else np.full(n, -1, np.int64)
+    sim = res.rejected_sim if res.rejected_sim is not None else np.full(n, np.nan)
+    sel_ids = np.asarray(res.ids if res.ids is not None else [None] * len(res), dtype=object)
+    has_by = by >= 0
+    by_id = np.full(n, None, dtype=object)
+    by_id[has_by] = sel_ids[by[has_by]]
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "seq": pa.array(seq, pa.int64()),
+            "status": status,
+            "rank": pa.array(rank, mask=rank < 0),
+            "rejected_by": pa.array(by_id, pa.string()),
+            "rejected_by_rank": pa.array(by, mask=~has_by),
+            "cosine": pa.array(np.asarray(sim, np.float64), mask=np.isnan(sim)),
+        }
+    )
 
 
 def _join_text(res: SelectionResult, out_dir: str) -> pa.Table:
@@ -272,6 +392,11 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
     out = stage_dir(out_dir, NAME)
     os.makedirs(out, exist_ok=True)
     pq.write_table(table, os.path.join(out, "part-00000.parquet"))
+    ids, seq = _pool_keys(facts, out_dir, int(res.stats["pool"]))
+    why = decisions_dir(out_dir, NAME)
+    os.makedirs(why, exist_ok=True)
+    decisions = decisions_table(res, ids, seq, facts.get("non_candidate"))
+    pq.write_table(decisions, os.path.join(why, "part-00000.parquet"))
     st = res.stats
     reasons = {}
     for reason in REASONS:
@@ -292,6 +417,7 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
         "pool": {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in st.items()},
         "evol_score": _summary(res.scores),
         "max_sim": _summary(res.max_sim),
+        "calibration": facts.get("calibration"),
         "timing_s": {
             "select": round(t_sel, 3),
             "join_write": round(time.perf_counter() - t0 - t_sel, 3),
@@ -309,5 +435,6 @@ STAGE = Stage(
     input_columns=("id", "seq", "evol_score", "embedding"),
     output_columns=("id", "rank", "evol_score", "max_sim"),
     rejects_are_failures=False,  # rows not selected are the point of the stage, not failures
+    report=REPORT,
     doc="score-first diversity-aware selection (or a baseline) of select.budget rows",
 )

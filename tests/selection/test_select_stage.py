@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_distributed import write_embed_parquet
-from test_greedy import oracle, planted_pool
+from test_greedy import oracle, oracle_explained, planted_pool
 
 from deita_ray.config import PipelineConfig
 from deita_ray.selection.baselines import (
@@ -21,6 +22,8 @@ from deita_ray.selection.baselines import (
     select_random,
     select_top_score,
 )
+from deita_ray.selection.calibration import tau_curve
+from deita_ray.selection.greedy import ROW_STATUS
 from deita_ray.stages.select import run_select
 
 MSG_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -198,3 +201,82 @@ def test_ingest_fallback_and_rerun(tmp_path, pool_dir):
     assert res.counts.rejected_by_reason == {"below_budget_cut": N - 7}
     with pytest.raises(ValueError, match="evol_score"):
         run_select(_cfg(method="score", budget=7), str(run))
+
+
+# ---------------------------------------------------------------------------------------------
+# Why each row was not picked, and the tau calibration
+
+
+def _decisions(out: Path) -> dict[str, dict]:
+    table = pq.read_table(out / "decisions" / "select" / "part-00000.parquet")
+    return {r["id"]: r for r in table.to_pylist()}
+
+
+def test_decisions_say_why_each_row_was_not_picked(pool_dir):
+    out, p = pool_dir
+    tau, budget = 0.9, 60
+    res = run_select(_cfg(method="deita", tau=tau, budget=budget, block_size=16), str(out))
+    want = oracle_explained(p["emb"], p["scores"], p["seq"], tau, budget)
+    picks = [f"row-{int(p['seq'][i])}" for i in want["picks"]]
+    got = _decisions(out)
+    assert len(got) == N
+    for i in range(N):
+        row = got[f"row-{int(p['seq'][i])}"]
+        assert row["seq"] == int(p["seq"][i])
+        assert row["status"] == ROW_STATUS[want["status"][i]]
+        if row["status"] == "selected":
+            assert picks[row["rank"]] == row["id"]
+        else:
+            assert row["rank"] is None
+        if row["status"] == "similar_to_selected":
+            assert row["rejected_by"] == picks[want["rejected_by"][i]]
+            assert row["rejected_by_rank"] == want["rejected_by"][i]
+            assert row["cosine"] == pytest.approx(want["rejected_sim"][i], abs=1e-12)
+            assert row["cosine"] > tau
+        else:
+            assert row["rejected_by"] is None and row["cosine"] is None
+    # The decisions agree with the stage's counts.
+    by_status = Counter(r["status"] for r in got.values())
+    assert by_status.pop("selected") == res.counts.rows_out
+    assert dict(by_status) == res.counts.rejected_by_reason
+
+
+def test_decisions_equal_across_methods(pool_dir, ray_local):
+    out, _ = pool_dir
+    common = {"method": "deita", "tau": 0.8, "budget": 70, "block_size": 32, "device": "numpy"}
+    run_select(_cfg(**common), str(out))
+    single = _decisions(out)
+    run_select(_cfg(**common, num_shards=3, shard_num_cpus=0.01), str(out))
+    assert _decisions(out) == single
+    assert any(r["status"] == "similar_to_selected" for r in single.values())
+
+
+def test_baseline_decisions(pool_dir):
+    out, p = pool_dir
+    res = run_select(_cfg(method="score", budget=50), str(out))
+    got = Counter(r["status"] for r in _decisions(out).values())
+    assert got == {"selected": 50, "missing_score": 2, "below_budget_cut": N - 52}
+    assert res.metrics["calibration"] is None
+
+
+def test_tau_calibration_in_the_metrics(pool_dir, ray_local):
+    out, p = pool_dir
+    res = run_select(
+        _cfg(method="deita", tau=0.9, budget=60, device="numpy", tau_grid=[0.95, 0.5, 0.9]),
+        str(out),
+    )
+    cal = res.metrics["calibration"]
+    want = tau_curve(p["scores"], p["emb"], [0.5, 0.9, 0.95], 60, seq=p["seq"], device="numpy")
+    for key in ("tau", "selected", "scanned", "budget_filled"):
+        assert cal["curve"][key] == want[key], key
+    assert cal["curve"]["selected"][1] == res.counts.rows_out  # the configured tau's point
+    nn = cal["nearest_neighbour"]
+    assert nn["rows"] == N and sum(nn["histogram"]["counts"]) == N
+    assert len(nn["share_above"]) == 3 and nn["share_above"] == sorted(nn["share_above"])[::-1]
+    json.dumps(res.metrics)
+    off = run_select(_cfg(method="deita", tau=0.9, budget=60, calibrate=False), str(out))
+    assert off.metrics["calibration"] is None
+    dist = run_select(
+        _cfg(method="deita", tau=0.9, budget=60, num_shards=2, shard_num_cpus=0.01), str(out)
+    )
+    assert dist.metrics["calibration"] is None  # the pool is not on one node
