@@ -94,8 +94,9 @@ def render_table(results: dict[str, dict[str, Any]], names: list[str]) -> str:
         if not rows:
             missing.append(name)
             continue
-        label = run_label(doc.get("machine") or {})
         for row in rows:
+            # A row may come from an earlier run than the file (a benchmark run in parts).
+            label = run_label(row.get("run") or doc.get("machine") or {})
             lines.append(
                 f"| `{name}.py` | {_cell(row.get('setting', ''))} | "
                 f"{_cell(row.get('result', ''))} | {_cell(label)} |"

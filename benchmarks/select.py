@@ -720,6 +720,7 @@ def readme_rows(out: dict) -> list[dict[str, str]]:
         lean_key = next(k for k in r if k.startswith("lean_over_ours"))
         rows.append(
             {
+                "run": sn.get("run"),
                 "setting": (
                     f"{sn['n'] // 1000}K x {sn['d']}, budget {sn['m']:,}, tau {sn['tau']}, "
                     f"{sn['rejected_share_of_scanned']:.0%} of the "
@@ -742,6 +743,7 @@ def readme_rows(out: dict) -> list[dict[str, str]]:
         cal = sn["calibration"]
         rows.append(
             {
+                "run": sn.get("run"),
                 "setting": f"tau calibration on the same pool ({len(cal['tau_curve']['tau'])} taus)",
                 "result": (
                     f"`tau_curve`: {cal['tau_curve_s']:.1f} s for the whole grid; "
@@ -755,6 +757,7 @@ def readme_rows(out: dict) -> list[dict[str, str]]:
         chk = di["single_node_check"]
         rows.append(
             {
+                "run": di.get("run"),
                 "setting": (
                     f"distributed, {di['n'] / 1e6:g}M x {di['d']}, budget {di['m']:,}, "
                     f"{di['shards']} shard actors on this machine"
@@ -818,9 +821,38 @@ def main() -> None:
         facts["single_node"] = f
         out["single_node"] = res
     require(NAME, checks, facts)
+    for part in ("distributed", "single_node"):
+        if part in out:
+            out[part]["run"] = {**run_facts(), "checks": sorted(checks)}
+    if args.part != "all":
+        keep_other_part(out, args.quick)
     out["checks"] = checks
     out["readme"] = readme_rows(out)
     finish(NAME, out, args.out)
+
+
+def run_facts() -> dict:
+    """When and on what a part was measured (a part may come from an earlier run)."""
+    from benchmarks._common import machine_info
+
+    m = machine_info()
+    return {k: m[k] for k in ("date", "commit", "uncommitted_changes", "cores", "load_avg")}
+
+
+def keep_other_part(out: dict, quick: bool) -> None:
+    """With ``--part``, keep the other part of the last recorded run of the same kind (full or
+    quick) in the result, with the run it came from (each README row names its run)."""
+    from benchmarks._common import results_dir
+
+    path = results_dir() / f"{NAME}.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    if bool(old.get("quick")) != quick:
+        return
+    for part in ("distributed", "single_node"):
+        if part not in out and part in old and "run" in old[part]:
+            out[part] = old[part]
 
 
 if __name__ == "__main__":

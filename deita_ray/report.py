@@ -185,7 +185,7 @@ def merge_earlier_stages(out_dir: str, stages: dict[str, dict]) -> dict[str, dic
     output directory of another (DPO after SFT) still reports all of them."""
     from deita_ray.config import STAGES
 
-    manifest = _read_json(os.path.join(out_dir, MANIFEST_FILE)) or {}
+    manifest = read_json(os.path.join(out_dir, MANIFEST_FILE)) or {}
     merged = {
         name: dict(entry["result"], earlier_run=True)
         for name, entry in (manifest.get("stages") or {}).items()
@@ -213,7 +213,7 @@ def write_report(out_dir: str, stages: dict[str, dict], notes: list[str] | None 
         are relative to ``out_dir``.
     """
     stages = merge_earlier_stages(out_dir, stages)
-    old_notes = (_read_json(os.path.join(out_dir, REPORT_FILE)) or {}).get("notes") or []
+    old_notes = (read_json(os.path.join(out_dir, REPORT_FILE)) or {}).get("notes") or []
     notes = list(dict.fromkeys([*old_notes, *(notes or [])]))
     plots_dir = os.path.join(out_dir, PLOTS_DIR)
     built = assemble(out_dir, stages, plots_dir)

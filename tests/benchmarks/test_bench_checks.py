@@ -186,7 +186,16 @@ def test_render_readme_builds_the_table_from_results(tmp_path):
     results.mkdir()
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    _result(results, "select", False, [{"setting": "100K x 1024", "result": "0.5 s | fast"}])
+    earlier = {"date": "2026-11-30T00:00:00+00:00", "commit": "fedcba9876", "load_avg": [9, 9, 9]}
+    _result(
+        results,
+        "select",
+        False,
+        [
+            {"setting": "100K x 1024", "result": "0.5 s | fast"},
+            {"setting": "1M distributed", "result": "40 s", "run": earlier},
+        ],
+    )
     _result(results, "score", True, [{"setting": "40 rows", "result": "quick figure"}])
     bench_dir = tmp_path / "bench"
     bench_dir.mkdir()
@@ -198,6 +207,8 @@ def test_render_readme_builds_the_table_from_results(tmp_path):
     row = next(ln for ln in text.splitlines() if ln.startswith("| `select.py`"))
     assert "100K x 1024" in row and "0.5 s \\| fast" in row
     assert "2026-12-01" in row and "`0123456`" in row and "load 2.0" in row
+    dist = next(ln for ln in text.splitlines() if "1M distributed" in ln)
+    assert "2026-11-30" in dist and "`fedcba9`" in dist and "load 9.0" in dist  # its own run
     assert "quick figure" not in text  # quick runs are never figures
     assert "Quick runs only" in text and "`score.py`" in text
     assert "No full run recorded yet: `embed.py` (run it" in text  # not _common, render_readme
