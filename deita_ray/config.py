@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import yaml
 
 from deita_ray.data.exports import EXPORT_FORMATS
 
-STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "export")
+STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "eval", "export")
 """Every stage, in the order the pipeline runs them."""
 
 EMBEDDED_MODEL = "embedded:smollm2"
@@ -451,6 +452,202 @@ class DPOConfig(TrainingConfig):
     )
 
 
+EVAL_METRICS: tuple[str, ...] = ("likelihood", "judge_single", "judge_pairwise")
+"""What the eval stage can measure (docs/evaluation.md)."""
+
+EVAL_SET_FORMATS: tuple[str, ...] = (
+    "auto",
+    "sharegpt",
+    "messages",
+    "alpaca",
+    "dolly",
+    "self_instruct",
+    "hh",
+    "mt_bench",
+)
+"""Record shapes of an eval set: the pool's shapes plus FastChat's MT-Bench questions."""
+
+
+@dataclass
+class EvalSetConfig:
+    """One held-out evaluation set: files and their record shape."""
+
+    name: str = _f(
+        "",
+        doc=(
+            "Name of the set: its key in report.json and its folder eval/<name>/ (letters, "
+            "digits, '_', '-', '.'). Required."
+        ),
+    )
+    paths: list[str] = _f(
+        factory=list,
+        doc="Files of the set, read like input.paths (a path, directory, glob, or a list).",
+    )
+    format: str = _f(
+        "auto",
+        choices=EVAL_SET_FORMATS,
+        doc=(
+            "Record shape. The pool's shapes (the last assistant message is the reference "
+            "answer, everything before it the prompt; AlpacaEval's model_outputs.json is "
+            "'alpaca'), or 'mt_bench': FastChat question.jsonl rows (question_id, turns) joined "
+            "by question_id with the answers in 'references'; one eval row per turn."
+        ),
+    )
+    references: list[str] = _f(
+        factory=list,
+        doc=(
+            "mt_bench: reference answer files (FastChat reference_answer/*.jsonl: question_id, "
+            "choices[0].turns). Questions without a reference go to rejects/eval."
+        ),
+    )
+    limit: int | None = _f(
+        None,
+        gt=0,
+        doc="Keep only the first N records of the set, in file order (a fixed subset).",
+    )
+    file_format: str = _f(
+        "auto",
+        choices=("auto", "json", "jsonl", "parquet"),
+        doc="File encoding, as input.file_format.",
+    )
+
+
+@dataclass
+class JudgeConfig:
+    """The local judge of the generation metrics (FastChat's MT-Bench judge prompts)."""
+
+    model: ModelConfig = _f(
+        factory=ModelConfig,
+        doc=(
+            "The judge model (vLLM on GPUs, e.g. a 70B instruct model with tensor_parallel_size; "
+            "the embedded SmolLM2 only exercises the machinery on CPU)."
+        ),
+    )
+    prompts: str = _f(
+        "",
+        doc="FastChat judge_prompts.jsonl (name, type, system_prompt, prompt_template).",
+    )
+    single_prompt: str = _f(
+        "single-v1", doc="Name of the single-answer grading prompt (output '[[rating]]', 1..10)."
+    )
+    pairwise_prompt: str = _f(
+        "pair-v2", doc="Name of the pairwise prompt (output '[[A]]', '[[B]]' or '[[C]]')."
+    )
+    compare_to: str = _f(
+        "reference",
+        doc=(
+            "Opponent of judge_pairwise: 'reference' (the set's reference answers) or the output "
+            "dir of another job or study arm, whose eval/<set>/generations are read by row id."
+        ),
+    )
+    max_tokens: int = _f(512, gt=0, doc="Longest judge output in tokens (greedy).")
+    resources: ActorPoolConfig = _f(factory=ActorPoolConfig, doc="Actor pool of the judge.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the trained model on held-out sets (docs/evaluation.md)."""
+
+    model: ModelConfig = _f(
+        factory=lambda: ModelConfig(path=""),
+        doc=(
+            "The model to evaluate and its engine settings. path empty: this job's dpo/final "
+            "when dpo is in stages, else sft/final when sft is in stages or finished, else the "
+            "model sft starts from (the base model)."
+        ),
+    )
+    template: str = _f(
+        "chat_template",
+        choices=("chat_template", "vicuna_v1.1"),
+        doc=(
+            "Rendering of prompt and answer: the tokenizer's chat template, or vicuna_v1.1 "
+            "(for models trained with it)."
+        ),
+    )
+    sets: list[EvalSetConfig] = _f(factory=list, doc="The eval sets (at least one).")
+    metrics: list[str] = _f(
+        factory=lambda: ["likelihood"],
+        choices=EVAL_METRICS,
+        doc=(
+            "'likelihood': mean NLL per token of each reference answer given its prompt "
+            "(judge-free); 'judge_single': greedy generation graded 1..10 by the judge; "
+            "'judge_pairwise': generation against judge.compare_to, judged in both orders."
+        ),
+    )
+    max_new_tokens: int = _f(512, gt=0, doc="Longest greedy generation (judge metrics).")
+    contamination_check: bool = _f(
+        True,
+        doc=(
+            "Drop eval rows whose normalised prompt text (a user message) also occurs in the "
+            "pool (<output.dir>/ingest); they go to rejects/eval with reason 'contaminated'."
+        ),
+    )
+    bootstrap_resamples: int = _f(1000, gt=0, doc="Bootstrap resamples of the 95% intervals.")
+    seed: int = _f(0, doc="Seed of the bootstrap.")
+    resources: ActorPoolConfig = _f(
+        factory=ActorPoolConfig, doc="Actor pool of the evaluated model."
+    )
+    judge: JudgeConfig = _f(factory=JudgeConfig, doc="The judge (judge_* metrics only).")
+
+
+STUDY_METHODS: tuple[str, ...] = (
+    "deita",
+    "random",
+    "score",
+    "complexity",
+    "quality",
+    "instruction_length",
+    "response_length",
+    "kcenter",
+    "diversity",
+    "base",
+)
+"""Selection methods of study arms (docs/evaluation.md); 'base' is the untrained model."""
+
+
+@dataclass
+class ArmConfig:
+    """One arm (or a family of arms) of a study."""
+
+    method: str = _f(
+        "deita",
+        choices=STUDY_METHODS,
+        doc=(
+            "'deita': score-first greedy with tau; 'random': seeded sample; 'score': top evol "
+            "score; 'complexity' / 'quality': top by the sum over turns of the complexity / "
+            "quality scores; 'instruction_length' / 'response_length': longest first; "
+            "'kcenter': k-center greedy; 'diversity': the deita greedy over a constant score "
+            "(input order); 'base': the base model, untrained."
+        ),
+    )
+    name: str = _f(
+        "",
+        doc=(
+            "Arm name (folder arms/<name>). Empty: the method, plus _tau<t> / _s<seed> for "
+            "each value of taus / seeds."
+        ),
+    )
+    taus: list[float] = _f(
+        factory=list, doc="deita / diversity: one arm per tau (empty: select.tau)."
+    )
+    seeds: list[int] = _f(factory=list, doc="random: one arm per seed (empty: select.seed).")
+
+
+@dataclass
+class StudyConfig:
+    """A controlled study (python -m deita_ray.study): one model per selection method."""
+
+    arms: list[ArmConfig] = _f(factory=list, doc="The arms; every one uses select.budget.")
+    max_concurrent_arms: int = _f(
+        1,
+        ge=1,
+        doc=(
+            "Arms run at once (each as a Ray task driving its own select -> sft -> eval); more "
+            "than 1 only helps when the cluster has room for several trainings."
+        ),
+    )
+
+
 @dataclass
 class FailureBudgetConfig:
     """How many rejected rows a stage may produce before the job stops (docs/data.md).
@@ -532,6 +729,10 @@ class PipelineConfig:
     select: SelectConfig = _f(factory=SelectConfig, doc="Selection.")
     sft: SFTConfig = _f(factory=SFTConfig, doc="Supervised fine-tuning.")
     dpo: DPOConfig = _f(factory=DPOConfig, doc="Preference tuning.")
+    eval: EvalConfig = _f(factory=EvalConfig, doc="Evaluation of the trained model.")
+    study: StudyConfig = _f(
+        factory=StudyConfig, doc="Arms of a study (read only by python -m deita_ray.study)."
+    )
     export: ExportConfig = _f(factory=ExportConfig, doc="Export of the selection.")
     failure_budget: FailureBudgetConfig = _f(
         factory=FailureBudgetConfig, doc="When rejected rows stop the job."
@@ -651,6 +852,9 @@ def _validate_tree(obj: Any, prefix: str = "") -> None:
         key = _join(prefix, f.name)
         if dataclasses.is_dataclass(value):
             _validate_tree(value, key)
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _validate_tree(item, f"{key}[{i}]")
         else:
             _check_field(value, f, key)
 
@@ -696,6 +900,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
                 f"{name}.global_batch_size: {t.global_batch_size} must be a multiple of "
                 f"{name}.micro_batch_size x {name}.num_workers = {per_step}"
             )
+    if "eval" in cfg.stages:
+        _validate_eval(cfg.eval)
     if cfg.dpo.max_prompt_length >= cfg.dpo.max_length:
         raise ConfigError(
             f"dpo.max_prompt_length: {cfg.dpo.max_prompt_length} must be < dpo.max_length = "
@@ -710,6 +916,32 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
             f"sft.train_fraction = {trained} (SFT on the selection needs one full optimizer step)"
         )
     return cfg
+
+
+_SET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _validate_eval(ev: EvalConfig) -> None:
+    if not ev.sets:
+        raise ConfigError("eval.sets: required when the 'eval' stage runs (at least one set)")
+    seen: set[str] = set()
+    for i, s in enumerate(ev.sets):
+        key = f"eval.sets[{i}]"
+        if not s.name or not _SET_NAME.match(s.name) or s.name.startswith("."):
+            raise ConfigError(
+                f"{key}.name: {s.name!r} must be a non-empty name of letters, digits, _ - ."
+            )
+        if s.name in seen:
+            raise ConfigError(f"{key}.name: {s.name!r} is used by another set")
+        seen.add(s.name)
+        if not s.paths:
+            raise ConfigError(f"{key}.paths: required (the set's files)")
+        if s.format == "mt_bench" and not s.references:
+            raise ConfigError(f"{key}.references: required with format 'mt_bench'")
+    if len(set(ev.metrics)) != len(ev.metrics) or not ev.metrics:
+        raise ConfigError(f"eval.metrics: {ev.metrics!r} must be distinct and non-empty")
+    if any(m.startswith("judge_") for m in ev.metrics) and not ev.judge.prompts:
+        raise ConfigError("eval.judge.prompts: required for the judge_* metrics")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -810,6 +1042,11 @@ def describe(cls: type = PipelineConfig, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(tp):
             lines.append(f"{key}: {f.metadata.get('doc', '')}")
             lines.extend(describe(tp, key))
+            continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item is not None and dataclasses.is_dataclass(item):
+            lines.append(f"{key} (list of {item.__name__}): {f.metadata.get('doc', '')}")
+            lines.extend(describe(item, f"{key}[]"))
             continue
         default = getattr(defaults, f.name)
         choices = f.metadata.get("choices")
