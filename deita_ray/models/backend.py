@@ -29,7 +29,7 @@ import numpy as np
 
 from deita_ray.config import ModelConfig
 
-TASKS = ("score", "embed")
+TASKS = ("score", "embed", "generate")
 
 
 class BackendContractError(RuntimeError):
@@ -101,6 +101,11 @@ class Backend(ABC):
     def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[np.ndarray]:
         """Per sequence, ``log p(tok_j | tok_<j)`` for ``j`` in ``[start, len)``: the raw
         log-softmax of the model's logits in fp32 (no sampling processor applied)."""
+
+    def _generate(self, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:
+        """Greedy continuation text of each prompt (special tokens skipped), at most
+        ``max_tokens[i]`` tokens, stopping at the model's end of turn / EOS."""
+        raise NotImplementedError(f"the {self.name} backend cannot generate")
 
     def _fatal(self, exc: BaseException) -> bool:
         """Whether an exception means the engine itself is unusable (re-raised)."""
@@ -192,6 +197,45 @@ class Backend(ABC):
                 errors[live[k]] = err
         return values, errors
 
+    def generate(
+        self, prompts: Sequence[list[int]], max_tokens: int | Sequence[int]
+    ) -> tuple[list[str | None], list[str | None]]:
+        """Greedy generations (temperature 0) of every prompt, batched by the engine.
+
+        Needs a causal LM: a backend loaded for ``"generate"`` (or ``"score"``, the same
+        engine kind). A prompt the engine refuses fails alone (bisected like the other calls).
+
+        Args:
+            prompts: token ids (BOS included where the caller wants it).
+            max_tokens: new-token limit, one for all or one per prompt.
+
+        Returns:
+            ``(texts, errors)``: per prompt the generated text or None, and None or a message.
+        """
+        if self.task not in ("score", "generate"):
+            raise RuntimeError("this backend was loaded for embedding, not generation")
+        prompts = list(prompts)
+        budgets = (
+            [int(max_tokens)] * len(prompts)
+            if isinstance(max_tokens, int)
+            else [int(m) for m in max_tokens]
+        )
+        if len(budgets) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(budgets)} max_tokens")
+        texts: list[str | None] = [None] * len(prompts)
+
+        def accept(lo: int, hi: int, got: list[str]) -> None:
+            if len(got) != hi - lo or not all(isinstance(t, str) for t in got):
+                raise BackendContractError(
+                    f"{self.name} backend returned {len(got)} texts for {hi - lo} prompts"
+                )
+            texts[lo:hi] = got
+
+        errors = self._bisect(
+            lambda lo, hi: self._generate(prompts[lo:hi], budgets[lo:hi]), len(prompts), accept
+        )
+        return texts, errors
+
     def _isolate(
         self, fn: Callable[[list[list[int]]], np.ndarray], prompts: list[list[int]], width: int
     ) -> tuple[np.ndarray, list[str | None]]:
@@ -252,7 +296,7 @@ def load_backend(cfg: ModelConfig, path: str, task: str) -> Backend:
         cfg: the model config (backend, dtype, context length, engine options).
         path: the model folder, already resolved by
             :func:`deita_ray.models.registry.resolve_model_path`.
-        task: "score" or "embed".
+        task: "score", "embed" or "generate".
     """
     if cfg.backend == "vllm":
         from deita_ray.models.vllm_backend import VLLMBackend  # noqa: PLC0415

@@ -122,6 +122,41 @@ class HFBackend(Backend):
                 pos += n
         return out
 
+    def _generate(self, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:
+        torch = self.torch
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        out: list[str] = [""] * len(prompts)
+        # Left padding, similar lengths and equal budgets together; greedy is per row exact.
+        order = sorted(range(len(prompts)), key=lambda i: (max_tokens[i], len(prompts[i])))
+        bs = self.cfg.hf_batch_size
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                if not prompts[i]:
+                    raise ValueError("empty prompt")
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
+                mask[row, width - len(prompts[i]) :] = 1
+            with torch.inference_mode():
+                gen = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    max_new_tokens=max(max_tokens[i] for i in idx),
+                    do_sample=False,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=eos,
+                )
+            for row, i in enumerate(idx):
+                new = gen[row, width : width + max_tokens[i]].tolist()
+                stops = {eos} if isinstance(eos, int) else set(eos or [])
+                cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+                out[i] = self.tokenizer.decode(new[:cut], skip_special_tokens=True)
+        return out
+
     def close(self) -> None:
         for name in ("model", "body", "head"):
             if hasattr(self, name):

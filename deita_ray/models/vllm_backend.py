@@ -108,7 +108,7 @@ class VLLMBackend(Backend):
         if task == "score":
             # Log-probabilities after the allowed-token mask: exactly the softmax over the six.
             kwargs["logprobs_mode"] = "processed_logprobs"
-        else:
+        elif task == "embed":
             from vllm.config import PoolerConfig  # noqa: PLC0415
 
             kwargs.update(
@@ -157,6 +157,19 @@ class VLLMBackend(Backend):
         return [
             prompt_token_logprobs(o, s, b) for o, s, b in zip(outs, sequences, starts, strict=True)
         ]
+
+    def _generate(self, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:
+        from vllm import SamplingParams  # noqa: PLC0415
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415
+
+        params = [
+            SamplingParams(max_tokens=m, temperature=0.0, skip_special_tokens=True)
+            for m in max_tokens
+        ]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        return [o.outputs[0].text for o in outs]
 
     def _last_hidden(self, prompts: list[list[int]]) -> np.ndarray:
         from vllm.inputs import TokensPrompt  # noqa: PLC0415
