@@ -1,0 +1,169 @@
+"""The study job: arms over shared stages, a failing arm, the random spread, adding an arm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from deita_ray.config import ConfigError, load_config
+from deita_ray.study import arm_row_scores, expand_arms, verdict
+
+
+def _model(path: Path) -> dict:
+    return {
+        "path": str(path),
+        "backend": "hf",
+        "dtype": "float32",
+        "max_model_len": 512,
+        "hf_batch_size": 16,
+    }
+
+
+def _study(tiny: Path, pool: Path, evalset: Path, out: Path, arms: list[dict]) -> dict:
+    res = {"concurrency": 1, "num_cpus": 1, "batch_size": 32}
+    return {
+        "stages": ["ingest", "score", "embed", "select", "sft", "eval"],
+        "input": {"paths": [str(pool)]},
+        "output": {"dir": str(out)},
+        "score": {"complexity_model": _model(tiny), "quality_model": _model(tiny), "resources": res},
+        "embed": {"model": _model(tiny), "max_length": 128, "resources": res},
+        "select": {"budget": 8, "tau": 0.999, "block_size": 8},
+        "sft": {
+            "template": "vicuna_v1.1",
+            "epochs": 1,
+            "max_steps": 1,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "max_length": 384,
+            "precision": "fp32",
+            "zero_stage": 2,
+        },
+        "eval": {
+            "model": {**_model(tiny), "path": ""},
+            "template": "vicuna_v1.1",
+            "sets": [{"name": "held_out", "paths": [str(evalset)]}],
+            "resources": res,
+        },
+        "study": {"arms": arms},
+    }
+
+
+def test_config_errors_name_the_key(tmp_path):
+    base = {"stages": ["ingest", "eval"], "input": {"paths": ["x"]}}
+    with pytest.raises(ConfigError, match=r"study.arms\[0\] allows: method, name, taus, seeds"):
+        load_config(data={**base, "study": {"arms": [{"metod": "random"}]}})
+    with pytest.raises(ConfigError, match="study.arms.0..method: 'best' is not allowed"):
+        load_config(data={**base, "study": {"arms": [{"method": "best"}]}})
+    sets = {"sets": [{"name": "a", "paths": ["x"]}]}
+    cfg = load_config(
+        data={**base, "eval": sets, "study": {"arms": [{"method": "random"}, {"method": "random"}]}}
+    )
+    with pytest.raises(ConfigError, match="two arms are named 'random_s0'"):
+        expand_arms(cfg)
+    trained = {**base, "stages": ["ingest", "select", "sft", "eval"], "eval": sets}
+    cfg = load_config(data={**trained, "study": {"arms": [{"method": "kcenter"}]}})
+    with pytest.raises(ConfigError, match="needs the stages embed"):
+        expand_arms(cfg)
+    cfg = load_config(
+        data={
+            **base,
+            "stages": ["ingest", "score", "embed", "select", "sft", "eval"],
+            "select": {"budget": 200},
+            "eval": sets,
+            "study": {"arms": [{"method": "deita", "taus": [0.9, 0.95]}, {"method": "base"}]},
+        }
+    )
+    assert [a.name for a in expand_arms(cfg)] == ["deita_tau0.9", "deita_tau0.95", "base"]
+
+
+def test_row_score_rule_and_verdict():
+    t = pa.table(
+        {
+            "complexity_scores": pa.array([[1.0, 2.0], [3.0], None], pa.list_(pa.float64())),
+            "quality_scores": pa.array([[4.0, 1.0], [2.0], None], pa.list_(pa.float64())),
+        }
+    )
+    assert arm_row_scores("complexity", t).to_pylist() == [3.0, 3.0, None]
+    assert arm_row_scores("quality", t).to_pylist() == [5.0, 2.0, None]
+    assert arm_row_scores("diversity", t).to_pylist() == [0.0, 0.0, 0.0]
+    assert verdict([1.0, 1.2], [1.3, 1.4], lower_better=True) == "better"
+    assert verdict([1.0, 1.35], [1.3, 1.4], lower_better=True) == "within"
+    assert verdict([1.5, 1.6], [1.3, 1.4], lower_better=True) == "worse"
+    assert verdict([0.5, 0.6], [0.3, 0.4], lower_better=False) == "better"
+
+
+@pytest.mark.slow
+def test_small_study_end_to_end(ray_local, tiny_llama, shared_data, tmp_path):
+    """Three trained arms, the base model, and an arm whose training fails (its selection has
+    no assistant token left within sft.max_length): the others complete; then one more arm
+    is added and only it runs."""
+    from deita_ray.study import run_study
+
+    records = json.loads((shared_data / "alpaca/alpaca_data.json").read_text())
+    pool = records[:36] + [
+        {"instruction": "Summarise this text: " + "word " * 400, "input": "", "output": "Ok."}
+        for _ in range(8)
+    ]
+    pool_file = tmp_path / "pool.json"
+    pool_file.write_text(json.dumps(pool))
+    eval_file = tmp_path / "held_out.json"
+    eval_file.write_text(json.dumps(records[100:106]))
+    out = tmp_path / "study"
+    arms = [
+        {"method": "random", "seeds": [0, 1]},
+        {"method": "base"},
+        {"method": "instruction_length", "name": "too_long"},
+    ]
+    cfg = load_config(data=_study(tiny_llama, pool_file, eval_file, out, arms))
+    study = run_study(cfg)
+    a = study["arms"]
+    assert a["too_long"]["status"] == "failed"
+    assert "no trainable rows" in a["too_long"]["error"]
+    for name in ("random_s0", "random_s1", "base"):
+        assert a[name]["status"] == "done", a[name]
+        lk = a[name]["eval"]["held_out"]["likelihood"]
+        assert lk["rows"] == 6 and lk["ci95"][0] <= lk["value"] <= lk["ci95"][1]
+    assert a["base"]["training"] is None and a["base"]["selection"] is None
+    assert a["random_s0"]["training"]["steps"] == 1
+    s0, s1 = a["random_s0"]["selection"], a["random_s1"]["selection"]
+    assert s0["selected"] == 8 and s0["overlap"]["random_s1"] == s1["overlap"]["random_s0"]
+    assert s0["mean_response_chars"] > 0 and s0["mean_evol_score"] is not None
+    cmp = study["comparisons"]["held_out"]["likelihood"]
+    values = [a[n]["eval"]["held_out"]["likelihood"]["value"] for n in ("random_s0", "random_s1")]
+    assert cmp["random_spread"] == [min(values), max(values)]
+    assert cmp["verdicts"]["base"] in ("better", "worse", "within")
+    assert study["seconds"]["shared_stages"]["score"] > 0
+    table = (out / "study.md").read_text()
+    assert "vs random" in table and "| random_s0 |" in table and "too_long" in table
+    assert (out / "plots/study_metrics.png").stat().st_size > 0
+    assert (out / "plots/study_selection.png").stat().st_size > 0
+    assert (out / "arms/random_s0/score").is_symlink()
+
+    # Add an arm: only it runs; the finished arms keep their manifests.
+    def finished(name: str) -> dict:
+        m = json.loads((out / "arms" / name / "manifest.json").read_text())
+        return {s: e.get("finished_at") for s, e in m["stages"].items()}
+
+    before = {n: finished(n) for n in ("random_s0", "random_s1", "base")}
+    cfg2 = load_config(
+        data=_study(tiny_llama, pool_file, eval_file, out, [*arms, {"method": "complexity"}])
+    )
+    study2 = run_study(cfg2)
+    assert {n: finished(n) for n in before} == before
+    comp = study2["arms"]["complexity"]
+    assert comp["status"] == "done"
+    derived = out / "arms/complexity/score"
+    assert derived.is_dir() and not derived.is_symlink()
+    # The complexity arm took the rows with the largest summed complexity.
+    import pyarrow.parquet as pq
+
+    scores = pq.read_table(out / "score").to_pydict()
+    sums = {i: sum(c or []) for i, c in zip(scores["id"], scores["complexity_scores"], strict=True)}
+    picked = pq.read_table(out / "arms/complexity/select")["id"].to_pylist()
+    top = sorted(sums.values(), reverse=True)[:8]
+    assert sorted((sums[i] for i in picked), reverse=True) == pytest.approx(top)
+    assert np.isfinite(comp["eval"]["held_out"]["likelihood"]["value"])
