@@ -321,6 +321,16 @@ def run_study(cfg: PipelineConfig) -> dict:
             except Exception as e:  # noqa: BLE001 - one arm's failure must not end the study
                 results[arm.name] = {"status": "failed", "error": _error_text(e)}
                 log.error("arm %s: failed: %s", arm.name, results[arm.name]["error"])
+            # The summary so far, after every arm: a long study shows its table as it goes.
+            partial = {
+                "shared_s": shared_seconds,
+                "arms_s": round(time.perf_counter() - t_arms, 3),
+                "total_s": round(time.perf_counter() - t0, 3),
+            }
+            write_outputs(
+                out_dir,
+                summarize(cfg, out_dir, arms, results, shared_report.get("stages", {}), partial),
+            )
     timing = {
         "shared_s": shared_seconds,
         "arms_s": round(time.perf_counter() - t_arms, 3),
@@ -561,7 +571,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def _cell(text: str) -> str:
     """Escape a table cell (Markdown pipes, HTML)."""
-    return html.escape(str(text)).replace("|", "\\|")
+    return html.escape(str(text), quote=False).replace("|", "\\|")
 
 
 def render_markdown(study: dict) -> str:

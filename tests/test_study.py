@@ -29,7 +29,11 @@ def _study(tiny: Path, pool: Path, evalset: Path, out: Path, arms: list[dict]) -
         "stages": ["ingest", "score", "embed", "select", "sft", "eval"],
         "input": {"paths": [str(pool)]},
         "output": {"dir": str(out)},
-        "score": {"complexity_model": _model(tiny), "quality_model": _model(tiny), "resources": res},
+        "score": {
+            "complexity_model": _model(tiny),
+            "quality_model": _model(tiny),
+            "resources": res,
+        },
         "embed": {"model": _model(tiny), "max_length": 128, "resources": res},
         "select": {"budget": 8, "tau": 0.999, "block_size": 8},
         "sft": {
@@ -97,10 +101,11 @@ def test_row_score_rule_and_verdict():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five arms and a re-run, each starting Ray Train on 2 cores
 def test_small_study_end_to_end(ray_local, tiny_llama, shared_data, tmp_path):
     """Three trained arms, the base model, and an arm whose training fails (its selection has
     no assistant token left within sft.max_length): the others complete; then one more arm
-    is added and only it runs."""
+    (quality-only, on a derived score folder) is added and only it runs."""
     from deita_ray.study import run_study
 
     records = json.loads((shared_data / "alpaca/alpaca_data.json").read_text())
@@ -150,20 +155,21 @@ def test_small_study_end_to_end(ray_local, tiny_llama, shared_data, tmp_path):
 
     before = {n: finished(n) for n in ("random_s0", "random_s1", "base")}
     cfg2 = load_config(
-        data=_study(tiny_llama, pool_file, eval_file, out, [*arms, {"method": "complexity"}])
+        data=_study(tiny_llama, pool_file, eval_file, out, [*arms, {"method": "quality"}])
     )
     study2 = run_study(cfg2)
     assert {n: finished(n) for n in before} == before
-    comp = study2["arms"]["complexity"]
-    assert comp["status"] == "done"
-    derived = out / "arms/complexity/score"
+    comp = study2["arms"]["quality"]
+    assert comp["status"] == "done", comp
+    derived = out / "arms/quality/score"
     assert derived.is_dir() and not derived.is_symlink()
-    # The complexity arm took the rows with the largest summed complexity.
+    # The quality arm took the rows with the largest summed quality (the random tiny scorer
+    # rates the long rows low on quality, so this arm trains; it ranks them high on complexity).
     import pyarrow.parquet as pq
 
     scores = pq.read_table(out / "score").to_pydict()
-    sums = {i: sum(c or []) for i, c in zip(scores["id"], scores["complexity_scores"], strict=True)}
-    picked = pq.read_table(out / "arms/complexity/select")["id"].to_pylist()
+    sums = {i: sum(q or []) for i, q in zip(scores["id"], scores["quality_scores"], strict=True)}
+    picked = pq.read_table(out / "arms/quality/select")["id"].to_pylist()
     top = sorted(sums.values(), reverse=True)[:8]
     assert sorted((sums[i] for i in picked), reverse=True) == pytest.approx(top)
     assert np.isfinite(comp["eval"]["held_out"]["likelihood"]["value"])

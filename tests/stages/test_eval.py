@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from deita_ray.config import load_config
-from deita_ray.data.formats import CANONICAL_SCHEMA
 from deita_ray.evaluation import (
     bootstrap_means,
     likelihood_texts,
@@ -208,7 +207,9 @@ def test_likelihood_stage_hf(ray_local, chat_model, canonical_table, tmp_path):
     out = tmp_path / "out"
     _pool(out, canonical_table)
     cfg = load_config(
-        data=_job(out, [{"name": "tiny", "paths": [str(_eval_file(tmp_path))]}], _model(chat_model, "hf"))
+        data=_job(
+            out, [{"name": "tiny", "paths": [str(_eval_file(tmp_path))]}], _model(chat_model, "hf")
+        )
     )
     res = run_eval(cfg, str(out))
     c = res.counts
@@ -298,14 +299,14 @@ def test_vllm_and_hf_likelihoods_agree(ray_local, chat_model, tmp_path, shared_d
     results = {}
     for backend in ("hf", "vllm"):
         out = tmp_path / backend
-        model = dict(_model(path, backend), max_model_len=2048)
-        sets = [{"name": "ae", "paths": [str(alpaca)], "limit": 12}]
+        model = dict(_model(path, backend), max_model_len=2048, kv_cache_memory_bytes=256 << 20)
+        sets = [{"name": "ae", "paths": [str(alpaca)], "limit": 8}]
         cfg = load_config(data=_job(out, sets, model))
         run_eval(cfg, str(out))
         results[backend] = _read(out / "eval/ae/likelihood")
     hf, vl = results["hf"], results["vllm"]
     # The same rows are too long for both (the tiny tokenizer spends many tokens per word).
-    assert hf["id"].to_pylist() == vl["id"].to_pylist() and hf.num_rows >= 6
+    assert hf["id"].to_pylist() == vl["id"].to_pylist() and hf.num_rows >= 5
     assert hf["answer_tokens"].to_pylist() == vl["answer_tokens"].to_pylist()
     a = np.array(hf["nll_mean"].to_pylist())
     b = np.array(vl["nll_mean"].to_pylist())
