@@ -53,6 +53,7 @@ from deita_ray.evaluation import (
     reference_turns,
     user_keys,
 )
+from deita_ray.preflight import ModelToLoad
 from deita_ray.stages.base import Stage
 
 NAME = "eval"
@@ -810,6 +811,28 @@ def run_eval(cfg: PipelineConfig, out_dir: str) -> StageResult:
     return StageResult(counts=counts, metrics=metrics)
 
 
+def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
+    """The evaluated model unless this job trains it first (:func:`eval_model`), and the judge."""
+    out: list[ModelToLoad] = []
+    ev = cfg.eval
+    if ev.model.path:
+        out.append(ModelToLoad("eval.model.path", ev.model.path, ev.model.trust_remote_code))
+    elif not {"sft", "dpo"} & set(cfg.stages):
+        out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
+        sft_final = os.path.join(out_dir, "sft", "final")
+        if os.path.isdir(sft_final):
+            key = "eval.model.path (empty: <output.dir>/sft/final)"
+            out.append(ModelToLoad(key, sft_final, ev.model.trust_remote_code))
+        else:
+            key = "eval.model.path (empty: the base model, sft.model or embed.model.path)"
+            base = cfg.sft.model or cfg.embed.model.path
+            out.append(ModelToLoad(key, base, ev.model.trust_remote_code))
+    if any(m.startswith("judge_") for m in ev.metrics):
+        jm = ev.judge.model
+        out.append(ModelToLoad("eval.judge.model.path", jm.path, jm.trust_remote_code))
+    return out
+
+
 STAGE = Stage(
     name=NAME,
     run=run_eval,
@@ -819,5 +842,6 @@ STAGE = Stage(
     reads=("dpo", "sft", "ingest"),
     output_columns=("id", "seq", "prompt_tokens", "answer_tokens", "nll_sum", "nll_mean"),
     resumes_by_shard=True,
+    models=_models,
     doc="the trained model on held-out sets: reference-answer likelihood, local-judge metrics",
 )
