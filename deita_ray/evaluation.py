@@ -207,9 +207,14 @@ def likelihood_tokens(p: str, f: str, tokenizer: Any) -> tuple[list[int], int]:
     return enc.input_ids, start
 
 
-def generation_prompt(messages: list[dict], template: str, tokenizer: Any) -> str:
-    """The text a model continues to answer the conversation's last user turn (``p``)."""
-    return likelihood_texts(messages, template, tokenizer)[0]
+def generation_prompt(prompt: list[dict], template: str, tokenizer: Any) -> str:
+    """``p``: what a model continues to answer the last user turn of ``prompt`` (greedy
+    generation renders its prompts exactly as the likelihood does).
+
+    Raises:
+        RenderError: as :func:`likelihood_texts`.
+    """
+    return likelihood_texts([*prompt, {"role": "assistant", "content": ""}], template, tokenizer)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir
 from deita_ray.evaluation import (
     EvalRow,
     bootstrap_means,
+    generation_prompt,
     likelihood_summary,
     likelihood_texts,
     likelihood_tokens,
@@ -388,9 +389,7 @@ def generate_texts(
                     msgs, tokenize=False, add_generation_prompt=True
                 )
             else:
-                p = likelihood_texts(
-                    [*msgs, {"role": "assistant", "content": "x"}], template, backend.tokenizer
-                )[0]
+                p = generation_prompt(msgs, template, backend.tokenizer)
         except RenderError as e:
             reasons[i], details[i] = e.reason, str(e)
             continue
