@@ -125,9 +125,16 @@ def _read_records(paths: list[str], file_format: str) -> list[dict]:
 
 
 def _reject(
-    rid: str, seq: int, reason: str, detail: str, raw: str, source: str | None
+    rid: str,
+    seq: int,
+    reason: str,
+    detail: str,
+    raw: str,
+    source: str | None,
+    read: dict | None = None,
 ) -> dict[str, Any]:
-    return {
+    """A rejects row; ``read`` (the reader's row) adds where in its file the record lies."""
+    out = {
         "id": rid,
         "seq": seq,
         "stage": NAME,
@@ -136,6 +143,10 @@ def _reject(
         "raw": raw,
         "source": source,
     }
+    for key in ("range_start", "range_end", "range_unit"):
+        if read is not None and key in read:
+            out[key] = read[key]
+    return out
 
 
 def read_eval_set(s: EvalSetConfig) -> tuple[list[EvalRow], list[dict]]:
@@ -161,17 +172,21 @@ def read_eval_set(s: EvalSetConfig) -> tuple[list[EvalRow], list[dict]]:
             rid = f"{ref_prefixes.get(r['source']) or 'reference'}:{r['index']}"
             seq = -1 - r["seq"]  # reference records: negative, apart from the questions' seq
             if r["error"] is not None:
-                rejects.append(_reject(rid, seq, r["error"], r["detail"], r["record"], r["source"]))
+                rejects.append(
+                    _reject(rid, seq, r["error"], r["detail"], r["record"], r["source"], r)
+                )
                 continue
             try:
                 obj = json.loads(r["record"])
             except ValueError as e:
-                rejects.append(_reject(rid, seq, "invalid_json", str(e), r["record"], r["source"]))
+                rejects.append(
+                    _reject(rid, seq, "invalid_json", str(e), r["record"], r["source"], r)
+                )
                 continue
             got_refs, bad = reference_turns([(obj, r["record"])])
             if bad:
                 _, reason, detail = bad[0]
-                rejects.append(_reject(rid, seq, reason, detail, r["record"], r["source"]))
+                rejects.append(_reject(rid, seq, reason, detail, r["record"], r["source"], r))
             for qid, turns in got_refs.items():
                 references.setdefault(qid, turns)
     rows: list[EvalRow] = []
@@ -179,14 +194,14 @@ def read_eval_set(s: EvalSetConfig) -> tuple[list[EvalRow], list[dict]]:
         fallback = f"{prefixes.get(r['source']) or 'row'}:{r['index']}"
         if r["error"] is not None:
             rejects.append(
-                _reject(fallback, r["seq"], r["error"], r["detail"], r["record"], r["source"])
+                _reject(fallback, r["seq"], r["error"], r["detail"], r["record"], r["source"], r)
             )
             continue
         try:
             obj = json.loads(r["record"])
         except ValueError as e:
             rejects.append(
-                _reject(fallback, r["seq"], "invalid_json", str(e), r["record"], r["source"])
+                _reject(fallback, r["seq"], "invalid_json", str(e), r["record"], r["source"], r)
             )
             continue
         if s.format == "mt_bench":
@@ -195,7 +210,7 @@ def read_eval_set(s: EvalSetConfig) -> tuple[list[EvalRow], list[dict]]:
             got = eval_row(obj, s.format, fallback, r["seq"], r["source"])
         if isinstance(got, Reject):
             rejects.append(
-                _reject(fallback, r["seq"], got.reason, got.detail, r["record"], r["source"])
+                _reject(fallback, r["seq"], got.reason, got.detail, r["record"], r["source"], r)
             )
             continue
         rows.extend(got if isinstance(got, list) else [got])

@@ -224,6 +224,8 @@ def test_likelihood_stage_hf(ray_local, chat_model, canonical_table, tmp_path):
     dirty = next(r for r in rejects if r["reason"] == "contaminated")
     assert "HEALTHY" in dirty["raw"]
     assert all(r["raw"] for r in rejects)
+    bad = next(r for r in rejects if r["reason"] == "not_an_object")
+    assert bad["range_unit"] and bad["range_start"] < bad["range_end"]  # where in its file
 
     got = _read(out / "eval/tiny/likelihood")
     assert got.num_rows == 3
