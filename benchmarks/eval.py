@@ -35,12 +35,12 @@ import time  # noqa: E402
 from benchmarks._common import (  # noqa: E402  (sets the env defaults before torch/vLLM load)
     KV_BYTES,
     MAX_LEN,
-    REPO,
     alpaca_table,
     base_parser,
-    emit,
+    finish,
     fresh_vllm_import_s,
     model_cfg,
+    require,
     resolve_model,
     shared_data,
     time_stage,
@@ -137,7 +137,6 @@ def main() -> int:
     ap.set_defaults(rows=200)
     args = ap.parse_args()
     rows = 24 if args.quick else args.rows
-    out = args.out or str(REPO / "benchmarks" / "results" / "eval.json")
 
     path = resolve_model(args.model)
     data = shared_data(args.data)
@@ -153,12 +152,11 @@ def main() -> int:
     hf_s, hf = bench_hf_loop(path, seqs, starts)
 
     diffs = {
-        "ours_vs_bare": max(abs(a - b) for a, b in zip(ours, bare, strict=True)),
-        "ours_vs_hf_loop": max(abs(a - b) for a, b in zip(ours, hf, strict=True)),
+        "ours_and_bare": max(abs(a - b) for a, b in zip(ours, bare, strict=True)),
+        "ours_and_hf_loop": max(abs(a - b) for a, b in zip(ours, hf, strict=True)),
     }
     tokens = sum(len(s) for s in seqs)
     report = {
-        "benchmark": "eval",
         "model": args.model,
         "dtype": "float32",
         "rows": rows,
@@ -175,10 +173,8 @@ def main() -> int:
             "hf_loop": round(hf_s, 2),
         },
     }
-    if max(diffs.values()) > TOLERANCE:
-        report["error"] = f"values differ by more than {TOLERANCE}: no ratio is reported"
-        print(json.dumps(report, indent=2))
-        return 1
+    # Equal values first: a failed check prints no ratio, writes no result, exits 1.
+    require("eval", {f"{k} <= {TOLERANCE}": v <= TOLERANCE for k, v in diffs.items()}, report)
     report["tokens_per_s"] = {
         "ours_stage": round(tokens / ours_s, 1),
         "bare_generate": round(tokens / bare_gen, 1),
@@ -189,8 +185,8 @@ def main() -> int:
         "ours_vs_bare_generate_only": round(bare_gen / ours_s, 3),
         "ours_vs_hf_loop (goal >= 1.5)": round(hf_s / ours_s, 3),
     }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    emit(report, out)
+    report["quick"] = bool(args.quick)
+    finish("eval", report, args.out)
     return 0
 
 
