@@ -1,8 +1,9 @@
 """The narrow interface between the stages and the inference engines (vLLM, transformers).
 
-A backend is built for one task: ``"score"`` (next-token logits of the six digit tokens at the
-end of each prompt, one prefill per prompt, never decoding) or ``"embed"`` (final hidden state,
-after the final norm, at each prompt's last token). Both take *token ids*, tokenised once by
+A backend is built for one task: ``"score"`` (a causal LM read by prefill only, never
+decoding: the next-token logits of the six digit tokens at the end of each prompt, and the
+per-token log-probabilities of given token sequences) or ``"embed"`` (final hidden state, after
+the final norm, at each prompt's last token). Every call takes *token ids*, tokenised once by
 the caller with the backend's tokenizer, so that truncation is exact and both engines see the
 same tokens.
 
@@ -14,6 +15,8 @@ dead engine) raise, because no row could be scored correctly.
 Example:
     >>> backend = load_backend(model_cfg, "/path/to/model", "score")  # doctest: +SKIP
     >>> logits, errors = backend.digit_logits([[1, 42, 7]], digit_ids)  # doctest: +SKIP
+    >>> logprobs, errors = backend.token_logprobs([[1, 42, 7]], [1])  # doctest: +SKIP
+    >>> logprobs[0]  # log p(42 | 1), log p(7 | 1 42)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -86,6 +89,11 @@ class Backend(ABC):
     def _last_hidden(self, prompts: list[list[int]]) -> np.ndarray:
         """``(n, hidden_size)`` float32 final hidden states at each prompt's last token."""
 
+    @abstractmethod
+    def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[np.ndarray]:
+        """Per sequence, ``log p(tok_j | tok_<j)`` for ``j`` in ``[start, len)``: the raw
+        log-softmax of the model's logits in fp32 (no sampling processor applied)."""
+
     def _fatal(self, exc: BaseException) -> bool:
         """Whether an exception means the engine itself is unusable (re-raised)."""
         return isinstance(exc, (BackendContractError, MemoryError))
@@ -112,17 +120,102 @@ class Backend(ABC):
             raise RuntimeError("this backend was loaded for scoring, not embedding")
         return self._isolate(self._last_hidden, list(prompts), self.hidden_size)
 
+    def token_logprobs(
+        self, sequences: Sequence[list[int]], starts: Sequence[int]
+    ) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Log-probabilities of the tokens of each sequence given everything before them.
+
+        One prefill per sequence (batched by the engine), never decoding. The values are the
+        raw log-softmax of the model's logits computed in fp32 — no temperature, no allowed-token
+        mask, whatever the engine's ``logprobs_mode`` (vLLM applies no sampling processor to
+        prompt tokens) — so that both backends compute the same number.
+
+        Args:
+            sequences: token ids (BOS included where the caller wants it).
+            starts: per sequence, the first position ``j >= 1`` to return (position 0 has no
+                context); ``start == len`` gives an empty array.
+
+        Returns:
+            ``(values, errors)``: per sequence a float64 array of ``log p(tok_j | tok_<j)`` for
+            ``j`` in ``[start, len)`` or None, and None or an error message. A sequence longer
+            than :attr:`max_prompt_tokens`, a bad ``start`` or an engine error on one sequence
+            fails that sequence only.
+        """
+        if self.task != "score":
+            raise RuntimeError("this backend was loaded for embedding, not scoring")
+        if len(sequences) != len(starts):
+            raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
+        values: list[np.ndarray | None] = [None] * len(sequences)
+        errors: list[str | None] = [None] * len(sequences)
+        live: list[int] = []
+        for i, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+            if not 1 <= int(start) <= len(seq):
+                errors[i] = f"ValueError: start {start} outside [1, {len(seq)}]"
+            elif len(seq) > self.max_prompt_tokens:
+                errors[i] = (
+                    f"ValueError: sequence has {len(seq)} tokens > {self.max_prompt_tokens} "
+                    f"(max_model_len {self.cfg.max_model_len} - 1)"
+                )
+            else:
+                live.append(i)
+        seqs = [list(sequences[i]) for i in live]
+        begin = [int(starts[i]) for i in live]
+
+        def accept(lo: int, hi: int, got: list[np.ndarray]) -> None:
+            if len(got) != hi - lo:
+                raise BackendContractError(
+                    f"{self.name} backend returned {len(got)} results for {hi - lo} sequences"
+                )
+            for k, arr in zip(range(lo, hi), got, strict=True):
+                arr = np.asarray(arr, dtype=np.float64)
+                want = len(seqs[k]) - begin[k]
+                if arr.shape != (want,):
+                    raise BackendContractError(
+                        f"{self.name} backend returned {arr.shape} log-probabilities, expected "
+                        f"({want},)"
+                    )
+                values[live[k]] = arr
+
+        errs = self._bisect(
+            lambda lo, hi: self._token_logprobs(seqs[lo:hi], begin[lo:hi]), len(seqs), accept
+        )
+        for k, err in enumerate(errs):
+            if err is not None:
+                errors[live[k]] = err
+        return values, errors
+
     def _isolate(
         self, fn: Callable[[list[list[int]]], np.ndarray], prompts: list[list[int]], width: int
     ) -> tuple[np.ndarray, list[str | None]]:
         out = np.full((len(prompts), width), np.nan, dtype=np.float64)
-        errors: list[str | None] = [None] * len(prompts)
-        if not prompts:
-            return out, errors
+
+        def accept(lo: int, hi: int, got: Any) -> None:
+            vals = np.asarray(got, dtype=np.float64)
+            if vals.shape != (hi - lo, width):
+                raise BackendContractError(
+                    f"{self.name} backend returned shape {vals.shape}, expected {(hi - lo, width)}"
+                )
+            out[lo:hi] = vals
+
+        errors = self._bisect(lambda lo, hi: fn(prompts[lo:hi]), len(prompts), accept)
+        return out, errors
+
+    def _bisect(
+        self,
+        call: Callable[[int, int], Any],
+        n: int,
+        accept: Callable[[int, int, Any], None],
+    ) -> list[str | None]:
+        """Run ``call(0, n)``; on a non-fatal error bisect until each failing item is alone.
+
+        ``accept(lo, hi, result)`` stores a successful result (and raises
+        :class:`BackendContractError` on a malformed one). Returns per-item error messages.
+        """
+        errors: list[str | None] = [None] * n
 
         def run(lo: int, hi: int) -> None:
             try:
-                vals = np.asarray(fn(prompts[lo:hi]), dtype=np.float64)
+                got = call(lo, hi)
             except Exception as e:
                 if self._fatal(e):
                     raise
@@ -133,14 +226,11 @@ class Backend(ABC):
                 run(lo, mid)
                 run(mid, hi)
                 return
-            if vals.shape != (hi - lo, width):
-                raise BackendContractError(
-                    f"{self.name} backend returned shape {vals.shape}, expected {(hi - lo, width)}"
-                )
-            out[lo:hi] = vals
+            accept(lo, hi, got)
 
-        run(0, len(prompts))
-        return out, errors
+        if n:
+            run(0, n)
+        return errors
 
     def close(self) -> None:
         """Release the engine (best effort; subclasses free their engine)."""

@@ -1,8 +1,10 @@
 """transformers backend: batched forward with right padding; logits (scoring) or the final
-hidden state after the final norm (embedding) taken at each prompt's last real token.
+hidden state after the final norm (embedding) taken at each prompt's last real token, and
+per-token log-probabilities of the positions a caller asks for.
 
 Only the selected positions go through the LM head, so scoring a long prompt costs one
-prefill and a ``6 x hidden`` product, never the full-vocabulary logits of every position.
+prefill and a ``6 x hidden`` product, never the full-vocabulary logits of every position;
+token log-probabilities pass only the requested positions through the head, in chunks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ class HFBackend(Backend):
     """A transformers causal LM for one task (see :class:`deita_ray.models.backend.Backend`)."""
 
     name = "hf"
+    LOGPROB_CHUNK = 1024
+    """Positions per LM-head call in :meth:`_token_logprobs` (bounds the fp32 logits memory)."""
 
     def __init__(self, cfg: ModelConfig, path: str, task: str):
         super().__init__(cfg, path, task)
@@ -35,8 +39,8 @@ class HFBackend(Backend):
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)  # masked out, any id works
 
-    def _batches(self, prompts: list[list[int]]):
-        """Yield (indices, last hidden state at each prompt's last token) per forward batch."""
+    def _hidden_batches(self, prompts: list[list[int]]):
+        """Yield (indices, lengths, final hidden states ``(b, width, hidden)``) per forward batch."""
         torch = self.torch
         for p in prompts:
             if not p:
@@ -61,6 +65,13 @@ class HFBackend(Backend):
                 hidden = self.body(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
                 ).last_hidden_state
+            yield idx, lens, hidden
+
+    def _batches(self, prompts: list[list[int]]):
+        """Yield (indices, last hidden state at each prompt's last token) per forward batch."""
+        torch = self.torch
+        for idx, lens, hidden in self._hidden_batches(prompts):
+            with torch.inference_mode():
                 last = hidden[
                     torch.arange(len(idx), device=hidden.device),
                     torch.tensor(lens, device=hidden.device) - 1,
@@ -81,6 +92,34 @@ class HFBackend(Backend):
         out = np.empty((len(prompts), self.hidden_size), dtype=np.float32)
         for idx, last in self._batches(prompts):
             out[idx] = last.float().cpu().numpy()
+        return out
+
+    def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[np.ndarray]:
+        torch = self.torch
+        out: list[np.ndarray] = [np.empty(0)] * len(sequences)
+        for idx, lens, hidden in self._hidden_batches(sequences):
+            # The hidden state at position j-1 predicts token j: only those rows go through the
+            # LM head, in chunks, so a long batch never holds (b, width, vocab) logits at once.
+            rows, targets, owners = [], [], []
+            for row, i in enumerate(idx):
+                s = starts[i]
+                rows.append(hidden[row, s - 1 : lens[row] - 1])
+                targets.extend(sequences[i][s:])
+                owners.append((i, lens[row] - s))
+            picked = torch.cat(rows) if rows else hidden.new_zeros((0, hidden.shape[-1]))
+            tgt = torch.tensor(targets, dtype=torch.long, device=picked.device)
+            vals = torch.empty(len(targets), dtype=torch.float32)
+            with torch.inference_mode():
+                for c in range(0, len(targets), self.LOGPROB_CHUNK):
+                    logits = self.head(picked[c : c + self.LOGPROB_CHUNK])
+                    lp = torch.log_softmax(logits.float(), dim=-1)  # fp32 whatever the dtype
+                    sel = lp.gather(1, tgt[c : c + self.LOGPROB_CHUNK, None])[:, 0]
+                    vals[c : c + len(sel)] = sel.cpu()
+            flat = vals.numpy().astype(np.float64)
+            pos = 0
+            for i, n in owners:
+                out[i] = flat[pos : pos + n]
+                pos += n
         return out
 
     def close(self) -> None:

@@ -1,9 +1,20 @@
 """vLLM backend: scoring by one prefill per prompt (``max_tokens=1`` restricted to the six
-digit tokens, their processed log-probabilities read back), embedding with the pooling runner
-(LAST pooling, no activation / normalisation). vLLM is imported only when a backend is built.
+digit tokens, their processed log-probabilities read back), token log-probabilities from the
+same engine's prompt log-probabilities (``prompt_logprobs=0``: the log-probability of each
+actual prompt token), embedding with the pooling runner (LAST pooling, no activation /
+normalisation). vLLM is imported only when a backend is built.
+
+Prompt log-probabilities and ``logprobs_mode``: the engine's mode (``processed_logprobs`` for
+scoring) only changes what the *sampled* token's log-probabilities are; prompt tokens go
+through no sampling processor (no allowed-token mask, no temperature), so for a ``*_logprobs``
+mode vLLM returns ``log_softmax(logits, dtype=float32)`` of the raw logits — the value the
+``hf`` backend computes (tests compare the two). A ``*_logits`` mode would return raw logits
+instead; this backend never builds such an engine.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +44,42 @@ def digit_logprobs(outputs: list, digit_ids: list[int]) -> np.ndarray:
             )
         rows[i] = [lps[0][t].logprob for t in digit_ids]
     return rows
+
+
+def prompt_token_logprobs(output: Any, sequence: list[int], start: int) -> np.ndarray:
+    """``log p(tok_j | tok_<j)`` for ``j`` in ``[start, len)`` from one vLLM ``RequestOutput``
+    made with ``prompt_logprobs=0``.
+
+    Raises:
+        BackendContractError: the output has no prompt log-probabilities for every position, or
+            a position's entry is not the prompt's own token.
+    """
+    plp = output.prompt_logprobs
+    if plp is None or len(plp) != len(sequence):
+        got = None if plp is None else len(plp)
+        raise BackendContractError(
+            f"vLLM returned prompt log-probabilities for {got} positions of a "
+            f"{len(sequence)}-token prompt (prompt_logprobs=0 must cover every position)"
+        )
+    out = np.empty(len(sequence) - start, dtype=np.float64)
+    if hasattr(plp, "start_indices"):  # vllm.logprobs.FlatLogprobs (flat_logprobs=True)
+        # prompt_logprobs=0: one entry per position, the prompt token itself (no top-k).
+        for k, j in enumerate(range(start, len(sequence))):
+            a = plp.start_indices[j]
+            if plp.end_indices[j] <= a or plp.token_ids[a] != sequence[j]:
+                raise BackendContractError(
+                    f"vLLM prompt log-probability at position {j} is not for token {sequence[j]}"
+                )
+            out[k] = plp.logprobs[a]
+        return out
+    for k, j in enumerate(range(start, len(sequence))):
+        entry = plp[j] or {}
+        if sequence[j] not in entry:
+            raise BackendContractError(
+                f"vLLM prompt log-probability at position {j} is not for token {sequence[j]}"
+            )
+        out[k] = entry[sequence[j]].logprob
+    return out
 
 
 class VLLMBackend(Backend):
@@ -72,6 +119,7 @@ class VLLMBackend(Backend):
         self.llm = LLM(**kwargs)
         self.hidden_size = int(self.llm.llm_engine.model_config.get_hidden_size())
         self._sampling = None
+        self._prompt_lp = None
 
     def _digit_logits(self, prompts: list[list[int]], digit_ids: list[int]) -> np.ndarray:
         from vllm import SamplingParams  # noqa: PLC0415
@@ -90,6 +138,25 @@ class VLLMBackend(Backend):
             [TokensPrompt(prompt_token_ids=p) for p in prompts], self._sampling, use_tqdm=False
         )
         return digit_logprobs(outs, digit_ids)
+
+    def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[np.ndarray]:
+        from vllm import SamplingParams  # noqa: PLC0415
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415
+
+        if self._prompt_lp is None:
+            self._prompt_lp = SamplingParams(
+                max_tokens=1,  # the engine must sample one token; it is ignored
+                temperature=0.0,
+                prompt_logprobs=0,  # only each prompt token's own log-probability
+                flat_logprobs=True,  # a few flat lists per request instead of a dict per token
+                detokenize=False,
+            )
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=s) for s in sequences], self._prompt_lp, use_tqdm=False
+        )
+        return [
+            prompt_token_logprobs(o, s, b) for o, s, b in zip(outs, sequences, starts, strict=True)
+        ]
 
     def _last_hidden(self, prompts: list[list[int]]) -> np.ndarray:
         from vllm.inputs import TokensPrompt  # noqa: PLC0415

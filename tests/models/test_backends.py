@@ -82,6 +82,128 @@ def test_vllm_logprob_contract_fails_loudly(tiny_llama):
         llm.llm_engine.engine_core.shutdown()
 
 
+# ------------------------------------------------------------------ token log-probabilities
+
+
+def _reference_token_logprobs(path: str, seqs: list[list[int]], starts: list[int]) -> list:
+    """Independent plain-transformers computation: one unpadded forward per sequence, the full
+    logits, log_softmax in fp32, the prompt token's entry."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    with torch.inference_mode():
+        for seq, start in zip(seqs, starts, strict=True):
+            logits = model(torch.tensor([seq])).logits[0].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            out.append(np.array([lp[j - 1, seq[j]].item() for j in range(start, len(seq))]))
+    return out
+
+
+def _logprob_inputs(tok) -> tuple[list[list[int]], list[int]]:
+    texts = [
+        "What is the capital of France? Paris.",
+        "Write a poem about the ocean.",
+        "def add(a, b): return a + b",
+        "Give three tips for staying healthy. " * 6,
+        "x",
+    ]
+    seqs = [tok(t)["input_ids"] for t in texts]
+    return seqs, [3, 1, len(seqs[2]) - 1, 10, len(seqs[4])]
+
+
+@pytest.fixture(scope="module")
+def tiny_logprob_backends(tiny_llama):
+    """The tiny LLaMA as vllm (its scoring engine: processed_logprobs mode) and hf scorers."""
+    made = {}
+    for name in ("vllm", "hf"):
+        cfg = ModelConfig(
+            path=str(tiny_llama),
+            backend=name,
+            dtype="float32",
+            max_model_len=128,
+            enforce_eager=True,
+            kv_cache_memory_bytes=32 << 20,
+            hf_batch_size=2,
+        )
+        made[name] = load_backend(cfg, str(tiny_llama), "score")
+    yield made
+    for b in made.values():
+        b.close()
+
+
+def test_token_logprobs_backends_agree_with_plain_transformers(tiny_llama, tiny_logprob_backends):
+    """vllm and hf return the raw fp32 log-softmax of the prompt tokens (the vLLM engine runs
+    in processed_logprobs mode and with the digit mask on other requests: neither leaks into
+    prompt log-probabilities), equal to an unpadded plain-transformers forward to 1e-4."""
+    from deita_ray.scoring import resolve_digit_ids
+
+    tok = tiny_logprob_backends["hf"].tokenizer
+    seqs, starts = _logprob_inputs(tok)
+    want = _reference_token_logprobs(str(tiny_llama), seqs, starts)
+    digits = resolve_digit_ids(tok)
+    for name, backend in tiny_logprob_backends.items():
+        backend.digit_logits(seqs[:2], digits)  # a masked request before, on the same engine
+        vals, errors = backend.token_logprobs(seqs, starts)
+        assert errors == [None] * len(seqs), name
+        for v, w, s, b in zip(vals, want, seqs, starts, strict=True):
+            assert v.dtype == np.float64 and v.shape == (len(s) - b,)
+            np.testing.assert_allclose(v, w, atol=1e-4, rtol=0, err_msg=name)
+        assert vals[4].shape == (0,)  # start == len: nothing to return
+        assert np.all(np.concatenate(vals) < 0)
+
+
+def test_token_logprobs_bad_rows_isolated(tiny_logprob_backends):
+    """A too-long sequence, a start outside [1, len] and a token id the engine refuses each
+    fail alone with a message; the other rows equal their values computed alone."""
+    tok = tiny_logprob_backends["hf"].tokenizer
+    seqs, starts = _logprob_inputs(tok)
+    long = tok("Write a poem about the ocean. " * 40)["input_ids"]
+    assert len(long) > 127
+    bad_id = [seqs[0][0], 10**6, seqs[0][1], seqs[0][2]]
+    batch = [seqs[0], long, seqs[1], seqs[2], bad_id, seqs[3]]
+    begin = [starts[0], 1, 0, starts[2], 1, starts[3]]
+    for name, backend in tiny_logprob_backends.items():
+        alone, _ = backend.token_logprobs(
+            [seqs[0], seqs[2], seqs[3]], [starts[i] for i in (0, 2, 3)]
+        )
+        vals, errors = backend.token_logprobs(batch, begin)
+        assert [e is None for e in errors] == [True, False, False, True, False, True], name
+        assert "127" in errors[1] and "start 0" in errors[2]
+        assert vals[1] is None and vals[2] is None and vals[4] is None
+        for got, ref in zip([vals[0], vals[3], vals[5]], alone, strict=True):
+            np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=name)
+    with pytest.raises(ValueError, match="starts"):
+        tiny_logprob_backends["hf"].token_logprobs(seqs, starts[:-1])
+
+
+def test_token_logprobs_vllm_contract_fails_loudly():
+    """An output without a prompt log-probability per position, or one for another token,
+    raises instead of yielding a number."""
+    from types import SimpleNamespace
+
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from deita_ray.models.vllm_backend import prompt_token_logprobs
+
+    flat = FlatLogprobs()
+    flat.append(None)
+    flat.append({7: Logprob(-1.5)})
+    flat.append({9: Logprob(-0.5)})
+    assert prompt_token_logprobs(SimpleNamespace(prompt_logprobs=flat), [1, 7, 9], 1).tolist() == [
+        -1.5,
+        -0.5,
+    ]
+    listed = [None, {7: Logprob(-1.5)}, {9: Logprob(-0.5)}]
+    out = prompt_token_logprobs(SimpleNamespace(prompt_logprobs=listed), [1, 7, 9], 2)
+    assert out.tolist() == [-0.5]
+    with pytest.raises(BackendContractError, match="position 2"):
+        prompt_token_logprobs(SimpleNamespace(prompt_logprobs=flat), [1, 7, 8], 1)
+    with pytest.raises(BackendContractError, match="positions"):
+        prompt_token_logprobs(SimpleNamespace(prompt_logprobs=None), [1, 7, 9], 1)
+
+
 # ------------------------------------------------------------------ real model (slow)
 
 
@@ -143,3 +265,38 @@ def test_smollm2_vllm_and_hf_agree_fp32(smollm2_path, shared_data: Path):
     assert ev.shape == (40, 576)
     cos = (ev * eh).sum(1) / np.linalg.norm(ev, axis=1) / np.linalg.norm(eh, axis=1)
     assert cos.min() >= 0.9999
+
+
+@pytest.mark.slow
+def test_smollm2_token_logprobs_vllm_hf_and_plain_transformers_agree_fp32(
+    smollm2_path, shared_data: Path
+):
+    """Response-token log-probabilities of real Alpaca rows (instruction as context): the two
+    backends and an independent plain-transformers forward agree to 1e-4 in fp32."""
+    records = json.loads((shared_data / "alpaca/alpaca_data.json").read_text())[:12]
+    got = {}
+    for name in ("vllm", "hf"):
+        cfg = ModelConfig(
+            path=smollm2_path,
+            backend=name,
+            dtype="float32",
+            max_model_len=1024,
+            enforce_eager=True,
+            kv_cache_memory_bytes=128 << 20,
+        )
+        backend = load_backend(cfg, smollm2_path, "score")
+        tok = backend.tokenizer
+        prompts = [tok(r["instruction"] + "\n")["input_ids"] for r in records]
+        seqs = [
+            p + tok(r["output"], add_special_tokens=False)["input_ids"]
+            for p, r in zip(prompts, records, strict=True)
+        ]
+        starts = [len(p) for p in prompts]
+        got[name], errors = backend.token_logprobs(seqs, starts)
+        assert errors == [None] * len(records)
+        backend.close()
+    want = _reference_token_logprobs(smollm2_path, seqs, starts)
+    for v, h, w in zip(got["vllm"], got["hf"], want, strict=True):
+        np.testing.assert_allclose(v, h, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(v, w, atol=1e-4, rtol=0)
+    assert sum(len(w) for w in want) > 300
