@@ -38,6 +38,7 @@ from deita_ray.selection.greedy import (
     resolve_device,
     valid_rows,
 )
+from deita_ray.selection.score_expr import parse as parse_score
 
 EMBED_COLUMNS = ("id", "seq", "evol_score", "embedding")
 
@@ -114,19 +115,26 @@ class PoolArrays:
     embeddings: np.ndarray
 
 
-def load_pool(pieces: list[Piece]) -> PoolArrays:
-    """Read (ids, seq, evol_score, embedding) of row ranges into arrays (nulls -> NaN).
+def load_pool(pieces: list[Piece], score: str = "evol_score") -> PoolArrays:
+    """Read (ids, seq, selection score, embedding) of row ranges into arrays (nulls -> NaN).
 
     Row group by row group into preallocated arrays, so the peak memory is the float32
     matrix plus one row group (not twice the pool).
+
+    Args:
+        pieces: row ranges of the embed output's files.
+        score: the selection score, a column or an expression over columns
+            (:mod:`deita_ray.selection.score_expr`; ``select.score``).
     """
+    expr = parse_score(score)
+    columns = tuple(dict.fromkeys(("id", "seq", "embedding", *expr.names)))
     n = sum(b - a for _, a, b in pieces)
     ids: list[str] = []
     seq = np.empty(n, np.int64)
     scores = np.empty(n, np.float64)
     emb: np.ndarray | None = None
     at = 0
-    for t in iter_pieces(pieces):
+    for t in iter_pieces(pieces, columns):
         m = t.num_rows
         mat, _ = embedding_matrix(t["embedding"])
         if emb is None:
@@ -134,7 +142,7 @@ def load_pool(pieces: list[Piece]) -> PoolArrays:
         emb[at : at + m] = mat
         ids.extend(t["id"].to_pylist())
         seq[at : at + m] = t["seq"].cast(pa.int64()).to_numpy(zero_copy_only=False)
-        scores[at : at + m] = t["evol_score"].cast(pa.float64()).to_numpy(zero_copy_only=False)
+        scores[at : at + m] = expr.evaluate({n: t[n] for n in expr.names})
         at += m
     if emb is None:
         emb = np.empty((0, 0), np.float32)
@@ -155,9 +163,11 @@ class SelectShard:
     Call :meth:`reset` before each selection.
     """
 
-    def __init__(self, pieces: list[Piece], offset: int, device: str = "cpu"):
+    def __init__(
+        self, pieces: list[Piece], offset: int, device: str = "cpu", score: str = "evol_score"
+    ):
         t0 = time.perf_counter()
-        pool = load_pool(pieces)
+        pool = load_pool(pieces, score)
         self.ids = pool.ids
         n = len(pool.ids)
         self.emb = pool.embeddings
@@ -258,6 +268,7 @@ class ShardedPool:
         shard_num_cpus: CPUs reserved per shard actor.
         scheduling_strategy: Ray placement of the shards (``SPREAD`` puts them on
             different nodes).
+        score: the selection score (a column or expression, as for :func:`load_pool`).
     """
 
     def __init__(
@@ -267,6 +278,7 @@ class ShardedPool:
         device: str = "cpu",
         shard_num_cpus: float = 1.0,
         scheduling_strategy: str = "SPREAD",
+        score: str = "evol_score",
     ):
         import ray  # noqa: PLC0415 - only the distributed path needs Ray
 
@@ -281,7 +293,7 @@ class ShardedPool:
         actor_cls = ray.remote(num_cpus=shard_num_cpus, scheduling_strategy=scheduling_strategy)(
             SelectShard
         )
-        self.shards = [actor_cls.remote(p, offsets[s], device) for s, p in enumerate(plans)]
+        self.shards = [actor_cls.remote(p, offsets[s], device, score) for s, p in enumerate(plans)]
         try:
             self.infos = ray.get([sh.info.remote() for sh in self.shards])
         except Exception:
@@ -449,11 +461,14 @@ def select_distributed(
     shard_num_cpus: float = 1.0,
     scheduling_strategy: str = "SPREAD",
     driver_device: str = "auto",
+    score: str = "evol_score",
 ) -> SelectionResult:
     """Exact distributed selection over ``num_shards`` Ray actors (Ray must be initialised).
 
     One-shot form of :class:`ShardedPool` (load, :meth:`ShardedPool.select`, close); the
     arguments are those of the two.
     """
-    with ShardedPool(embed_dir, num_shards, device, shard_num_cpus, scheduling_strategy) as pool:
+    with ShardedPool(
+        embed_dir, num_shards, device, shard_num_cpus, scheduling_strategy, score
+    ) as pool:
         return pool.select(tau, budget, block_size, driver_device)
