@@ -702,13 +702,16 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def _validate_scores(cfg: PipelineConfig) -> None:
-    """The scorers fit their kinds, and select.score names only columns they write."""
+    """The scorers fit their kinds, and (when select runs) select.score names only columns
+    they write."""
     from deita_ray.scorers import evol_pair, resolve_scorers, row_columns  # noqa: PLC0415
     from deita_ray.selection.score_expr import ScoreExpressionError, parse  # noqa: PLC0415
 
     if not cfg.score.scorers:
         raise ConfigError("score.scorers: at least one scorer is required")
     specs = resolve_scorers(cfg)
+    if "select" not in cfg.stages:
+        return
     try:
         expr = parse(cfg.select.score)
     except ScoreExpressionError as e:
