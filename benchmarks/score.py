@@ -16,7 +16,15 @@ after the other on the same machine:
 All on the model given by ``--model`` (default: the embedded SmolLM2-135M) in fp32. Prints one
 JSON object with times, prompts/s, ratios and the largest score differences between methods.
 
-Usage: ``python benchmarks/score.py [--rows 500] [--quick] [--model PATH] [--data DIR]``
+``--kinds`` adds the registry's other scorer kinds (``perplexity``, ``ifd``, ``rating``,
+``length``; ``all`` for every one), each run alone, side by side with the bare vLLM engine doing
+the same requests (the requests the kind builds, sent by one ``LLM.generate``; cold for both:
+fresh vLLM import, engine start and the requests), and the values the stage wrote compared with
+those the same fold computes from the bare engine's answers. ``length`` runs no model: its
+stage time and rows/s are reported alone.
+
+Usage: ``python benchmarks/score.py [--rows 500] [--quick] [--model PATH] [--data DIR]
+[--kinds deita,perplexity,ifd,rating,length | all]``
 """
 
 from __future__ import annotations
@@ -150,6 +158,123 @@ def bench_hf_batched(path: str, table) -> tuple[float, dict]:
     return time.perf_counter() - t0, table_scores(out)
 
 
+NEW_KINDS = ("perplexity", "ifd", "rating", "length")
+
+
+def kind_cfg(path: str, kind: str, batch_size: int):
+    """A score config with one scorer of ``kind`` on the benchmark model (vLLM, fp32)."""
+    from deita_ray.config import ActorPoolConfig, PipelineConfig, ScorerConfig
+
+    cfg = PipelineConfig()
+    model = model_cfg(path, "vllm")
+    cfg.score.scorers = [ScorerConfig(kind=kind, model=model)]
+    if kind == "rating":
+        cfg.score.scorers[0].scale = 5
+    cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=batch_size)
+    return cfg
+
+
+def bare_kind(path: str, cfg, table) -> tuple[dict, dict]:
+    """The kind's requests over the whole table on a bare vLLM engine; the same fold on its
+    answers. Returns (seconds: import/start/requests, the kind's columns by row id)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from deita_ray.data.formats import extract_turns
+    from deita_ray.models.vllm_backend import digit_logprobs, prompt_token_logprobs
+    from deita_ray.scorers import get_kind, resolve_scorers
+    from deita_ray.scorers.base import BatchView, LabelRequest
+    from deita_ray.scoring import expected_score, fit_prompt
+
+    seconds = {"fresh_vllm_import": fresh_vllm_import_s()}
+    t0 = time.perf_counter()
+    llm = LLM(
+        path,
+        dtype="float32",
+        max_model_len=MAX_LEN,
+        enforce_eager=True,
+        kv_cache_memory_bytes=KV_BYTES,
+        logprobs_mode="processed_logprobs",
+        seed=0,
+    )
+    seconds["engine_start"] = time.perf_counter() - t0
+    tok = llm.get_tokenizer()
+    spec = resolve_scorers(cfg)[0]
+    kind = get_kind(spec.kind)
+    spec = kind.resolve_labels(spec, tok)
+    scorer = kind.bind(spec, tok, MAX_LEN - 1)
+    turns = [extract_turns(m) for m in table["messages"].to_pylist()]
+    view = BatchView(len(turns), turns, lambda *a: None, lambda i: True)
+    reqs = scorer.prepare(view)
+    t0 = time.perf_counter()
+    if reqs and isinstance(reqs[0], LabelRequest):
+        for r in reqs:
+            r.ids, r.cut = fit_prompt(tok, r.spec, MAX_LEN - 1)
+        labels = list(reqs[0].label_ids)
+        sp = SamplingParams(
+            max_tokens=1,
+            temperature=0,
+            allowed_token_ids=labels,
+            logprobs=len(labels),
+            detokenize=False,
+        )
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=r.ids) for r in reqs], sp, use_tqdm=False
+        )
+        for r, v in zip(
+            reqs, expected_score(digit_logprobs(outs, labels), len(labels)), strict=True
+        ):
+            r.score = float(v)
+    else:
+        sp = SamplingParams(
+            max_tokens=1, temperature=0, prompt_logprobs=0, flat_logprobs=True, detokenize=False
+        )
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=r.seq) for r in reqs], sp, use_tqdm=False
+        )
+        for r, o in zip(reqs, outs, strict=True):
+            r.values = prompt_token_logprobs(o, r.seq, r.start)
+    seconds["requests"] = time.perf_counter() - t0
+    llm.llm_engine.engine_core.shutdown()
+    columns, _ = scorer.finish(view, reqs)
+    ids = table["id"].to_pylist()
+    values = {name: dict(zip(ids, col.to_pylist(), strict=True)) for name, col in columns.items()}
+    return seconds, values
+
+
+def _diff(a, b) -> float:
+    """Largest absolute difference of two values (numbers or per-turn lists; None == None)."""
+    if isinstance(a, list) or isinstance(b, list):
+        return max((_diff(x, y) for x, y in zip(a or [], b or [], strict=True)), default=0.0)
+    if a is None or b is None:
+        return 0.0 if a is b else float("inf")
+    return abs(float(a) - float(b))
+
+
+def bench_kind(path: str, kind: str, table, batch_size: int) -> dict:
+    """One kind alone: the stage vs the bare engine, cold for both, and value agreement."""
+    from deita_ray.stages.score import run_score
+
+    cfg = kind_cfg(path, kind, batch_size)
+    ours_s, written, counts = time_stage("score", run_score, cfg, table)
+    out = {"counts": counts, "seconds": {"ours_stage": round(ours_s, 2)}}
+    out["rows_per_s"] = {"ours_stage": round(table.num_rows / ours_s, 2)}
+    if kind == "length":
+        return out
+    bare_s, bare = bare_kind(path, cfg, table)
+    cold = sum(bare_s.values())
+    out["seconds"].update({f"bare_{k}": round(v, 2) for k, v in bare_s.items()})
+    rows = {r["id"]: r for r in written.to_pylist()}
+    out["ratios"] = {
+        "ours_vs_bare_cold (goal >= 0.9)": round(cold / ours_s, 3),
+        "ours_vs_bare_requests_only": round(bare_s["requests"] / ours_s, 3),
+    }
+    out["max_abs_diff_vs_bare"] = {
+        col: max(_diff(rows[i][col], v) for i, v in vals.items()) for col, vals in bare.items()
+    }
+    return out
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), "methods scored different prompts"
     return max(abs(a[k] - b[k]) for k in a)
@@ -158,27 +283,52 @@ def max_diff(a: dict, b: dict) -> float:
 def main() -> None:
     ap = base_parser(__doc__)
     ap.add_argument("--batch-size", type=int, default=256, help="rows per stage batch")
+    ap.add_argument(
+        "--kinds",
+        default="deita",
+        help="comma list of deita, perplexity, ifd, rating, length, or 'all'",
+    )
     args = ap.parse_args()
     rows = 40 if args.quick else args.rows
+    kinds = ["deita", *NEW_KINDS] if args.kinds == "all" else args.kinds.split(",")
+    unknown = [k for k in kinds if k not in ("deita", *NEW_KINDS)]
+    if unknown:
+        ap.error(f"--kinds: unknown {unknown}")
 
     path = resolve_model(args.model)
     table = alpaca_table(shared_data(args.data), rows)
-    keys, prompts = prompt_list(table)
+    report: dict = {
+        "benchmark": "score",
+        "model": args.model,
+        "dtype": "float32",
+        "rows": rows,
+        "cpus": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    if "deita" in kinds:
+        report.update(bench_deita(path, table, rows, args.batch_size))
+    for kind in kinds:
+        if kind != "deita":
+            report.setdefault("kinds", {})[kind] = bench_kind(path, kind, table, args.batch_size)
+    report["load_average_at_end"] = list(os.getloadavg())
+    emit(report, args.out)
 
-    ours_s, ours, counts = bench_ours(path, table, args.batch_size)
+
+def bench_deita(path: str, table, rows: int, batch_size: int) -> dict:
+    """The DEITA pair: stage, bare engine, HF batched and DEITA's per-sample way."""
+    keys, prompts = prompt_list(table)
+    ours_s, ours, counts = bench_ours(path, table, batch_size)
     bare_import = fresh_vllm_import_s()
     bare_start, bare_gen, bare = bench_bare(path, keys, prompts)
     hf_s, hf = bench_hf_batched(path, table)
     ref_s, ref = bench_reference(path, keys, prompts)
     n = len(prompts)
-    report = {
-        "benchmark": "score",
-        "model": args.model,
-        "dtype": "float32",
-        "rows": rows,
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return {
         "prompts": n,
-        "prompt_tokens": None,
-        "cpus": os.cpu_count(),
+        "prompt_tokens": sum(len(x) for x in tok(prompts)["input_ids"]),
         "counts": counts,
         "seconds": {
             "ours_stage": round(ours_s, 2),
@@ -209,11 +359,6 @@ def main() -> None:
             "hf_batched_vs_reference": max_diff(hf, ref),
         },
     }
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    report["prompt_tokens"] = sum(len(x) for x in tok(prompts)["input_ids"])
-    emit(report, args.out)
 
 
 if __name__ == "__main__":

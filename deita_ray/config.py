@@ -233,7 +233,7 @@ class ActorPoolConfig:
 
 @dataclass
 class ScorerConfig:
-    """One scorer of the score stage: a kind, its model, template and columns (docs/scorers.md)."""
+    """One scorer of the score stage: a kind, its model, template and columns (docs/scoring.md)."""
 
     kind: str = _f(
         "deita_complexity",
@@ -274,7 +274,7 @@ class ScorerConfig:
         None,
         doc=(
             "Which of the kind's outputs to write (e.g. [turn, row]); None: its defaults. Output "
-            "names per kind: docs/scorers.md."
+            "names per kind: docs/scoring.md."
         ),
     )
     scale: int | None = _f(
@@ -301,7 +301,7 @@ def _default_scorers() -> list[ScorerConfig]:
 
 @dataclass
 class ScoreConfig:
-    """The scorers (docs/scorers.md): by default the paper's complexity and quality pair."""
+    """The scorers (docs/scoring.md): by default the paper's complexity and quality pair."""
 
     scorers: list[ScorerConfig] = _f(
         factory=_default_scorers,

@@ -21,7 +21,7 @@ DIGITS: tuple[str, ...] = ("1", "2", "3", "4", "5", "6")
 
 
 def expected_score(digit_logits: np.ndarray, n_labels: int = len(DIGITS)) -> np.ndarray:
-    """The DEITA score: ``sum_k k * softmax(z)_k`` over the six digit logits (docs/scorers.md).
+    """The DEITA score: ``sum_k k * softmax(z)_k`` over the six digit logits (docs/scoring.md).
 
     Works on raw logits and on log-probabilities alike (softmax is shift-invariant), so the hf
     backend (logits) and the vllm backend (processed log-probabilities) share this formula. The

@@ -6,7 +6,7 @@ config (``score.scorers``) lists scorers, each of one kind; :func:`resolve_score
 list into :class:`~deita_ray.scorers.base.ScorerSpec` objects (model defaults filled in, column
 names fixed), and :func:`model_groups` puts the scorers that share a model config into one
 group, i.e. one engine in one actor pool. What each kind writes and how it folds turns into a
-row value is in its module docstring and in ``docs/scorers.md``.
+row value is in its module docstring and in ``docs/scoring.md``.
 
 Importing this package is light (no torch, vLLM, transformers, numpy): the config imports
 :data:`KIND_NAMES` for its choices.

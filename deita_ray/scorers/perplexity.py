@@ -47,20 +47,20 @@ DEFAULT_TEMPLATE = "{instruction}\n"
 """Superfiltering's plain prompt (``PROMPT_DICT_NONE``): the instruction and a newline."""
 
 
-def special_prefix(tokenizer: Any) -> list[int]:
+def context_prefix(tokenizer: Any) -> list[int]:
     """Token ids a sequence starts with: what normal encoding puts before the text (BOS), else
-    the BOS token, else the EOS token (GPT-2's document separator).
+    the BOS token, else the EOS token (GPT-2's document separator), so that the first response
+    token always has a context.
 
     Raises:
-        ValueError: the tokenizer has none of them (the first token would have no context).
+        ValueError: the tokenizer has none of them.
     """
-    ids = tokenizer("", add_special_tokens=True)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if ids and eos is not None and ids[-1] == eos and len(ids) > 1:
-        ids = ids[:-1]  # a post-processor that also appends EOS: keep only the leading part
+    from deita_ray.training.common import special_prefix  # noqa: PLC0415
+
+    ids = special_prefix(tokenizer)
     if ids:
-        return list(ids)
-    for tok_id in (tokenizer.bos_token_id, eos):
+        return ids
+    for tok_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tok_id is not None:
             return [int(tok_id)]
     raise ValueError("the tokenizer has no BOS or EOS token to start a sequence with")
@@ -96,7 +96,7 @@ class ConversationScorer(BoundScorer):
     def __init__(self, kind: ScorerKind, spec: ScorerSpec, tokenizer: Any, budget: int):
         super().__init__(spec, tokenizer, budget)
         self.kind = kind
-        self.prefix = special_prefix(tokenizer)
+        self.prefix = context_prefix(tokenizer)
 
     def layouts(self, view: BatchView) -> dict[int, Layout]:
         """Layouts of the live rows (rejecting rows with no response token in the budget)."""

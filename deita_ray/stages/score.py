@@ -360,7 +360,7 @@ class ModelScorers:
     Input columns: ``id``, ``messages`` (list<struct<role, content>>) and any others (kept);
     possibly earlier scorers' columns, ``truncated`` and reject marks.
 
-    Output columns: the input plus each scorer's columns (docs/scorers.md), ``evol_score``
+    Output columns: the input plus each scorer's columns (docs/scoring.md), ``evol_score``
     (double, once both DEITA turn columns exist), ``truncated`` (bool) and the reject marks.
 
     Args:
