@@ -28,8 +28,9 @@ from typing import Any
 import yaml
 
 from deita_ray.data.exports import EXPORT_FORMATS
+from deita_ray.scorers import KIND_NAMES
 
-STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "eval", "export")
+STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "export")
 """Every stage, in the order the pipeline runs them."""
 
 EMBEDDED_MODEL = "embedded:smollm2"
@@ -242,11 +243,91 @@ class ActorPoolConfig:
 
 
 @dataclass
-class ScoreConfig:
-    """The complexity and quality scorers (SPEC section 2)."""
+class ScorerConfig:
+    """One scorer of the score stage: a kind, its model, template and columns (docs/scoring.md)."""
 
-    complexity_model: ModelConfig = _f(factory=ModelConfig, doc="The complexity scorer.")
-    quality_model: ModelConfig = _f(factory=ModelConfig, doc="The quality scorer.")
+    kind: str = _f(
+        "deita_complexity",
+        choices=KIND_NAMES,
+        doc=(
+            "What it measures: deita_complexity / deita_quality (the paper's scorers), perplexity "
+            "(NLL of each response given its instruction and history), ifd (NLL given the "
+            "instruction / NLL alone), rating (a rubric prompt, expected value over N rating "
+            "tokens), length (characters and tokens; no model, a CPU task)."
+        ),
+    )
+    name: str | None = _f(
+        None,
+        doc=(
+            "Column name / prefix of its outputs. None: the kind's default (complexity, quality, "
+            "ppl, ifd, rating; none for length)."
+        ),
+    )
+    model: ModelConfig | None = _f(
+        None,
+        doc=(
+            "Its model. None: score.complexity_model for deita_complexity, score.quality_model "
+            "for deita_quality; required for perplexity, ifd and rating; optional for length (only "
+            "its tokenizer is loaded, to count tokens). Scorers with equal model configs share "
+            "one engine and one actor pool."
+        ),
+    )
+    template: str | None = _f(
+        None,
+        doc=(
+            "Prompt template with {instruction} (and for rating {response}) placeholders, literal "
+            "braces as {{ }}. rating: the rubric (default: a 1-5 helpfulness rubric); perplexity / "
+            "ifd: the context before each response (default '{instruction}\\n'). The DEITA kinds "
+            "and length take none."
+        ),
+    )
+    columns: list[str] | None = _f(
+        None,
+        doc=(
+            "Which of the kind's outputs to write (e.g. [turn, row]); None: its defaults. Output "
+            "names per kind: docs/scoring.md."
+        ),
+    )
+    scale: int | None = _f(
+        None, doc="rating: number of rating labels N, scored 1..N (default 5; labels '1'..'N')."
+    )
+    rating_tokens: list[str] | None = _f(
+        None, doc="rating: the label strings in value order (default '1'..'N'); sets N."
+    )
+    token_ids: list[int] | None = _f(
+        None, doc="rating: token ids of the labels, overriding the tokenizer's."
+    )
+    max_ifd: float | None = _f(
+        None,
+        doc=(
+            "ifd: rows with IFD >= this get a null ifd column and are never selected by it, as "
+            "Superfiltering drops them (default 1.0; .inf keeps every row)."
+        ),
+    )
+
+
+def _default_scorers() -> list[ScorerConfig]:
+    return [ScorerConfig(kind="deita_complexity"), ScorerConfig(kind="deita_quality")]
+
+
+@dataclass
+class ScoreConfig:
+    """The scorers (docs/scoring.md): by default the paper's complexity and quality pair."""
+
+    scorers: list[ScorerConfig] = _f(
+        factory=_default_scorers,
+        doc=(
+            "The scorers to run, each {kind, name, model, template, columns, ...}. Default: "
+            "deita_complexity and deita_quality (writes complexity_scores, quality_scores, "
+            "evol_score)."
+        ),
+    )
+    complexity_model: ModelConfig = _f(
+        factory=ModelConfig, doc="The complexity scorer's model (deita_complexity without a model)."
+    )
+    quality_model: ModelConfig = _f(
+        factory=ModelConfig, doc="The quality scorer's model (deita_quality without a model)."
+    )
     digit_token_ids: list[int] | None = _f(
         None,
         doc=(
@@ -254,7 +335,10 @@ class ScoreConfig:
             "fails at start if a digit is not a single token."
         ),
     )
-    resources: ActorPoolConfig = _f(factory=ActorPoolConfig, doc="Actor pool of each scorer.")
+    resources: ActorPoolConfig = _f(
+        factory=ActorPoolConfig,
+        doc="Actor pool of each scorer model (scorers sharing a model share its pool).",
+    )
 
 
 @dataclass
@@ -276,10 +360,11 @@ class SelectConfig:
         "deita",
         choices=("deita", "random", "score", "instruction_length", "response_length", "kcenter"),
         doc=(
-            "'deita': greedy by evol score with the cosine threshold; 'score': top by evol score "
-            "only; 'random': seeded sample; 'instruction_length' / 'response_length': longest "
-            "first (characters of all user / assistant messages); 'kcenter': k-center greedy "
-            "on the embeddings (cosine distance)."
+            "'deita': greedy by select.score with the cosine threshold; 'score': top by "
+            "select.score only; 'random': seeded sample; 'instruction_length' / "
+            "'response_length': longest first (the length scorer's instruction_chars / "
+            "response_chars when one ran, else characters of all user / assistant messages); "
+            "'kcenter': k-center greedy on the embeddings (cosine distance)."
         ),
     )
     tau: float = _f(
@@ -289,6 +374,16 @@ class SelectConfig:
         doc=("Cosine threshold: a row is taken iff its cosine to every taken row is <= tau."),
     )
     budget: int = _f(6000, gt=0, doc="Number of rows to select (m).")
+    score: str = _f(
+        "evol_score",
+        doc=(
+            "What orders the rows (higher first) for 'deita', 'score' and the first pick of "
+            "'kcenter': a row column the scorers write (e.g. evol_score, rating, ppl) or an "
+            "expression over them with + - * / unary minus, numbers and parentheses (e.g. "
+            "'complexity * quality', '-ifd'). A row whose value is null or not finite is not a "
+            "candidate (missing_score)."
+        ),
+    )
     block_size: int = _f(1024, gt=0, doc="Candidates compared per matrix product.")
     num_shards: int = _f(
         1,
@@ -890,6 +985,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     bad_taus = [t for t in cfg.select.tau_grid if not -1.0 <= t <= 1.0]
     if bad_taus:
         raise ConfigError(f"select.tau_grid: {bad_taus!r} must be cosines in [-1, 1]")
+    _validate_scores(cfg)
     if "dpo" in cfg.stages and not cfg.dpo.paths:
         raise ConfigError("dpo.paths: required when the 'dpo' stage runs (preference pair files)")
     for name in ("sft", "dpo"):
@@ -942,6 +1038,35 @@ def _validate_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.metrics: {ev.metrics!r} must be distinct and non-empty")
     if any(m.startswith("judge_") for m in ev.metrics) and not ev.judge.prompts:
         raise ConfigError("eval.judge.prompts: required for the judge_* metrics")
+
+
+def _validate_scores(cfg: PipelineConfig) -> None:
+    """The scorers fit their kinds, and (when select runs) select.score names only columns
+    they write."""
+    from deita_ray.scorers import evol_pair, resolve_scorers, row_columns  # noqa: PLC0415
+    from deita_ray.selection.score_expr import ScoreExpressionError, parse  # noqa: PLC0415
+
+    if not cfg.score.scorers:
+        raise ConfigError("score.scorers: at least one scorer is required")
+    specs = resolve_scorers(cfg)
+    if "select" not in cfg.stages:
+        return
+    try:
+        expr = parse(cfg.select.score)
+    except ScoreExpressionError as e:
+        raise ConfigError(f"select.score: {e}") from None
+    available = row_columns(specs)
+    unknown = [n for n in expr.names if n not in available]
+    if unknown:
+        hint = ""
+        if unknown[0] == "evol_score" and evol_pair(specs) is None:
+            hint = " (evol_score needs a deita_complexity and a deita_quality scorer)"
+        elif unknown[0] in {"complexity", "quality"}:
+            hint = f" (the deita_{unknown[0]} scorer writes it with columns: [turn, row])"
+        raise ConfigError(
+            f"select.score: {unknown[0]!r} is not a row column the scorers write{hint}; "
+            f"allowed: {', '.join(available) or 'none'}"
+        )
 
 
 def to_dict(cfg: Any) -> dict:
@@ -1049,6 +1174,11 @@ def describe(cls: type = PipelineConfig, prefix: str = "") -> list[str]:
             lines.extend(describe(item, f"{key}[]"))
             continue
         default = getattr(defaults, f.name)
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+            lines.append(f"{key} (list of {args[0].__name__}): {f.metadata.get('doc', '')}")
+            lines.extend(describe(args[0], f"{key}[]"))
+            continue
         choices = f.metadata.get("choices")
         extra = f" [one of: {', '.join(map(str, choices))}]" if choices else ""
         lines.append(

@@ -20,67 +20,94 @@ from deita_ray.templates import COMPLEXITY_PIECES, QUALITY_PIECES, interleave
 DIGITS: tuple[str, ...] = ("1", "2", "3", "4", "5", "6")
 
 
-def expected_score(digit_logits: np.ndarray) -> np.ndarray:
-    """The DEITA score: ``sum_k k * softmax(z)_k`` over the six digit logits (SPEC section 2).
+def expected_score(digit_logits: np.ndarray, n_labels: int = len(DIGITS)) -> np.ndarray:
+    """The DEITA score: ``sum_k k * softmax(z)_k`` over the six digit logits (docs/scoring.md).
 
     Works on raw logits and on log-probabilities alike (softmax is shift-invariant), so the hf
-    backend (logits) and the vllm backend (processed log-probabilities) share this formula.
+    backend (logits) and the vllm backend (processed log-probabilities) share this formula. The
+    ``rating`` scorer uses it with its own number of labels (values 1..N).
 
     Args:
-        digit_logits: ``(n, 6)`` logits or log-probabilities of the tokens "1".."6", in order.
+        digit_logits: ``(n, n_labels)`` logits or log-probabilities of the label tokens
+            ("1".."6" for DEITA), in order.
+        n_labels: number of labels N (6 for the DEITA scorers).
 
     Returns:
-        ``(n,)`` float64 scores in [1, 6].
+        ``(n,)`` float64 scores in [1, N].
     """
     z = np.asarray(digit_logits, dtype=np.float64)
-    if z.ndim != 2 or z.shape[1] != len(DIGITS):
-        raise ValueError(f"expected shape (n, 6), got {z.shape}")
+    if z.ndim != 2 or z.shape[1] != n_labels:
+        raise ValueError(f"expected shape (n, {n_labels}), got {z.shape}")
     z = z - z.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
-    return p @ np.arange(1, len(DIGITS) + 1, dtype=np.float64)
+    return p @ np.arange(1, n_labels + 1, dtype=np.float64)
 
 
 class DigitTokenError(ValueError):
-    """A digit 1..6 is not a single token of the scorer's tokenizer (or a bad override)."""
+    """A label (digit 1..6 for DEITA) is not a single token of the scorer's tokenizer, or a bad
+    override."""
 
 
-def resolve_digit_ids(tokenizer: Any, override: Sequence[int] | None = None) -> list[int]:
-    """Token ids of "1".."6" for a tokenizer, or a checked override.
+def resolve_label_ids(
+    tokenizer: Any,
+    labels: Sequence[str],
+    override: Sequence[int] | None = None,
+    override_key: str = "score.digit_token_ids",
+    what: str = "digit",
+) -> list[int]:
+    """Token ids of label strings (the digits "1".."6" for DEITA), or a checked override.
 
-    A digit is looked up as a vocabulary entry first (LLaMA: "1" -> 29896, although encoding
+    A label is looked up as a vocabulary entry first (LLaMA: "1" -> 29896, although encoding
     the text "1" gives a space token first), else by encoding it without special tokens, which
     must give exactly one token.
 
+    Args:
+        tokenizer: an HF tokenizer.
+        labels: the label strings, in value order (label k has value k + 1).
+        override: ids to use instead (checked: one distinct id per label, in the vocabulary).
+        override_key: the config key of the override, for messages.
+        what: what a label is called in messages ("digit", "rating token").
+
     Raises:
-        DigitTokenError: a digit is not a single token, or the override is not six distinct
-            ids inside the vocabulary.
+        DigitTokenError: a label is not a single token, or the override is not one distinct
+            in-vocabulary id per label.
     """
     vocab_size = len(tokenizer)
+    n = len(labels)
     if override is not None:
         ids = [int(i) for i in override]
-        if len(ids) != 6 or len(set(ids)) != 6 or not all(0 <= i < vocab_size for i in ids):
+        if len(ids) != n or len(set(ids)) != n or not all(0 <= i < vocab_size for i in ids):
             raise DigitTokenError(
-                f"score.digit_token_ids={list(override)!r} must be six distinct ids in "
-                f"[0, {vocab_size})"
+                f"{override_key}={list(override)!r} must be {n} distinct ids in [0, {vocab_size})"
             )
         return ids
     vocab = tokenizer.get_vocab()
     ids = []
-    for d in DIGITS:
+    for d in labels:
         if d in vocab:
             ids.append(int(vocab[d]))
             continue
         enc = tokenizer.encode(d, add_special_tokens=False)
         if len(enc) != 1 or enc[0] == tokenizer.unk_token_id:
             raise DigitTokenError(
-                f"digit {d!r} is not a single token of this tokenizer (encodes to {enc}); set "
-                "score.digit_token_ids to the six ids of '1'..'6'"
+                f"{what} {d!r} is not a single token of this tokenizer (encodes to {enc}); set "
+                f"{override_key} to the {n} ids of {', '.join(repr(x) for x in labels)}"
             )
         ids.append(int(enc[0]))
-    if len(set(ids)) != 6:
-        raise DigitTokenError(f"digit tokens are not distinct: {ids}")
+    if len(set(ids)) != n:
+        raise DigitTokenError(f"{what} tokens are not distinct: {ids}")
     return ids
+
+
+def resolve_digit_ids(tokenizer: Any, override: Sequence[int] | None = None) -> list[int]:
+    """Token ids of "1".."6" for a tokenizer, or a checked override (``score.digit_token_ids``).
+
+    Raises:
+        DigitTokenError: a digit is not a single token, or the override is not six distinct
+            ids inside the vocabulary.
+    """
+    return resolve_label_ids(tokenizer, DIGITS, override)
 
 
 @dataclass(frozen=True)

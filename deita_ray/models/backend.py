@@ -91,7 +91,8 @@ class Backend(ABC):
     # Engine calls on the whole list; implementations raise on any failure.
     @abstractmethod
     def _digit_logits(self, prompts: list[list[int]], digit_ids: list[int]) -> np.ndarray:
-        """``(n, 6)`` logits or log-probabilities of the digit tokens after each prompt."""
+        """``(n, len(digit_ids))`` logits or log-probabilities of the label tokens after each
+        prompt."""
 
     @abstractmethod
     def _last_hidden(self, prompts: list[list[int]]) -> np.ndarray:
@@ -114,14 +115,22 @@ class Backend(ABC):
     def digit_logits(
         self, prompts: Sequence[list[int]], digit_ids: list[int]
     ) -> tuple[np.ndarray, list[str | None]]:
-        """Digit logits of every prompt, in one engine call when nothing fails.
+        """Label-token logits of every prompt, in one engine call when nothing fails.
+
+        Args:
+            prompts: token ids per prompt.
+            digit_ids: the label token ids (the six digits "1".."6" for DEITA; a ``rating``
+                scorer's N labels).
 
         Returns:
-            ``(values (n, 6) float64 with NaN rows where failed, errors: None or message)``.
+            ``(values (n, len(digit_ids)) float64 with NaN rows where failed, errors: None or
+            message)``.
         """
         if self.task != "score":
             raise RuntimeError("this backend was loaded for embedding, not scoring")
-        return self._isolate(lambda ps: self._digit_logits(ps, digit_ids), list(prompts), 6)
+        return self._isolate(
+            lambda ps: self._digit_logits(ps, digit_ids), list(prompts), len(digit_ids)
+        )
 
     def embed(self, prompts: Sequence[list[int]]) -> tuple[np.ndarray, list[str | None]]:
         """Last-token final hidden states of every prompt, in one engine call when nothing fails.

@@ -23,7 +23,8 @@ from deita_ray.models.backend import Backend, BackendContractError
 
 
 def digit_logprobs(outputs: list, digit_ids: list[int]) -> np.ndarray:
-    """``(n, 6)`` log-probabilities of the digit ids from vLLM ``RequestOutput`` objects.
+    """``(n, len(digit_ids))`` log-probabilities of the label ids from vLLM ``RequestOutput``
+    objects (the six digits for DEITA).
 
     Raises:
         BackendContractError: an output's first-token log-probabilities do not cover exactly
@@ -40,7 +41,7 @@ def digit_logprobs(outputs: list, digit_ids: list[int]) -> np.ndarray:
             raise BackendContractError(
                 f"vLLM returned log-probabilities for token ids {sorted(got)}, expected "
                 f"exactly the digit ids {sorted(want)}; the engine must run with "
-                "logprobs_mode='processed_logprobs' and return logprobs=6"
+                f"logprobs_mode='processed_logprobs' and return logprobs={len(digit_ids)}"
             )
         rows[i] = [lps[0][t].logprob for t in digit_ids]
     return rows

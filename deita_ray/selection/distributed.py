@@ -93,9 +93,13 @@ class SelectShard:
     Call :meth:`reset` before each selection and :meth:`finish` after it.
     """
 
-    def __init__(self, pieces: list[Piece], offset: int, device: str = "cpu"):
+    def __init__(
+        self, pieces: list[Piece], offset: int, device: str = "cpu", score: str = "evol_score"
+    ):
         t0 = time.perf_counter()
-        pool = load_pool(pieces, check_seq=False)  # checked by check_seq(): a clear error
+        pool = load_pool(
+            pieces, check_seq=False, score=score
+        )  # checked by check_seq(): a clear error
         self.ids = pool.ids
         n = len(pool.ids)
         self.emb = pool.embeddings
@@ -298,6 +302,7 @@ class ShardedPool:
         device: str = "cpu",
         shard_num_cpus: float = 1.0,
         scheduling_strategy: str = "SPREAD",
+        score: str = "evol_score",
     ):
         import ray  # noqa: PLC0415 - only the distributed path needs Ray
 
@@ -312,7 +317,7 @@ class ShardedPool:
         actor_cls = ray.remote(num_cpus=shard_num_cpus, scheduling_strategy=scheduling_strategy)(
             SelectShard
         )
-        self.shards = [actor_cls.remote(p, offsets[s], device) for s, p in enumerate(plans)]
+        self.shards = [actor_cls.remote(p, offsets[s], device, score) for s, p in enumerate(plans)]
         try:
             self.infos = ray.get([sh.info.remote() for sh in self.shards])
             ray.get([sh.check_seq.remote() for sh in self.shards])
@@ -555,11 +560,14 @@ def select_distributed(
     scheduling_strategy: str = "SPREAD",
     driver_device: str = "auto",
     explain: bool = True,
+    score: str = "evol_score",
 ) -> SelectionResult:
     """Exact distributed selection over ``num_shards`` Ray actors (Ray must be initialised).
 
     One-shot form of :class:`ShardedPool` (load, :meth:`ShardedPool.select`, close); the
     arguments are those of the two.
     """
-    with ShardedPool(embed_dir, num_shards, device, shard_num_cpus, scheduling_strategy) as pool:
+    with ShardedPool(
+        embed_dir, num_shards, device, shard_num_cpus, scheduling_strategy, score
+    ) as pool:
         return pool.select(tau, budget, block_size, driver_device, explain)

@@ -141,8 +141,8 @@ def duplicate_seq_error(seq: int, where: str, ids: tuple[str, str]) -> Duplicate
     )
 
 
-def load_pool(pieces: list[Piece], check_seq: bool = True) -> PoolArrays:
-    """Read (ids, seq, evol_score, embedding) of row ranges into arrays (nulls -> NaN).
+def load_pool(pieces: list[Piece], check_seq: bool = True, score: str = "evol_score") -> PoolArrays:
+    """Read (ids, seq, selection score, embedding) of row ranges into arrays (nulls -> NaN).
 
     Row group by row group into preallocated arrays, so the peak memory is the float32
     matrix plus one row group (not twice the pool).
@@ -150,14 +150,20 @@ def load_pool(pieces: list[Piece], check_seq: bool = True) -> PoolArrays:
     Args:
         pieces: the row ranges to read.
         check_seq: fail with :class:`DuplicateSeqError` when a ``seq`` repeats.
+        score: the selection score, a column or an expression over columns
+            (:mod:`deita_ray.selection.score_expr`; ``select.score``).
     """
+    from deita_ray.selection.score_expr import parse as parse_score
+
+    expr = parse_score(score)
+    columns = tuple(dict.fromkeys(("id", "seq", "embedding", *expr.names)))
     n = sum(b - a for _, a, b in pieces)
     ids: list[str] = []
     seq = np.empty(n, np.int64)
     scores = np.empty(n, np.float64)
     emb: np.ndarray | None = None
     at = 0
-    for t in iter_pieces(pieces):
+    for t in iter_pieces(pieces, columns):
         m = t.num_rows
         mat, _ = embedding_matrix(t["embedding"])
         if emb is None:
@@ -165,7 +171,7 @@ def load_pool(pieces: list[Piece], check_seq: bool = True) -> PoolArrays:
         emb[at : at + m] = mat
         ids.extend(t["id"].to_pylist())
         seq[at : at + m] = t["seq"].cast(pa.int64()).to_numpy(zero_copy_only=False)
-        scores[at : at + m] = t["evol_score"].cast(pa.float64()).to_numpy(zero_copy_only=False)
+        scores[at : at + m] = expr.evaluate({c: t[c] for c in expr.names})
         at += m
     if emb is None:
         emb = np.empty((0, 0), np.float32)

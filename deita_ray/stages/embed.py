@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,13 @@ def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
     return pa.list_(ARROW_DTYPES[dtype], dim)
 
 
-def embed_table(table: pa.Table, backend: Any, max_length: int, dtype: str = "float32") -> pa.Table:
+def embed_table(
+    table: pa.Table,
+    backend: Any,
+    max_length: int,
+    dtype: str = "float32",
+    carry: Sequence[str] = (),
+) -> pa.Table:
     """Embed every row of ``table`` with one backend call (pure apart from the engine).
 
     Args:
@@ -46,9 +53,12 @@ def embed_table(table: pa.Table, backend: Any, max_length: int, dtype: str = "fl
         max_length: tokens kept from the start of each rendering (also capped by the model's
             context).
         dtype: "float32" or "float16" storage of the embedding.
+        carry: further row columns of ``table`` copied to the output unchanged (the scorers'
+            row columns, so that any ``select.score`` reaches the selector as evol_score does).
 
     Returns:
-        A table with :data:`OUTPUT_COLUMNS` plus the reject marks. Rows that cannot be rendered
+        A table with :data:`OUTPUT_COLUMNS`, the ``carry`` columns and the reject marks. Rows
+        that cannot be rendered
         or that the engine fails on are marked (reasons ``missing_messages``, ``render_error``,
         ``engine_error``, ``non_finite_embedding``) with a null embedding.
     """
@@ -109,6 +119,7 @@ def embed_table(table: pa.Table, backend: Any, max_length: int, dtype: str = "fl
             "evol_score": col("evol_score", pa.float64()),
             EMBEDDING: emb,
             EMBED_TRUNCATED: pa.array(truncated, pa.bool_()),
+            **{c: table[c] for c in carry},
             REASON: pa.array(reasons, pa.string()),
             DETAIL: pa.array(details, pa.string()),
             RAW: pa.array(raws, pa.large_string()),
@@ -119,23 +130,29 @@ def embed_table(table: pa.Table, backend: Any, max_length: int, dtype: str = "fl
 class Embedder:
     """Ray Data callable: the last-token embedding of each row's vicuna_v1.1 rendering.
 
-    Input columns: ``id``, ``messages`` (list<struct<role, content>>), optionally ``seq`` and
-    ``evol_score`` (others are dropped).
+    Input columns: ``id``, ``messages`` (list<struct<role, content>>), optionally ``seq``,
+    ``evol_score`` and the ``carry`` columns (others are dropped).
 
     Output columns: ``id``, ``seq`` (int64, null if absent), ``evol_score`` (double, null if
     absent), ``embedding`` (fixed_size_list<float32 or float16>[hidden_size]),
-    ``embed_truncated`` (bool: the rendering was longer than ``max_length`` tokens) and the
-    reject marks ``_reject_reason`` / ``_reject_detail`` / ``_raw``.
+    ``embed_truncated`` (bool: the rendering was longer than ``max_length`` tokens), the
+    ``carry`` columns and the reject marks ``_reject_reason`` / ``_reject_detail`` / ``_raw``.
 
     Args:
         model_cfg: the embedding model's config.
         model_path: resolved local model folder.
         max_length: tokens kept from the start of the rendering.
         dtype: "float32" or "float16" storage of the embedding.
+        carry: row score columns to pass through to the selector.
     """
 
     def __init__(
-        self, model_cfg: ModelConfig, model_path: str, max_length: int, dtype: str = "float32"
+        self,
+        model_cfg: ModelConfig,
+        model_path: str,
+        max_length: int,
+        dtype: str = "float32",
+        carry: Sequence[str] = (),
     ):
         from deita_ray.models.backend import load_backend  # noqa: PLC0415
 
@@ -144,9 +161,17 @@ class Embedder:
         self.backend = load_backend(model_cfg, model_path, "embed")
         self.max_length = max_length
         self.dtype = dtype
+        self.carry = tuple(carry)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return embed_table(batch, self.backend, self.max_length, self.dtype)
+        return embed_table(batch, self.backend, self.max_length, self.dtype, self.carry)
+
+
+def score_carry_columns(cfg: PipelineConfig) -> list[str]:
+    """The scorers' row columns besides ``evol_score`` (they travel with the embeddings)."""
+    from deita_ray.scorers import EVOL, resolve_scorers, row_columns  # noqa: PLC0415
+
+    return [c for c in row_columns(resolve_scorers(cfg)) if c != EVOL]
 
 
 def embed_source(out_dir: str) -> str:
@@ -168,9 +193,10 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     source = pds.dataset(src, format="parquet")
     rows_in = source.count_rows()
     columns = [c for c in ("id", "seq", "messages", "evol_score") if c in source.schema.names]
+    carry = [c for c in score_carry_columns(cfg) if c in source.schema.names]
     model_cfg = cfg.embed.model
     path = resolve_model_path(model_cfg.path, cfg.cache_dir)
-    ds = skip_finished(ray.data.read_parquet(src).select_columns(columns), out_dir, "embed")
+    ds = skip_finished(ray.data.read_parquet(src).select_columns(columns + carry), out_dir, "embed")
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={
@@ -178,6 +204,7 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
             "model_path": path,
             "max_length": cfg.embed.max_length,
             "dtype": cfg.output.embedding_dtype,
+            "carry": carry,
         },
         batch_format="pyarrow",
         **actor_pool_kwargs(cfg.embed.resources, model_cfg),

@@ -1,18 +1,28 @@
-"""The ``score`` stage: DEITA complexity and quality scores per turn, and the row's evol score.
+"""The ``score`` stage: every configured scorer over every turn of every row.
 
-:class:`TurnScorer` is a callable class for ``Dataset.map_batches`` (``batch_format="pyarrow"``)
-that owns one scorer model. When both scorers use the same model config (the quickstart), one
-actor scores both prompt kinds of every turn of a batch in ONE engine call; otherwise two
-actor pools run one after the other, the second adding its scores and the evol score.
+The scorers come from ``score.scorers`` (``deita_ray/scorers``; default: the paper's
+``deita_complexity`` and ``deita_quality``). Scorers whose model configs are equal form one
+group: one :class:`ModelScorers` actor pool, one engine, and for every batch one engine call per
+request type (label prompts, token log-probabilities) for all of the group's scorers. Groups
+run one after the other, each adding its columns. Kinds that load no model (``length``) run
+first, as Ray Data CPU tasks (:func:`cpu_score`), never in a model actor. When a
+``deita_complexity`` and a ``deita_quality`` scorer both ran, ``evol_score`` =
+``sum_i complexity_i * quality_i``; the row column ``truncated`` is true when any scorer cut
+the row's text to fit its model.
 
-:func:`run_score` reads ``<out_dir>/ingest``, runs the scorer pool(s) and writes
-``<out_dir>/score`` (and ``<out_dir>/rejects/score``).
+:func:`score_batch` is the pure batch function (apart from the engine); :func:`run_score`
+reads ``<out_dir>/ingest``, runs the CPU step and the actor pool(s) and writes
+``<out_dir>/score`` (and ``<out_dir>/rejects/score``). Per-scorer throughput (rows and tokens
+per second of the time attributed to the scorer: its own preparation plus its share, by
+tokens, of each engine call it took part in) goes into the stage's metrics in report.json.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,21 +34,17 @@ from deita_ray.data.formats import extract_turns
 from deita_ray.data.rejects import DETAIL, MARK_COLUMNS, RAW, REASON, to_raw
 from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
 from deita_ray.preflight import ModelToLoad
-from deita_ray.scoring import (
-    PromptTooLong,
-    complexity_spec,
-    expected_score,
-    fit_prompt,
-    quality_spec,
-    resolve_digit_ids,
-)
+from deita_ray.scorers import EVOL, TRUNCATED, get_kind
+from deita_ray.scorers.base import BatchView, BoundScorer, LabelRequest, LogprobRequest
+from deita_ray.scoring import PromptTooLong, expected_score, fit_prompt
 from deita_ray.stages.base import Stage
 from deita_ray.stages.reports.score import REPORT
 
 KINDS: tuple[str, ...] = ("complexity", "quality")
+"""The DEITA pair by its legacy short names (:func:`score_table`)."""
 SCORE_COLUMNS = {"complexity": "complexity_scores", "quality": "quality_scores"}
-EVOL = "evol_score"
-TRUNCATED = "truncated"
+CPU_TASK_CPUS = 0.25
+"""CPUs a cheap-scorer task reserves (it only counts characters and tokens)."""
 
 
 def _marks(table: pa.Table) -> tuple[list, list, list]:
@@ -61,265 +67,543 @@ def _row_raw(table: pa.Table, i: int) -> str:
     return to_raw({k: v for k, v in row.items() if k not in MARK_COLUMNS})
 
 
-def score_table(
-    table: pa.Table, backend: Any, digit_ids: list[int], kinds: Sequence[str] = KINDS
-) -> pa.Table:
-    """Score the turns of every row of ``table`` with one backend (pure apart from the engine).
+class _Timer:
+    """Per-scorer work counters of one batch: rows, requests, prompt tokens, seconds."""
 
-    Every prompt of the batch goes to the engine in one call. A row that cannot be scored
-    (no turn, a prompt whose template alone exceeds the context, an engine error on one of its
-    prompts, a non-finite result) is marked as a reject; the other rows are unaffected. Rows
-    that arrive already marked are passed through unscored.
+    def __init__(self, scorers: Sequence[BoundScorer]):
+        self.stats = {
+            s.spec.name or s.spec.kind: {
+                "kind": s.spec.kind,
+                "rows": 0,
+                "requests": 0,
+                "tokens": 0,
+                "seconds": 0.0,
+            }
+            for s in scorers
+        }
+
+    def add(self, scorer: BoundScorer, seconds: float, **counts: int) -> None:
+        st = self.stats[scorer.spec.name or scorer.spec.kind]
+        st["seconds"] += seconds
+        for k, v in counts.items():
+            st[k] += v
+
+    def share(
+        self, owners: list[BoundScorer], tokens: list[int], seconds: float, count: bool = True
+    ) -> None:
+        """Split one step's time between its scorers by their share of its tokens (and, for an
+        engine call, ``count`` its requests and tokens)."""
+        total = sum(tokens) or 1
+        per: dict[int, list] = {}
+        for s, t in zip(owners, tokens, strict=True):
+            entry = per.setdefault(id(s), [s, 0, 0])
+            entry[1] += t
+            entry[2] += 1
+        for s, tok, reqs in per.values():
+            counts = {"tokens": tok, "requests": reqs} if count else {}
+            self.add(s, seconds * tok / total, **counts)
+
+
+def score_batch(
+    table: pa.Table,
+    backend: Any,
+    scorers: Sequence[BoundScorer],
+    evol: tuple[str, str] | None = None,
+    stats: dict | None = None,
+) -> pa.Table:
+    """Run ``scorers`` over the turns of every row of ``table`` (pure apart from the engine).
+
+    Label prompts of all scorers go to the engine in one call per label set, ordered by row
+    (then scorer, then turn); token-log-probability requests in one call (identical sequences
+    once). A row that cannot be scored (no turn, a prompt whose template alone exceeds the
+    context, no response token within the context, an engine error on one of its requests, a
+    non-finite result) is marked as a reject; the other rows are unaffected. Rows that arrive
+    already marked are passed through unscored.
 
     Args:
         table: canonical rows (``id``, ``messages`` ...), possibly with earlier score columns.
-        backend: a :class:`deita_ray.models.backend.Backend` loaded for ``"score"``.
-        digit_ids: token ids of "1".."6".
-        kinds: which scores to compute: "complexity" and/or "quality".
+        backend: a :class:`~deita_ray.models.backend.Backend` loaded for ``"score"``, or None
+            when no scorer needs an engine (``length``).
+        scorers: bound scorers of this backend's model.
+        evol: turn columns (complexity, quality) whose products make ``evol_score``.
+        stats: filled with per-scorer work counters (rows, requests, tokens, seconds).
 
     Returns:
-        ``table`` plus ``<kind>_scores`` (list<double>), ``truncated`` (bool, OR-ed with an
-        existing one), ``evol_score`` (double; null until both score columns exist) and the
-        reject mark columns.
+        ``table`` plus each scorer's columns, ``evol_score`` (double; null until both evol
+        columns exist), ``truncated`` (bool, OR-ed with an existing one) and the reject marks.
     """
     n = table.num_rows
     reasons, details, raws = _marks(table)
     messages = table["messages"].to_pylist() if "messages" in table.column_names else [None] * n
     old_trunc = table[TRUNCATED].to_pylist() if TRUNCATED in table.column_names else [False] * n
     truncated = [bool(t) for t in old_trunc]
+    timer = _Timer(scorers)
 
     def reject(i: int, reason: str, detail: str) -> None:
-        reasons[i], details[i], raws[i] = reason, detail, _row_raw(table, i)
+        if reasons[i] is None:  # the first reason wins
+            reasons[i], details[i], raws[i] = reason, detail, _row_raw(table, i)
 
-    # 1. Prompts of every turn of every row: (row, kind, turn) -> spec.
-    jobs: list[tuple[int, str, int]] = []
-    specs = []
-    n_turns = [0] * n
+    # 1. The turns of every row.
+    turns: list[list[tuple[str, str]] | None] = [None] * n
     for i in range(n):
         if reasons[i] is not None:
             continue
         if messages[i] is None:
             reject(i, "missing_messages", "row has no messages")
             continue
-        turns = extract_turns(messages[i])
-        if not turns:
+        row_turns = extract_turns(messages[i])
+        if not row_turns:
             reject(i, "no_turns", "conversation has no user message to score")
             continue
-        n_turns[i] = len(turns)
-        for kind in kinds:
-            for t, (instruction, response) in enumerate(turns):
-                jobs.append((i, kind, t))
-                specs.append(
-                    complexity_spec(instruction)
-                    if kind == "complexity"
-                    else quality_spec(instruction, response)
+        turns[i] = row_turns
+    view = BatchView(n, turns, reject, lambda i: reasons[i] is None)
+    for s in scorers:
+        timer.add(s, 0.0, rows=sum(t is not None for t in turns))
+
+    # 2. Requests of every scorer.
+    requests: list[list[LabelRequest | LogprobRequest]] = []
+    for s in scorers:
+        t0 = time.perf_counter()
+        requests.append(s.prepare(view))
+        timer.add(s, time.perf_counter() - t0)
+    if backend is None and any(requests):
+        raise RuntimeError("a scorer that sends engine requests ran without an engine")
+
+    # 3. Label prompts: tokenised in one call, fitted (cut inside the text fields), ordered by
+    #    row, then scorer, then turn.
+    labelled = sorted(
+        (
+            (r.row, k, pos, r, s)
+            for k, (s, reqs) in enumerate(zip(scorers, requests, strict=True))
+            for pos, r in enumerate(reqs)
+            if isinstance(r, LabelRequest)
+        ),
+        key=lambda x: x[:3],
+    )
+    label_reqs = [x[3] for x in labelled]
+    label_owner = [x[4] for x in labelled]
+    if label_reqs:
+        tok = backend.tokenizer
+        budget = backend.max_prompt_tokens
+        t0 = time.perf_counter()
+        encoded = tok([r.spec.text for r in label_reqs], add_special_tokens=True)["input_ids"]
+        for r, ids in zip(label_reqs, encoded, strict=True):
+            if reasons[r.row] is not None:
+                continue
+            try:
+                r.ids, r.cut = fit_prompt(tok, r.spec, budget, ids=ids)
+            except PromptTooLong as e:
+                reject(r.row, "prompt_too_long", str(e))
+                continue
+            truncated[r.row] = truncated[r.row] or r.cut
+        timer.share(
+            label_owner,
+            [len(r.ids or ()) for r in label_reqs],
+            time.perf_counter() - t0,
+            count=False,
+        )
+
+    # 4. One engine call per label set.
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for k, r in enumerate(label_reqs):
+        if reasons[r.row] is None and r.ids is not None:
+            groups[r.label_ids].append(k)
+    for label_ids, members in groups.items():
+        t0 = time.perf_counter()
+        values, errors = backend.digit_logits([label_reqs[k].ids for k in members], list(label_ids))
+        scores = expected_score(values, len(label_ids))  # NaN where the engine failed
+        timer.share(
+            [label_owner[k] for k in members],
+            [len(label_reqs[k].ids) for k in members],
+            time.perf_counter() - t0,
+        )
+        for pos, k in enumerate(members):
+            r = label_reqs[k]
+            if reasons[r.row] is not None:
+                continue
+            if errors[pos] is not None:
+                reject(r.row, "engine_error", errors[pos])
+                continue
+            value = float(scores[pos])
+            if not math.isfinite(value):
+                name = label_owner[k].spec.name or label_owner[k].spec.kind
+                reject(r.row, "non_finite_score", f"{name} score of turn {r.turn} is {value}")
+                continue
+            r.score = value
+
+    # 5. Token log-probabilities: one engine call, identical sequences computed once.
+    lp = [
+        (r, s)
+        for s, reqs in zip(scorers, requests, strict=True)
+        for r in reqs
+        if isinstance(r, LogprobRequest) and reasons[r.row] is None
+    ]
+    if lp:
+        unique: dict[tuple[tuple[int, ...], int], int] = {}
+        for r, _ in lp:
+            unique.setdefault((tuple(r.seq), r.start), len(unique))
+        keys = list(unique)
+        t0 = time.perf_counter()
+        values, errors = backend.token_logprobs([list(q) for q, _ in keys], [b for _, b in keys])
+        timer.share([s for _, s in lp], [r.tokens for r, _ in lp], time.perf_counter() - t0)
+        for r, s in lp:
+            u = unique[(tuple(r.seq), r.start)]
+            if reasons[r.row] is not None:
+                continue
+            if errors[u] is not None:
+                reject(r.row, "engine_error", errors[u])
+            elif not all(math.isfinite(v) for v in values[u]):
+                reject(
+                    r.row,
+                    "non_finite_score",
+                    f"{s.spec.name or s.spec.kind}: non-finite token log-probability",
                 )
+            else:
+                r.values = values[u]
 
-    # 2. Tokenise in one call, truncate inside the text fields where needed.
-    tok = backend.tokenizer
-    budget = backend.max_prompt_tokens
-    encoded = tok([s.text for s in specs], add_special_tokens=True)["input_ids"] if specs else []
-    prompts: list[list[int] | None] = []
-    for (i, _, _), spec, ids in zip(jobs, specs, encoded, strict=True):
-        if reasons[i] is not None:
-            prompts.append(None)
-            continue
-        try:
-            fitted, cut = fit_prompt(tok, spec, budget, ids=ids)
-        except PromptTooLong as e:
-            reject(i, "prompt_too_long", str(e))
-            prompts.append(None)
-            continue
-        truncated[i] = truncated[i] or cut
-        prompts.append(fitted)
-
-    # 3. One engine call for the whole batch.
-    live = [k for k, (i, _, _) in enumerate(jobs) if reasons[i] is None and prompts[k] is not None]
-    values, errors = backend.digit_logits([prompts[k] for k in live], digit_ids)
-    all_scores = expected_score(values) if live else []  # NaN where the engine failed
-    scores: dict[tuple[int, str], list[float | None]] = {}
-    for pos, k in enumerate(live):
-        i, kind, t = jobs[k]
-        if reasons[i] is not None:
-            continue
-        if errors[pos] is not None:
-            reject(i, "engine_error", errors[pos])
-            continue
-        s = float(all_scores[pos])
-        if not math.isfinite(s):
-            reject(i, "non_finite_score", f"{kind} score of turn {t} is {s}")
-            continue
-        scores.setdefault((i, kind), [None] * n_turns[i])[t] = s
-
-    # 4. Columns.
+    # 6. Columns.
     out = table
-    for kind in kinds:
-        col = [scores.get((i, kind)) if reasons[i] is None else None for i in range(n)]
-        out = _set(out, SCORE_COLUMNS[kind], pa.array(col, pa.list_(pa.float64())))
-    if all(SCORE_COLUMNS[k] in out.column_names for k in KINDS):
-        cs = out[SCORE_COLUMNS["complexity"]].to_pylist()
-        qs = out[SCORE_COLUMNS["quality"]].to_pylist()
-        evol = [
+    for s, reqs in zip(scorers, requests, strict=True):
+        t0 = time.perf_counter()
+        columns, cut = s.finish(view, reqs)
+        for i, c in enumerate(cut):
+            truncated[i] = truncated[i] or c
+        for name, array in columns.items():
+            out = _set(out, name, array)
+        timer.add(s, time.perf_counter() - t0)
+    if evol is not None and all(c in out.column_names for c in evol):
+        cs = out[evol[0]].to_pylist()
+        qs = out[evol[1]].to_pylist()
+        evol_values = [
             math.fsum(c * q for c, q in zip(cs[i], qs[i], strict=True))
             if reasons[i] is None and cs[i] is not None and qs[i] is not None
             else None
             for i in range(n)
         ]
     else:
-        evol = [None] * n
-    out = _set(out, EVOL, pa.array(evol, pa.float64()))
+        evol_values = [None] * n
+    out = _set(out, EVOL, pa.array(evol_values, pa.float64()))
     out = _set(out, TRUNCATED, pa.array(truncated, pa.bool_()))
     out = _set(out, REASON, pa.array(reasons, pa.string()))
     out = _set(out, DETAIL, pa.array(details, pa.string()))
+    if stats is not None:
+        stats.update(timer.stats)
     return _set(out, RAW, pa.array(raws, pa.large_string()))
 
 
-class TurnScorer:
-    """Ray Data callable: scores every turn of each row with one scorer model.
+def _deita_specs(digit_ids: list[int], kinds: Sequence[str]) -> list:
+    """Specs of the DEITA pair (legacy short kind names) with resolved digit ids."""
+    from deita_ray.config import ScorerConfig  # noqa: PLC0415
 
-    Input columns: ``id``, ``messages`` (list<struct<role, content>>) and any others (kept);
-    possibly ``complexity_scores`` / ``truncated`` / reject marks from an earlier scorer.
+    specs = []
+    for i, short in enumerate(kinds):
+        kind = get_kind(f"deita_{short}")
+        # The model config is the caller's backend's; a spec only needs one to exist.
+        entry = ScorerConfig(kind=f"deita_{short}")
+        spec = kind.build_spec(entry, ModelConfig(), f"score.scorers[{i}]")
+        specs.append(spec.with_labels(digit_ids))
+    return specs
 
-    Output columns: the input plus ``complexity_scores`` and/or ``quality_scores``
-    (list<double>, one per turn; the complexity prompt sees the turn's instruction alone, the
-    quality prompt instruction + response, no history), ``evol_score`` (double,
-    ``sum_i c_i * q_i`` once both lists exist), ``truncated`` (bool) and the reject marks
-    ``_reject_reason`` / ``_reject_detail`` / ``_raw``.
+
+def score_table(
+    table: pa.Table, backend: Any, digit_ids: list[int], kinds: Sequence[str] = KINDS
+) -> pa.Table:
+    """Score ``table`` with the DEITA pair on one backend (the default scorers' batch function).
 
     Args:
-        model_cfg: the scorer model's config.
+        table: canonical rows, possibly with earlier score columns.
+        backend: a backend loaded for ``"score"``.
+        digit_ids: token ids of "1".."6".
+        kinds: "complexity" and/or "quality".
+
+    Returns:
+        ``table`` plus ``<kind>_scores`` (list<double>), ``evol_score``, ``truncated`` and the
+        reject marks (see :func:`score_batch`).
+    """
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
+    specs = _deita_specs(digit_ids, kinds)
+    scorers = [
+        get_kind(s.kind).bind(s, backend.tokenizer, backend.max_prompt_tokens) for s in specs
+    ]
+    return score_batch(
+        table, backend, scorers, (SCORE_COLUMNS["complexity"], SCORE_COLUMNS["quality"])
+    )
+
+
+class ScoreMetrics:
+    """A small Ray actor the scorer actors and tasks report their per-batch counters to
+    (fire and forget); the driver reads the totals once the stage is written. Batches that Ray
+    retries after a failure are counted again (work done, not distinct rows)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, dict] = {}
+
+    def record(self, stats: dict) -> None:
+        for name, st in stats.items():
+            tot = self.totals.setdefault(name, {"kind": st["kind"]})
+            for k, v in st.items():
+                if k != "kind":
+                    tot[k] = tot.get(k, 0) + v
+
+    def get(self) -> dict:
+        return self.totals
+
+
+def _bind_all(specs: Sequence, tokenizer: Any, budget: int) -> list[BoundScorer]:
+    return [get_kind(s.kind).bind(s, tokenizer, budget) for s in specs]
+
+
+class ModelScorers:
+    """Ray Data callable: the scorers of one model, sharing its engine.
+
+    Input columns: ``id``, ``messages`` (list<struct<role, content>>) and any others (kept);
+    possibly earlier scorers' columns, ``truncated`` and reject marks.
+
+    Output columns: the input plus each scorer's columns (docs/scoring.md), ``evol_score``
+    (double, once both DEITA turn columns exist), ``truncated`` (bool) and the reject marks.
+
+    Args:
+        model_cfg: the group's model config.
         model_path: resolved local model folder.
-        kinds: the prompt kinds this model scores ("complexity", "quality" or both).
-        digit_token_ids: ids of "1".."6" (resolved on the driver); None resolves them here.
+        specs: the group's scorer specs (label ids resolved on the driver).
+        evol: the DEITA turn columns that make ``evol_score`` (None: no DEITA pair).
+        metrics: a :class:`ScoreMetrics` actor handle, or None.
     """
 
     def __init__(
         self,
         model_cfg: ModelConfig,
         model_path: str,
-        kinds: Sequence[str] = KINDS,
-        digit_token_ids: list[int] | None = None,
+        specs: Sequence,
+        evol: tuple[str, str] | None = None,
+        metrics: Any = None,
     ):
         from deita_ray.models.backend import load_backend  # noqa: PLC0415
 
-        bad = [k for k in kinds if k not in KINDS]
-        if bad or not kinds:
-            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
-        self.kinds = tuple(kinds)
         self.backend = load_backend(model_cfg, model_path, "score")
-        self.digit_ids = resolve_digit_ids(self.backend.tokenizer, digit_token_ids)
+        tok = self.backend.tokenizer
+        specs = [
+            get_kind(s.kind).resolve_labels(s, tok) if s.label_ids is None else s for s in specs
+        ]
+        self.scorers = _bind_all(specs, tok, self.backend.max_prompt_tokens)
+        self.evol = evol
+        self.metrics = metrics
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return score_table(batch, self.backend, self.digit_ids, self.kinds)
+        stats: dict = {}
+        out = score_batch(batch, self.backend, self.scorers, self.evol, stats)
+        if self.metrics is not None:
+            self.metrics.record.remote(stats)
+        return out
 
 
-def scorer_plan(cfg: PipelineConfig) -> list[tuple[ModelConfig, str, tuple[str, ...]]]:
-    """(model config, resolved path, kinds) per scorer actor pool: one pool when complexity and
-    quality use the same model config, else two."""
-    from deita_ray.models.registry import resolve_model_path  # noqa: PLC0415
+@functools.lru_cache(maxsize=8)
+def _task_tokenizer(path: str, trust_remote_code: bool) -> Any:
+    """A tokenizer per worker process (Ray reuses task workers, so batches share it)."""
+    from deita_ray.models.backend import load_tokenizer  # noqa: PLC0415
 
-    sc = cfg.score
-    cpath = resolve_model_path(sc.complexity_model.path, cfg.cache_dir)
-    if sc.complexity_model == sc.quality_model:
-        return [(sc.complexity_model, cpath, KINDS)]
-    qpath = resolve_model_path(sc.quality_model.path, cfg.cache_dir)
-    return [(sc.complexity_model, cpath, ("complexity",)), (sc.quality_model, qpath, ("quality",))]
+    return load_tokenizer(path, trust_remote_code)
 
 
-def summarize_scores(folder: str) -> dict:
-    """JSON-able statistics of a score output folder (for report.json)."""
+def cpu_score(
+    batch: pa.Table, specs: Sequence, evol: tuple[str, str] | None, metrics: Any = None
+) -> pa.Table:
+    """Ray Data task function: scorers that load no model (``length``) on one batch."""
+    scorers = []
+    for s in specs:
+        tok = None
+        if s.model is not None:
+            tok = _task_tokenizer(s.model_path or s.model.path, s.model.trust_remote_code)
+        scorers.append(get_kind(s.kind).bind(s, tok, 0))
+    stats: dict = {}
+    out = score_batch(batch, None, scorers, evol, stats)
+    if metrics is not None:
+        metrics.record.remote(stats)
+    return out
+
+
+def score_plan(cfg: PipelineConfig) -> tuple[list, list[tuple[ModelConfig, str, list]]]:
+    """(CPU scorer specs, [(model config, resolved path, specs)] per model actor pool), with
+    model paths resolved and label token ids checked on the driver, so a bad scorer fails
+    before any actor starts."""
+    from deita_ray.models.backend import load_tokenizer  # noqa: PLC0415
+    from deita_ray.scorers import cpu_scorers, model_groups, resolve_scorers  # noqa: PLC0415
+
+    specs = resolve_scorers(cfg, resolve_paths=True)
+    for s in cpu_scorers(specs):
+        if s.model is not None:  # fail here, not in a task, when its tokenizer does not load
+            load_tokenizer(s.model_path, s.model.trust_remote_code)
+    pools = []
+    for group in model_groups(specs):
+        model, path = group[0].model, group[0].model_path
+        tok = load_tokenizer(path, model.trust_remote_code)
+        pools.append((model, path, [get_kind(s.kind).resolve_labels(s, tok) for s in group]))
+    return cpu_scorers(specs), pools
+
+
+def _stats(values: list[float]) -> dict:
     import numpy as np  # noqa: PLC0415
+
+    if not values:
+        return {}
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std()),
+        "min": float(a.min()),
+        "p50": float(np.median(a)),
+        "max": float(a.max()),
+    }
+
+
+def summarize_scores(folder: str, row_columns: Sequence[str] = ()) -> dict:
+    """JSON-able statistics of a score output folder (for report.json): the DEITA pair's
+    per-turn and evol statistics when present, and ``columns``: per row column of the other
+    scorers, its statistics and null count."""
     import pyarrow.dataset as pds  # noqa: PLC0415
 
     if not parquet_files(folder):
         return {"rows": 0}
-    t = pds.dataset(folder, format="parquet").to_table(
-        columns=[*SCORE_COLUMNS.values(), EVOL, TRUNCATED]
-    )
-
-    def stats(values: list[float]) -> dict:
-        if not values:
-            return {}
-        a = np.asarray(values, dtype=np.float64)
-        return {
-            "mean": float(a.mean()),
-            "std": float(a.std()),
-            "min": float(a.min()),
-            "p50": float(np.median(a)),
-            "max": float(a.max()),
-        }
-
-    out = {
-        "rows": t.num_rows,
-        "truncated_rows": int(sum(t[TRUNCATED].to_pylist())),
-        "evol_score": stats([v for v in t[EVOL].to_pylist() if v is not None]),
-    }
+    dataset = pds.dataset(folder, format="parquet")
+    names = dataset.schema.names
+    legacy = [c for c in (*SCORE_COLUMNS.values(), EVOL, TRUNCATED) if c in names]
+    extra = [c for c in row_columns if c in names and c not in legacy]
+    t = dataset.to_table(columns=legacy + extra)
+    out: dict[str, Any] = {"rows": t.num_rows}
+    if TRUNCATED in names:
+        out["truncated_rows"] = int(sum(t[TRUNCATED].to_pylist()))
+    if EVOL in names:
+        out["evol_score"] = _stats([v for v in t[EVOL].to_pylist() if v is not None])
     for kind, col in SCORE_COLUMNS.items():
-        flat = [v for row in t[col].to_pylist() if row for v in row]
-        out[f"{kind}_turn_score"] = stats(flat)
-        out["turns"] = len(flat)
+        if col in names:
+            flat = [v for row in t[col].to_pylist() if row for v in row]
+            out[f"{kind}_turn_score"] = _stats(flat)
+            out["turns"] = len(flat)
+    if extra:
+        out["columns"] = {}
+        for c in extra:
+            vals = t[c].to_pylist()
+            good = [float(v) for v in vals if v is not None and math.isfinite(v)]
+            out["columns"][c] = {**_stats(good), "nulls": len(vals) - len(good)}
     return out
+
+
+def _throughput(totals: dict, seconds: float) -> dict:
+    """Per scorer (and per kind): work counters and rows / tokens per second of its time."""
+    per_scorer = {}
+    per_kind: dict[str, dict] = {}
+    for name, st in totals.items():
+        sec = st.get("seconds", 0.0)
+        entry = {
+            "kind": st["kind"],
+            "rows": int(st.get("rows", 0)),
+            "requests": int(st.get("requests", 0)),
+            "tokens": int(st.get("tokens", 0)),
+            "seconds": round(sec, 3),
+            "rows_per_s": round(st.get("rows", 0) / sec, 3) if sec > 0 else None,
+            "tokens_per_s": round(st.get("tokens", 0) / sec, 1) if sec > 0 else None,
+        }
+        per_scorer[name] = entry
+        agg = per_kind.setdefault(st["kind"], {"rows": 0, "tokens": 0, "seconds": 0.0})
+        for k in ("rows", "tokens", "seconds"):
+            agg[k] += entry[k]
+    for agg in per_kind.values():
+        sec = agg["seconds"]
+        agg["seconds"] = round(sec, 3)
+        agg["rows_per_s"] = round(agg["rows"] / sec, 3) if sec > 0 else None
+        agg["tokens_per_s"] = round(agg["tokens"] / sec, 1) if sec > 0 else None
+    return {"scorers": per_scorer, "kinds": per_kind, "stage_seconds": round(seconds, 3)}
 
 
 def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     """Score ``<out_dir>/ingest`` into ``<out_dir>/score`` (Ray must be initialised).
 
-    Model paths are resolved and digit token ids checked on the driver, so a bad scorer fails
+    Model paths are resolved and label token ids checked on the driver, so a bad scorer fails
     before any actor starts.
     """
     import pyarrow.dataset as pds  # noqa: PLC0415
     import ray  # noqa: PLC0415
 
-    from deita_ray.models.backend import load_tokenizer  # noqa: PLC0415
     from deita_ray.runtime import actor_pool_kwargs  # noqa: PLC0415
+    from deita_ray.scorers import evol_pair, resolve_scorers, row_columns  # noqa: PLC0415
 
     t0 = time.time()
     src = stage_dir(out_dir, "ingest")
     rows_in = pds.dataset(src, format="parquet").count_rows()
-    plan = scorer_plan(cfg)
+    cpu_specs, pools = score_plan(cfg)
+    all_specs = resolve_scorers(cfg)
+    evol = evol_pair(all_specs)
+    res = cfg.score.resources
+    metrics_actor = ray.remote(num_cpus=0)(ScoreMetrics).remote()
     # Rows an interrupted earlier run already wrote are not scored again (resume).
     ds = skip_finished(ray.data.read_parquet(src), out_dir, "score")
+    if cpu_specs:
+        ds = ds.map_batches(
+            cpu_score,
+            fn_kwargs={"specs": cpu_specs, "evol": evol, "metrics": metrics_actor},
+            batch_format="pyarrow",
+            batch_size=res.batch_size,
+            num_cpus=CPU_TASK_CPUS,
+        )
     models = {}
-    for model_cfg, path, kinds in plan:
-        tok = load_tokenizer(path, model_cfg.trust_remote_code)
-        digit_ids = resolve_digit_ids(tok, cfg.score.digit_token_ids)
-        models["+".join(kinds)] = {
+    for model_cfg, path, specs in pools:
+        models["+".join(s.name or s.kind for s in specs)] = {
             "path": path,
             "backend": model_cfg.backend,
-            "digit_token_ids": digit_ids,
+            "scorers": [s.kind for s in specs],
+            **(
+                {"digit_token_ids": list(specs[0].label_ids)}
+                if specs[0].label_ids is not None
+                else {}
+            ),
         }
         ds = ds.map_batches(
-            TurnScorer,
+            ModelScorers,
             fn_constructor_kwargs={
                 "model_cfg": model_cfg,
                 "model_path": path,
-                "kinds": kinds,
-                "digit_token_ids": digit_ids,
+                "specs": specs,
+                "evol": evol,
+                "metrics": metrics_actor,
             },
             batch_format="pyarrow",
-            **actor_pool_kwargs(cfg.score.resources, model_cfg),
+            **actor_pool_kwargs(res, model_cfg),
         )
     counts = write_with_rejects(ds, "score", out_dir, rows_in=rows_in)
     counts.check("score")
     seconds = time.time() - t0
+    try:
+        totals = ray.get(metrics_actor.get.remote())
+    finally:
+        ray.kill(metrics_actor)
     metrics = {
         "models": models,
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows_in / seconds, 3) if seconds > 0 else None,
-        **summarize_scores(stage_dir(out_dir, "score")),
+        "throughput": _throughput(totals, seconds),
+        **summarize_scores(stage_dir(out_dir, "score"), row_columns(all_specs)),
     }
     return StageResult(counts=counts, metrics=metrics)
 
 
 def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
-    sc = cfg.score
-    return [
-        ModelToLoad(f"score.{name}.path", m.path, m.trust_remote_code)
-        for name, m in (
-            ("complexity_model", sc.complexity_model),
-            ("quality_model", sc.quality_model),
-        )
-    ]
+    """Every model a scorer loads (a length scorer's only for its tokenizer); the DEITA kinds
+    without their own model name the legacy keys."""
+    out = []
+    for i, sc in enumerate(cfg.score.scorers):
+        if sc.model is not None:
+            key, model = f"score.scorers[{i}].model.path", sc.model
+        elif sc.kind in ("deita_complexity", "deita_quality"):
+            name = "complexity_model" if sc.kind == "deita_complexity" else "quality_model"
+            key, model = f"score.{name}.path", getattr(cfg.score, name)
+        else:
+            continue
+        entry = ModelToLoad(key, model.path, model.trust_remote_code)
+        if entry not in out:
+            out.append(entry)
+    return out
 
 
 STAGE = Stage(
@@ -333,5 +617,5 @@ STAGE = Stage(
     resumes_by_shard=True,
     models=_models,
     report=REPORT,
-    doc="DEITA complexity and quality scores per turn, and the row's evol score",
+    doc="every configured scorer per turn and row (default: DEITA complexity, quality, evol)",
 )

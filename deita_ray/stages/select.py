@@ -1,11 +1,14 @@
 """The ``select`` stage: choose the training set from the scored, embedded pool.
 
-Input: ``<out_dir>/embed/*.parquet`` (``id``, ``seq``, ``evol_score``, ``embedding``) for the
-embedding-based methods (``deita``, ``kcenter``); the text pool ``<out_dir>/score/`` (or
-``<out_dir>/ingest/`` when there is no score folder) for the others and for the output's text.
+Input: ``<out_dir>/embed/*.parquet`` (``id``, ``seq``, ``evol_score``, ``embedding`` and the
+scorers' row columns) for the embedding-based methods (``deita``, ``kcenter``); the text pool
+``<out_dir>/score/`` (or ``<out_dir>/ingest/`` when there is no score folder) for the others and
+for the output's text. ``select.score`` (a column or an expression over row columns,
+:mod:`deita_ray.selection.score_expr`) orders ``deita``, ``score`` and ``kcenter``'s first pick.
 
 Output: ``<out_dir>/select/part-00000.parquet`` sorted by ``rank``, with columns ``id``,
-``rank`` (0-based selection order), ``evol_score``, ``max_sim`` (cosine of the pick to its
+``rank`` (0-based selection order), the selection score (named ``evol_score`` when
+``select.score`` is the default, else ``select_score``), ``max_sim`` (cosine of the pick to its
 nearest earlier pick; null for the first pick and for methods that do not compare embeddings),
 followed by every other column of the text pool (``seq``, ``messages``, ``source``, ...), so the
 folder is directly a training set. The selection is small, the pool may be big: the text is
@@ -64,6 +67,8 @@ from deita_ray.selection.greedy import (
     valid_rows,
 )
 from deita_ray.selection.pool import iter_pieces, load_pool, plan_shards
+from deita_ray.selection.score_expr import ScoreExpression
+from deita_ray.selection.score_expr import parse as parse_score
 from deita_ray.stages.base import Stage
 from deita_ray.stages.reports.select import REPORT
 
@@ -87,27 +92,38 @@ def text_source_dir(out_dir: str) -> str | None:
     return None
 
 
-def _read_text_pool(files: list[str], need_messages: bool) -> dict[str, Any]:
-    """Stream (id, seq, evol_score, user/assistant lengths) out of the text pool."""
+def _read_text_pool(
+    files: list[str], need_messages: bool, score: ScoreExpression, lengths: dict[str, str]
+) -> dict[str, Any]:
+    """Stream (id, seq, selection score, user/assistant lengths) out of the text pool.
+
+    ``lengths`` maps ``user`` / ``assistant`` to the length scorer's row columns; where a file
+    lacks them (no length scorer ran), the lengths are the characters of all user / assistant
+    messages of the row.
+    """
     ids: list[str] = []
     seqs, scores, ulen, alen = [], [], [], []
     for f in files:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
-        cols = [c for c in ("id", "seq", "evol_score", "messages") if c in names]
-        if not need_messages:
-            cols = [c for c in cols if c != "messages"]
+        from_scorer = need_messages and all(c in names for c in lengths.values()) and lengths
+        wanted = ["id", "seq", *score.names]
+        if need_messages:
+            wanted += list(lengths.values()) if from_scorer else ["messages"]
+        cols = [c for c in dict.fromkeys(wanted) if c in names]
         for batch in pf.iter_batches(batch_size=8192, columns=cols):
             n = batch.num_rows
             ids.extend(batch.column("id").to_pylist())
             seqs.append(batch.column("seq").cast(pa.int64()).to_numpy(zero_copy_only=False))
-            if "evol_score" in cols:
-                scores.append(
-                    batch.column("evol_score").cast(pa.float64()).to_numpy(zero_copy_only=False)
-                )
+            if all(c in cols for c in score.names):
+                scores.append(score.evaluate({c: batch.column(c) for c in score.names}))
             else:
                 scores.append(np.full(n, np.nan))
-            if need_messages:
+            if need_messages and from_scorer:
+                for role, out in (("user", ulen), ("assistant", alen)):
+                    col = batch.column(lengths[role]).cast(pa.int64())
+                    out.append(col.fill_null(0).to_numpy(zero_copy_only=False))
+            elif need_messages:
                 msgs = batch.column("messages")
                 ulen.append(message_lengths(msgs, "user"))
                 alen.append(message_lengths(msgs, "assistant"))
@@ -124,14 +140,38 @@ def _read_text_pool(files: list[str], need_messages: bool) -> dict[str, Any]:
     }
 
 
+def _length_columns(cfg: PipelineConfig) -> dict[str, str]:
+    """The first ``length`` scorer's instruction / response character columns (or nothing)."""
+    from deita_ray.scorers import resolve_scorers  # noqa: PLC0415
+
+    for spec in resolve_scorers(cfg):
+        if spec.kind == "length":
+            cols = spec.columns
+            if "instruction_chars" in cols and "response_chars" in cols:
+                return {"user": cols["instruction_chars"], "assistant": cols["response_chars"]}
+    return {}
+
+
+def _check_score_columns(files: list[str], score: ScoreExpression, folder: str) -> None:
+    names = pq.ParquetFile(files[0]).schema_arrow.names
+    missing = [c for c in score.names if c not in names]
+    if missing:
+        raise ValueError(
+            f"select.score={score.text!r} reads {missing[0]!r}, which {folder} does not hold "
+            f"(columns: {', '.join(names)}); re-run the score stage with a scorer that writes it"
+        )
+
+
 def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[str, Any]]:
     """Run the configured method; returns the result and run facts for the metrics."""
     sc = cfg.select
+    score = parse_score(sc.score)
     facts: dict[str, Any] = {}
     if sc.method in ("deita", "kcenter"):
         files = parquet_files(stage_dir(out_dir, "embed"))
         if not files:
             raise FileNotFoundError(f"select.method={sc.method} needs {out_dir}/embed/*.parquet")
+        _check_score_columns(files, score, f"{out_dir}/embed")
         if sc.method == "deita" and sc.num_shards > 1:
             facts["mode"] = "distributed"
             res = select_distributed(
@@ -143,10 +183,11 @@ def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[st
                 device=sc.device,
                 shard_num_cpus=sc.shard_num_cpus,
                 driver_device=sc.device,
+                score=sc.score,
             )
             return res, facts
         plan, _ = plan_shards(files, 1)
-        pool = load_pool(plan[0])
+        pool = load_pool(plan[0], score=sc.score)
         facts.update(mode="single_node", ids=pool.ids, seq=pool.seq)
         if sc.method == "kcenter":
             facts["non_candidate"] = ("invalid_embedding", ~valid_rows(pool.embeddings)[0])
@@ -170,15 +211,25 @@ def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[st
     if src is None:
         raise FileNotFoundError(f"select.method={sc.method} needs {out_dir}/score or /ingest")
     need_msgs = sc.method in ("instruction_length", "response_length")
-    pool = _read_text_pool(parquet_files(src), need_msgs)
+    lengths = _length_columns(cfg) if need_msgs else {}
+    files = parquet_files(src)
+    pool = _read_text_pool(files, need_msgs, score, lengths)
     facts.update(mode="single_node", ids=pool["ids"], seq=pool["seq"])
+    if need_msgs:
+        names = pq.ParquetFile(files[0]).schema_arrow.names
+        by_scorer = bool(lengths) and all(c in names for c in lengths.values())
+        facts["length_source"] = "length_scorer" if by_scorer else "message_characters"
     if sc.method == "random":
         return select_random(
             len(pool["ids"]), sc.budget, sc.seed, pool["seq"], pool["scores"], pool["ids"]
         ), facts
     if sc.method == "score":
         if np.isnan(pool["scores"]).all() and len(pool["scores"]):
-            raise ValueError("select.method=score needs evol_score (run the score stage)")
+            _check_score_columns(files, score, src)
+            raise ValueError(
+                f"select.method=score: select.score={sc.score!r} is null for every row "
+                "(run the score stage with the scorers it reads)"
+            )
         facts["non_candidate"] = ("missing_score", np.isnan(pool["scores"]))
         return select_top_score(pool["scores"], sc.budget, pool["seq"], pool["ids"]), facts
     if need_msgs:
@@ -287,7 +338,13 @@ def decisions_table(
     )
 
 
-def _join_text(res: SelectionResult, out_dir: str) -> pa.Table:
+def score_column(cfg: PipelineConfig) -> str:
+    """The selection output's score column: ``evol_score`` for the default score, else
+    ``select_score`` (the scorers' own columns come with the text columns)."""
+    return "evol_score" if cfg.select.score == "evol_score" else "select_score"
+
+
+def _join_text(res: SelectionResult, out_dir: str, score_name: str = "evol_score") -> pa.Table:
     """The selected rows with their text columns, sorted by rank (streaming join on ``seq``)."""
     n = len(res)
     seq = np.asarray(res.seq, np.int64)
@@ -296,7 +353,7 @@ def _join_text(res: SelectionResult, out_dir: str) -> pa.Table:
         {
             "id": pa.array(res.ids if res.ids is not None else [None] * n, pa.string()),
             "rank": pa.array(np.arange(n, dtype=np.int64)),
-            "evol_score": pa.array(np.asarray(res.scores, np.float64), mask=np.isnan(res.scores)),
+            score_name: pa.array(np.asarray(res.scores, np.float64), mask=np.isnan(res.scores)),
             "max_sim": pa.array(max_sim, mask=np.isnan(max_sim)),
         }
     )
@@ -388,7 +445,7 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
     res, facts = _select(cfg, out_dir)
     t_sel = time.perf_counter() - t0
     check_candidates(res.stats, sc.method)
-    table = _join_text(res, out_dir)
+    table = _join_text(res, out_dir, score_column(cfg))
     out = stage_dir(out_dir, NAME)
     os.makedirs(out, exist_ok=True)
     pq.write_table(table, os.path.join(out, "part-00000.parquet"))
@@ -407,6 +464,7 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
     counts.check(NAME)
     metrics = {
         "method": sc.method,
+        "score": sc.score,
         "mode": facts.get("mode"),
         "tau": sc.tau if sc.method == "deita" else None,
         "budget": sc.budget,
@@ -415,7 +473,8 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
         "device": sc.device,
         "num_selected": len(res),
         "pool": {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in st.items()},
-        "evol_score": _summary(res.scores),
+        score_column(cfg): _summary(res.scores),
+        **({"length_source": facts["length_source"]} if "length_source" in facts else {}),
         "max_sim": _summary(res.max_sim),
         "calibration": facts.get("calibration"),
         "timing_s": {

@@ -6,6 +6,7 @@ Engines are module-scoped (one vLLM scorer, one transformers scorer) and shared 
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -442,3 +443,152 @@ def test_run_score_two_scorer_models(ray_local, tiny_model_cfg, tmp_path, pool, 
     result = run_score(cfg, str(tmp_path))
     assert set(result.metrics["models"]) == {"complexity", "quality"}
     _check_stage_output(tmp_path, result, vllm_scored, pool, atol=1e-4)
+
+
+# ------------------------------------------------------------------ scorer registry, the stage
+
+
+def _demo_ingest(ray_local, out_dir: Path) -> pa.Table:
+    """The quickstart's demo pool through the real ingest stage; its rows in seq order."""
+    from deita_ray.config import load_config
+    from deita_ray.stages.ingest import run_ingest
+
+    run_ingest(load_config(data={"demo_pool": True}), str(out_dir))
+    return pds.dataset(str(out_dir / "ingest"), format="parquet").to_table().sort_by("seq")
+
+
+def deita_reference(rows: pa.Table, backend, digit_ids: list[int]) -> pa.Table:
+    """The default scorers' columns computed here from the untouched formula: per row, the
+    complexity prompts of its turns then the quality prompts (SPEC templates, BOS as normal
+    encoding, truncation inside the text fields), the six digit logits, the expected digit,
+    evol = sum of products. Rows that cannot be scored are left out."""
+    from deita_ray.templates import quality_prompt
+
+    tok, budget = backend.tokenizer, backend.max_prompt_tokens
+    keep, prompts, flags, where = [], [], [], []
+    for i, messages in enumerate(rows["messages"].to_pylist()):
+        turns = extract_turns(messages)
+        specs = [complexity_spec(u) for u, _ in turns] + [quality_spec(u, r) for u, r in turns]
+        assert [s.text for s in specs[len(turns) :]] == [quality_prompt(u, r) for u, r in turns]
+        try:
+            fitted = [fit_prompt(tok, s, budget) for s in specs]
+        except PromptTooLong:
+            continue
+        if not turns:
+            continue
+        keep.append(i)
+        where.append((len(prompts), len(turns)))
+        prompts += [ids for ids, _ in fitted]
+        flags.append(any(cut for _, cut in fitted))
+    values, errors = backend.digit_logits(prompts, digit_ids)
+    assert not any(errors)
+    scores = expected_score(values).tolist()
+    comp, qual, evol = [], [], []
+    for start, n in where:
+        c, q = scores[start : start + n], scores[start + n : start + 2 * n]
+        comp.append(c)
+        qual.append(q)
+        evol.append(math.fsum(a * b for a, b in zip(c, q, strict=True)))
+    out = rows.take(pa.array(keep))
+    out = out.append_column("complexity_scores", pa.array(comp, pa.list_(pa.float64())))
+    out = out.append_column("quality_scores", pa.array(qual, pa.list_(pa.float64())))
+    out = out.append_column("evol_score", pa.array(evol, pa.float64()))
+    return out.append_column("truncated", pa.array(flags, pa.bool_()))
+
+
+def _default_scorers_identical(ray_local, tmp_path: Path, model_cfg) -> None:
+    from deita_ray.models.backend import load_backend
+    from deita_ray.stages.score import run_score
+
+    rows = _demo_ingest(ray_local, tmp_path)
+    cfg = PipelineConfig()
+    cfg.score.complexity_model = cfg.score.quality_model = model_cfg
+    cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=64)
+    result = run_score(cfg, str(tmp_path))
+    written = pds.dataset(str(tmp_path / "score"), format="parquet").to_table().sort_by("seq")
+    backend = load_backend(model_cfg, model_cfg.path, "score")
+    want = deita_reference(rows, backend, resolve_digit_ids(backend.tokenizer))
+    backend.close()
+    assert written.schema.names == want.schema.names  # no column added, none moved
+    assert written.schema.equals(want.schema)
+    for name in written.schema.names:
+        assert written[name].to_pylist() == want[name].to_pylist(), name
+    assert result.counts.rows_out == want.num_rows
+    assert any(want["truncated"].to_pylist())  # the truncation path is part of the comparison
+    assert set(result.metrics["throughput"]["kinds"]) == {"deita_complexity", "deita_quality"}
+
+
+def test_default_scorers_byte_identical_on_the_demo_pool(ray_local, tiny_model_cfg, tmp_path):
+    """The registry's default (the DEITA pair) writes exactly the columns and values of the
+    formula on the quickstart's demo pool (one prompt per hf forward: bit-reproducible)."""
+    cfg = tiny_model_cfg("hf", 256)  # short: some demo rows are truncated
+    cfg.hf_batch_size = 1
+    _default_scorers_identical(ray_local, tmp_path, cfg)
+
+
+@pytest.mark.slow
+def test_default_scorers_byte_identical_on_the_demo_pool_smollm2(ray_local, smollm2_path, tmp_path):
+    from deita_ray.config import ModelConfig
+
+    cfg = ModelConfig(
+        path=smollm2_path, backend="hf", dtype="float32", max_model_len=384, hf_batch_size=1
+    )
+    _default_scorers_identical(ray_local, tmp_path, cfg)
+
+
+def _new_map_workers(before: set) -> list[dict]:
+    import ray
+
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    table = ray._private.state.actors(job_id=job)
+    return [
+        a
+        for a in table.values()
+        if "MapWorker" in a["ActorClassName"] and a["ActorID"] not in before
+    ]
+
+
+def test_run_score_shares_one_model_pool_and_runs_length_as_tasks(
+    ray_local, tiny_model_cfg, tmp_path, pool
+):
+    """The DEITA pair and perplexity on one model: one actor pool (one engine); the length
+    scorer never starts a model actor; per-kind throughput lands in the metrics."""
+    import dataclasses
+
+    from deita_ray.config import ScorerConfig
+    from deita_ray.stages.score import run_score
+
+    table = _stage_input(pool)
+    model = tiny_model_cfg("hf", MAX_LEN)
+    for name, kinds in (
+        ("mixed", ["deita_complexity", "deita_quality", "perplexity"]),
+        ("length", []),
+    ):
+        out = tmp_path / name
+        _write_ingest(out, table, n_files=2)
+        cfg = _stage_cfg(tiny_model_cfg, "hf", "hf")
+        cfg.score.scorers = [ScorerConfig(kind=k, model=model) for k in kinds] + [
+            ScorerConfig(kind="length", model=dataclasses.replace(model))
+        ]
+        before = {a["ActorID"] for a in _new_map_workers(set())}
+        result = run_score(cfg, str(out))
+        workers = _new_map_workers(before)
+        got = _read(out / "score")
+        assert result.counts.rows_out == 50
+        kinds_seen = set(result.metrics["throughput"]["kinds"])
+        assert kinds_seen == {*kinds, "length"}
+        length = result.metrics["throughput"]["kinds"]["length"]
+        assert length["rows"] == 50 and length["rows_per_s"] > 0  # rows with a turn
+        some = next(iter(got.values()))
+        assert some["response_tokens"] > 0 and some["instruction_chars"] > 0
+        if name == "mixed":
+            assert len(workers) == 1, workers  # one engine for three scorers
+            assert list(result.metrics["models"]) == ["complexity+quality+ppl"]
+            assert all(r["ppl"] > 1 and r["evol_score"] > 0 for r in got.values())
+            ppl = result.metrics["throughput"]["kinds"]["perplexity"]
+            assert ppl["tokens"] > 0 and ppl["tokens_per_s"] > 0
+            assert "ppl" in result.metrics["columns"]
+        else:
+            assert workers == []  # no model actor for a scorer without a model
+            assert result.metrics["models"] == {}
+            assert all(r["evol_score"] is None for r in got.values())
