@@ -30,7 +30,7 @@ import yaml
 from deita_ray.data.exports import EXPORT_FORMATS
 from deita_ray.scorers import KIND_NAMES
 
-STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "export")
+STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "eval", "export")
 """Every stage, in the order the pipeline runs them."""
 
 EMBEDDED_MODEL = "embedded:smollm2"
