@@ -8,7 +8,7 @@ The definitions are those of docs/evaluation.md:
   rendering of the prompt messages plus ``[assistant: A]``; ``f`` must start with ``p`` (else
   the row is rejected, ``template_not_prefix``); the answer is ``f[len(p):]`` (end-of-turn
   tokens included). Tokens: ``p`` and the answer are tokenised separately and concatenated, the
-  way SFT tokenises its segments (:func:`deita_ray.training.common.encode_segments`), so the
+  way SFT tokenises its segments (:func:`deita_ray.training.render.encode_segments`), so the
   evaluated tokens are the ones a fine-tuned model was trained to predict.
 - Aggregates over rows: the token-weighted mean NLL (sum of NLL / sum of answer tokens), the
   mean of per-row means, each with a percentile bootstrap 95% interval over rows (fixed seed).
@@ -200,7 +200,7 @@ def likelihood_texts(messages: list[dict], template: str, tokenizer: Any) -> tup
 
 def likelihood_tokens(p: str, f: str, tokenizer: Any) -> tuple[list[int], int]:
     """Token ids of ``p`` + the answer ``f[len(p):]`` and the index of the first answer token."""
-    from deita_ray.training.common import encode_segments
+    from deita_ray.training.render import encode_segments
 
     enc = encode_segments([[(p, False), (f[len(p) :], True)]], tokenizer, 1 << 62)[0]
     start = next((i for i, lab in enumerate(enc.labels) if lab != -100), len(enc.labels))

@@ -55,7 +55,7 @@ def context_prefix(tokenizer: Any) -> list[int]:
     Raises:
         ValueError: the tokenizer has none of them.
     """
-    from deita_ray.training.common import special_prefix  # noqa: PLC0415
+    from deita_ray.training.render import special_prefix  # noqa: PLC0415
 
     ids = special_prefix(tokenizer)
     if ids:

@@ -382,7 +382,7 @@ class LikelihoodScorer:
 
 
 def _prompt_ids(text: str, tokenizer: Any) -> list[int]:
-    from deita_ray.training.common import encode_segments
+    from deita_ray.training.render import encode_segments
 
     return encode_segments([[(text, False)]], tokenizer, 1 << 62)[0].input_ids
 
