@@ -343,7 +343,7 @@ class ScoreConfig:
 
 @dataclass
 class EmbedConfig:
-    """The embedder (SPEC section 3)."""
+    """The embedder (docs/embedding.md)."""
 
     model: ModelConfig = _f(
         factory=ModelConfig, doc="The embedding model (last-token hidden state)."
@@ -354,7 +354,7 @@ class EmbedConfig:
 
 @dataclass
 class SelectConfig:
-    """Score-first, diversity-aware selection (SPEC section 4) and its baselines."""
+    """Score-first, diversity-aware selection (docs/selection.md) and its baselines."""
 
     method: str = _f(
         "deita",

@@ -1,4 +1,4 @@
-"""The scorer prompts and the vicuna_v1.1 rendering (SPEC sections 2 and 3), byte-exact, in one place.
+"""The scorer prompts and the vicuna_v1.1 rendering (docs/scoring.md and docs/embedding.md), byte-exact, in one place.
 
 Scorer prompts are split into fixed template pieces and variable text fields so that a prompt
 that is too long can be truncated inside its text fields, never inside the template
@@ -62,12 +62,12 @@ def interleave(pieces: Sequence[str], fields: Sequence[str]) -> str:
 
 
 def complexity_prompt(instruction: str) -> str:
-    """The complexity scorer prompt of SPEC section 2 (two spaces before ``\\n##Complexity``)."""
+    """The complexity scorer prompt of docs/scoring.md (two spaces before ``\\n##Complexity``)."""
     return interleave(COMPLEXITY_PIECES, [instruction])
 
 
 def quality_prompt(instruction: str, output: str) -> str:
-    """The quality scorer prompt of SPEC section 2 (a space before ``\\n##Quality``)."""
+    """The quality scorer prompt of docs/scoring.md (a space before ``\\n##Quality``)."""
     return interleave(QUALITY_PIECES, [instruction, output])
 
 
@@ -150,7 +150,7 @@ def deita_dpo_segments(messages: Sequence[Mapping]) -> list[tuple[str, bool]]:
 
 
 def render_vicuna(messages: Sequence[Mapping]) -> str:
-    """Render a conversation with the vicuna_v1.1 template (SPEC section 3).
+    """Render a conversation with the vicuna_v1.1 template (docs/embedding.md).
 
     Args:
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; system

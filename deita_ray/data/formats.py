@@ -1,4 +1,4 @@
-"""Record shapes -> the canonical row of SPEC section 1 (pure functions, no Ray, no I/O).
+"""Record shapes -> the canonical row of docs/data.md (pure functions, no Ray, no I/O).
 
 A *record* is one parsed JSON object of the pool. :func:`canonicalize` turns it into the
 canonical fields (``messages``, ``format``, ``extra`` and the record's own id, if any) or into a
@@ -72,7 +72,7 @@ CANONICAL_SCHEMA = pa.schema(
         ("extra", pa.large_string()),
     ]
 )
-"""Schema of the ingest stage's accepted rows (SPEC section 1).
+"""Schema of the ingest stage's accepted rows (docs/data.md).
 
 ``seq`` is the global input-order key (file rank in the sorted expansion x 2**40 + record
 index in the file); ``extra`` is a JSON object with every input field not represented by the
@@ -194,7 +194,7 @@ def _convert_messages(
 
 
 def validate_messages(messages: list[dict]) -> Reject | None:
-    """Check the SPEC section 1 rules on canonical messages; None when they hold."""
+    """Check the docs/data.md rules on canonical messages; None when they hold."""
     if not messages:
         return _reject("empty_conversation", "no messages")
     prev = None
@@ -247,7 +247,7 @@ def _str_field(record: Mapping[str, Any], key: str, required: bool) -> str | Rej
 
 
 def _join(instruction: str, extra_input: str) -> str:
-    # SPEC: instruction and input joined by "\n\n" when input is non-empty.
+    # docs/data.md: instruction and input joined by "\n\n" when input is non-empty.
     if not extra_input:
         return instruction
     if not instruction:
@@ -426,7 +426,7 @@ def canonicalize(
 
 
 def extract_turns(messages: Iterable[Any]) -> list[tuple[str, str]]:
-    """Split a conversation into (instruction, response) turns (SPEC section 1).
+    """Split a conversation into (instruction, response) turns (docs/data.md).
 
     A turn is a user message plus the assistant message that follows it (``""`` if none).
     System messages are not turns and are skipped; assistant messages before the first user

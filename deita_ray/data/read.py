@@ -248,7 +248,7 @@ def file_stem(path: str) -> str:
 def id_prefixes(files: list[str]) -> dict[str, str]:
     """Per file, the prefix of its synthesized ids ``<prefix>:<index>``.
 
-    The prefix is the file stem (SPEC section 1). When several files of one pool share a stem
+    The prefix is the file stem (docs/data.md). When several files of one pool share a stem
     (``a/annotations.json``, ``b/annotations.json``), their prefixes take as many parent
     folder names as needed to differ (``a/annotations``, ``b/annotations``), so synthesized
     ids are unique within the pool and stable as long as the same files are read.

@@ -1,6 +1,6 @@
 """The ``embed`` stage: one vector per row, the model's final hidden state (after the final norm)
 at the last token of the vicuna_v1.1 rendering of the row, truncated to ``embed.max_length``
-tokens keeping the beginning, not normalised (SPEC section 3).
+tokens keeping the beginning, not normalised (docs/embedding.md).
 
 :class:`Embedder` is a callable class for ``Dataset.map_batches`` (``batch_format="pyarrow"``);
 :func:`run_embed` reads ``<out_dir>/score`` (or ``<out_dir>/ingest`` when score did not run)

@@ -459,7 +459,7 @@ def _demo_ingest(ray_local, out_dir: Path) -> pa.Table:
 
 def deita_reference(rows: pa.Table, backend, digit_ids: list[int]) -> pa.Table:
     """The default scorers' columns computed here from the untouched formula: per row, the
-    complexity prompts of its turns then the quality prompts (SPEC templates, BOS as normal
+    complexity prompts of its turns then the quality prompts (docs/scoring.md templates, BOS as normal
     encoding, truncation inside the text fields), the six digit logits, the expected digit,
     evol = sum of products. Rows that cannot be scored are left out."""
     from deita_ray.templates import quality_prompt
