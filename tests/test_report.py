@@ -205,11 +205,15 @@ def test_cli_rebuilds_plots_and_drops_stale_ones(job, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(job["out"], out)
     shutil.rmtree(out / "plots")
+    (out / "report.html").unlink()
     cmd = [sys.executable, "-m", "deita_ray.report", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rebuilt = json.loads((out / "report.json").read_text())
     assert rebuilt == job["report"]
+    page = (out / "report.html").read_text()
+    assert json.loads(proc.stdout)["html"] == str(out / "report.html")
+    assert all(i in page for i in rebuilt["selected_ids"])
     for rel in rebuilt["plots"]:
         _check_png(out / rel)
     # Without the selection and the training metrics, their plots and statistics go away.

@@ -252,6 +252,12 @@ def _visible(b: Browser) -> list[dict]:
     )
 
 
+def _shot(b: Browser, path: Path) -> Path:
+    """A screenshot of the row browser."""
+    b.eval("document.getElementById('browser').scrollIntoView()")
+    return b.screenshot(path)
+
+
 def _matched(b: Browser) -> int:
     return int(b.eval("document.getElementById('rows').dataset.matched"))
 
@@ -270,7 +276,7 @@ def test_page_in_headless_chromium(browser, job, tmp_path):
     assert _matched(b) == facts[SELECTED]["shown"] and len(cards) == 25
     assert {c["status"] for c in cards} == {SELECTED}
     assert [c["id"] for c in cards] == job["report"]["selected_ids"][:25]
-    b.screenshot(tmp_path / "selected.png")
+    _shot(b, tmp_path / "selected.png")
 
     # Status filter: the near-duplicates, each beside the selected row that rejected it.
     _set(b, "f-status", "similar_to_selected")
@@ -279,7 +285,7 @@ def test_page_in_headless_chromium(browser, job, tmp_path):
     assert {c["status"] for c in cards} == {"similar_to_selected"}
     assert all("Not picked: cosine" in c["text"] for c in cards)
     assert b.eval("document.querySelectorAll('#rows .pair').length") == len(cards)
-    shot = b.screenshot(tmp_path / "near_duplicates.png")
+    shot = _shot(b, tmp_path / "near_duplicates.png")
 
     # Source filter narrows further.
     source = data["sources"][0]["source"]
@@ -310,7 +316,7 @@ def test_page_in_headless_chromium(browser, job, tmp_path):
     assert all(HOSTILE in c["text"] for c in cards)
     assert b.eval("typeof window.__pwned") == "undefined"
     assert b.eval("document.querySelectorAll('#rows b, #rows script').length") == 0
-    b.screenshot(tmp_path / "hostile.png")
+    _shot(b, tmp_path / "hostile.png")
 
     # Rejects per stage and reason, with their raw text.
     _set(b, "f-search", "", "input")
