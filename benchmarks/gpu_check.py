@@ -14,7 +14,7 @@ Parts (``--part``; expected H200 times are estimates until a GPU has run it):
   products it computes; its ids against the numpy path (exactly equal, or the run fails and no
   ratio is reported); then 100K x 1024 (budget 5K) on CUDA, torch CPU and numpy.
 * ``score_embed`` (~70 s): a random LLaMA-architecture model of about 1B parameters in bf16
-  on the ``hf`` backend: the score stage's batch function (:class:`TurnScorer`, one prefill per
+  on the ``hf`` backend: the score stage's batch function (:func:`score_table`, one prefill per
   prompt, digit logits) and the embed stage's (:class:`Embedder`) on 1,000 synthetic rows;
   tokens/s and MFU; DEITA's ways on the same model (one ``generate`` per prompt, on a sample
   of prompts; the batched last-token loop for embeddings).
@@ -58,6 +58,7 @@ from deita_ray.stages.sft import sft_step
 # isort: split
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -81,6 +82,7 @@ from deita_ray.config import ModelConfig, TrainingConfig
 from deita_ray.data.formats import CANONICAL_SCHEMA, extract_turns
 from deita_ray.data.rejects import REASON
 from deita_ray.data.synthetic import WORDS
+from deita_ray.models.backend import load_backend
 from deita_ray.models.tiny import build_tiny_llama
 from deita_ray.scoring import expected_score, resolve_digit_ids
 from deita_ray.selection.greedy import (
@@ -90,7 +92,7 @@ from deita_ray.selection.greedy import (
     valid_rows,
 )
 from deita_ray.stages.embed import EMBEDDING, Embedder
-from deita_ray.stages.score import SCORE_COLUMNS, TurnScorer
+from deita_ray.stages.score import SCORE_COLUMNS, score_table
 from deita_ray.stages.sft import TokenizeSFT
 from deita_ray.templates import complexity_prompt, quality_prompt, render_vicuna
 
@@ -605,9 +607,12 @@ def part_score_embed(
 
     # Scoring: the score stage's batch function on the whole table (one engine call).
     t = time.perf_counter()
-    scorer = TurnScorer(cfg, model.path)
+    backend = load_backend(cfg, model.path, "score")
+    digit_ids = resolve_digit_ids(backend.tokenizer)
+    # The score stage's batch function for the default DEITA pair (one engine call).
+    scorer = functools.partial(score_table, backend=backend, digit_ids=digit_ids)
+
     load_s = time.perf_counter() - t
-    backend = scorer.backend
     scorer(table.slice(0, min(8, sz.rows)))  # warm-up (kernels, allocator), not timed
     stats = new_stats()
     backend.digit_logits = counting(backend.digit_logits, stats)
