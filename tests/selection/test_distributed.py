@@ -246,7 +246,7 @@ def test_distributed_on_multi_node_cluster(tmp_path):
         assert res["status"] == single.row_status.tolist()
         assert res["rejected_by"] == single.rejected_by.tolist()
         assert res["rejected_sim"] == [x.hex() for x in single.rejected_sim.tolist()]
-        assert any(b >= 0 for b in res["rejected_by"])
+    assert any(b >= 0 for res in results for b in res["rejected_by"])  # something was explained
 
 
 def test_keys_before_matches_brute_force():
