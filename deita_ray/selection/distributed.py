@@ -97,9 +97,8 @@ class SelectShard:
         self, pieces: list[Piece], offset: int, device: str = "cpu", score: str = "evol_score"
     ):
         t0 = time.perf_counter()
-        pool = load_pool(
-            pieces, check_seq=False, score=score
-        )  # checked by check_seq(): a clear error
+        # seq is checked by check_seq(), called by the driver: one clear error for all shards.
+        pool = load_pool(pieces, check_seq=False, score=score)
         self.ids = pool.ids
         n = len(pool.ids)
         self.emb = pool.embeddings
