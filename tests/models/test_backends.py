@@ -38,7 +38,7 @@ def test_factory_and_task_guard(tiny_llama):
     with pytest.raises(RuntimeError, match="embedding"):
         embedder.digit_logits([[1, 2]], list(range(6)))
     with pytest.raises(ValueError, match="task"):
-        load_backend(cfg, str(tiny_llama), "generate")
+        load_backend(cfg, str(tiny_llama), "train")
     bad = ModelConfig(path=str(tiny_llama), backend="hf")
     bad.backend = "onnx"
     with pytest.raises(ValueError, match="onnx"):

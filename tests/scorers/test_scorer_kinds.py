@@ -97,7 +97,7 @@ ALL = [
         + ["ppl_ratio", "tokens", "truncated"],
     },
     {"kind": "rating", "template": DEITA_QUALITY_TEMPLATE, "scale": 6},
-    {"kind": "deita_quality"},
+    {"kind": "deita_quality", "columns": ["turn", "row"]},  # the row mean is off by default
     {"kind": "length"},
 ]
 

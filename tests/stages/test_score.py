@@ -530,8 +530,10 @@ def test_default_scorers_byte_identical_on_the_demo_pool(ray_local, tiny_model_c
 def test_default_scorers_byte_identical_on_the_demo_pool_smollm2(ray_local, smollm2_path, tmp_path):
     from deita_ray.config import ModelConfig
 
+    # 64 tokens: SmolLM2's BPE fits every demo prompt in 128, and the truncation path must run
+    # (on a real tokenizer: cuts inside the text fields, never inside the template)
     cfg = ModelConfig(
-        path=smollm2_path, backend="hf", dtype="float32", max_model_len=384, hf_batch_size=1
+        path=smollm2_path, backend="hf", dtype="float32", max_model_len=64, hf_batch_size=1
     )
     _default_scorers_identical(ray_local, tmp_path, cfg)
 
