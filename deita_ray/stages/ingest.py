@@ -52,21 +52,23 @@ from deita_ray.data.read import (
     id_prefixes,
     read_pool,
 )
-from deita_ray.data.rejects import DETAIL, RANGE_END, RANGE_START, RANGE_UNIT, RAW, REASON
+from deita_ray.data.rejects import (
+    RANGE_END,
+    RANGE_START,
+    RANGE_UNIT,
+    REJECT_MARKS,
+    RejectMarks,
+)
 from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir, write_with_rejects
 from deita_ray.stages.base import Stage
 from deita_ray.stages.reports.canonical import canonical_report
 
 NAME = "ingest"
 
-MARKED_SCHEMA = (
-    CANONICAL_SCHEMA.append(pa.field(REASON, pa.string()))
-    .append(pa.field(DETAIL, pa.string()))
-    .append(pa.field(RAW, pa.large_string()))
-    .append(pa.field(RANGE_START, pa.int64()))
-    .append(pa.field(RANGE_END, pa.int64()))
-    .append(pa.field(RANGE_UNIT, pa.string()))
-)
+_INPUT_RANGES = {RANGE_START: pa.int64(), RANGE_END: pa.int64(), RANGE_UNIT: pa.string()}
+"""The reader's ``range_*`` columns, as the mark columns that locate a reject in its file."""
+
+MARKED_SCHEMA = pa.schema([*CANONICAL_SCHEMA, *REJECT_MARKS, *_INPUT_RANGES.items()])
 """Output of :class:`Canonicalize`: the canonical columns plus the reject mark columns."""
 
 _INDEX_MASK = (1 << SEQ_FILE_SHIFT) - 1
@@ -126,21 +128,21 @@ class Canonicalize:
         messages: list[Any] = [None] * n
         formats: list[Any] = [None] * n
         extras: list[Any] = [None] * n
-        reasons: list[Any] = [None] * n
-        rdetails: list[Any] = [None] * n
-        raws: list[Any] = [None] * n
+        marks = RejectMarks(n)
         loads = json.loads
         dumps = json.dumps
         for i in range(n):
             fallback = f"{self._prefix(sources[i])}:{indexes[i]}"
             text = records[i]
             if errors[i] is not None:
-                ids[i], reasons[i], rdetails[i], raws[i] = fallback, errors[i], details[i], text
+                ids[i] = fallback
+                marks.reject(i, errors[i], details[i], text)
                 continue
             try:
                 obj = loads(text)
             except (ValueError, RecursionError) as e:  # the reader checked, but stay safe
-                ids[i], reasons[i], rdetails[i], raws[i] = fallback, "invalid_json", str(e), text
+                ids[i] = fallback
+                marks.reject(i, "invalid_json", str(e), text)
                 continue
             res = canonicalize(
                 obj, format=self.format, role_map=self.role_map, id_field=self.id_field
@@ -148,46 +150,42 @@ class Canonicalize:
             if isinstance(res, Reject):
                 own = record_id(obj, self.id_field) if isinstance(obj, dict) else None
                 ids[i] = own or fallback
-                reasons[i], rdetails[i], raws[i] = res.reason, res.detail, text
+                marks.reject(i, res.reason, res.detail, text)
                 continue
             ids[i] = res["id"] or fallback
             messages[i] = res["messages"]
             formats[i] = res["format"]
             extras[i] = dumps(res["extra"], ensure_ascii=False) if res["extra"] else "{}"
-        cols = [
-            ids,
-            batch.column("seq"),
-            messages,
-            sources,
-            formats,
-            extras,
-            reasons,
-            rdetails,
-            raws,
-            batch.column("range_start"),
-            batch.column("range_end"),
-            batch.column("range_unit"),
-        ]
+        cols = [ids, batch.column("seq"), messages, sources, formats, extras]
+        ranges = batch.select(["range_start", "range_end", "range_unit"])
         try:
-            return _table(cols)
+            return _marked(marks, cols, ranges)
         except (pa.ArrowInvalid, UnicodeEncodeError):
             # Some string holds an unpaired surrogate (a JSON "\\ud800" escape): reject those rows.
             for i in range(n):
                 if not _encodable(ids[i], messages[i], extras[i]):
-                    reasons[i] = "invalid_utf8"
-                    rdetails[i] = "a string holds an unpaired surrogate escape"
-                    raws[i] = records[i]
+                    marks.reject(
+                        i, "invalid_utf8", "a string holds an unpaired surrogate escape", records[i]
+                    )
                     ids[i] = _safe(ids[i])
                     messages[i] = formats[i] = extras[i] = None
-                raws[i] = _safe(raws[i]) if raws[i] is not None else None
-            return _table(cols)
+                raw = marks.raws[i]
+                marks.raws[i] = _safe(raw) if raw is not None else None
+            return _marked(marks, cols, ranges)
 
 
-def _table(cols: list) -> pa.Table:
+def _marked(marks: RejectMarks, cols: list, ranges: pa.Table | None = None) -> pa.Table:
+    """Canonical columns + reject marks + input ranges (null without ``ranges``): one table of
+    :data:`MARKED_SCHEMA`."""
     arrays = []
-    for value, field in zip(cols, MARKED_SCHEMA, strict=True):
+    for value, field in zip(cols, CANONICAL_SCHEMA, strict=True):
         arrays.append(value if isinstance(value, pa.ChunkedArray) else pa.array(value, field.type))
-    return pa.Table.from_arrays(arrays, schema=MARKED_SCHEMA)
+    table = marks.attach(pa.Table.from_arrays(arrays, schema=CANONICAL_SCHEMA))
+    n = table.num_rows
+    for k, (name, typ) in enumerate(_INPUT_RANGES.items()):
+        column = ranges.column(k) if ranges is not None else pa.nulls(n, typ)
+        table = table.append_column(name, column)
+    return table
 
 
 def _safe(text: str) -> str:
@@ -342,25 +340,20 @@ def mark_duplicates(table: pa.Table, dups: pa.Table) -> pa.Table:
     first = pc.take(dups.column(_FIRST), at)
     dup = pc.fill_null(pc.not_equal(table.column("seq"), first), False)
     dup_np = dup.to_numpy(zero_copy_only=False)
-    n = table.num_rows
-    reasons: list[Any] = [None] * n
-    details: list[Any] = [None] * n
-    raws: list[Any] = [None] * n
+    marks = RejectMarks(table.num_rows)
     if dup_np.any():
         firsts = first.to_pylist()
         for i in dup_np.nonzero()[0].tolist():
             r = table.slice(i, 1).to_pylist()[0]
-            reasons[i] = "duplicate_id"
-            details[i] = (
+            raw = {k: r[k] for k in ("id", "source", "format", "messages")}
+            raw["extra"] = json.loads(r["extra"]) if r["extra"] else None
+            detail = (
                 f"id {r['id']!r} first occurs at seq {firsts[i]} (file rank "
                 f"{firsts[i] >> SEQ_FILE_SHIFT}, index {firsts[i] & _INDEX_MASK})"
             )
-            raw = {k: r[k] for k in ("id", "source", "format", "messages")}
-            raw["extra"] = json.loads(r["extra"]) if r["extra"] else None
-            raws[i] = json.dumps(raw, ensure_ascii=False)
-    no_range = [None] * n  # canonical rows do not keep their input range
-    cols = [table.column(f.name) for f in CANONICAL_SCHEMA]
-    return _table([*cols, reasons, details, raws, no_range, no_range, no_range])
+            marks.reject(i, "duplicate_id", detail, json.dumps(raw, ensure_ascii=False))
+    # canonical rows do not keep their input range
+    return _marked(marks, [table.column(f.name) for f in CANONICAL_SCHEMA])
 
 
 def _fix_part(path: str, rejects: str, prefixes: dict, *dup_tables: pa.Table) -> tuple:
