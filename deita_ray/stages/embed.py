@@ -181,7 +181,7 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     import ray  # noqa: PLC0415
 
     from deita_ray.models.registry import resolve_model_path  # noqa: PLC0415
-    from deita_ray.runtime import actor_pool_kwargs  # noqa: PLC0415
+    from deita_ray.runtime import map_batches_kwargs  # noqa: PLC0415
 
     t0 = time.time()
     src = embed_source(out_dir)
@@ -202,7 +202,7 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
             "carry": carry,
         },
         batch_format="pyarrow",
-        **actor_pool_kwargs(cfg.embed.resources, model_cfg),
+        **map_batches_kwargs(cfg.embed.resources, model_cfg),
     )
     counts = write_with_rejects(ds, "embed", out_dir, rows_in=rows_in)
     counts.check("embed")

@@ -508,14 +508,14 @@ def _run_pass(
     import ray
 
     from deita_ray.data.sink import SplitParquetSink, skip_finished
-    from deita_ray.runtime import actor_pool_kwargs
+    from deita_ray.runtime import map_batches_kwargs
 
     ds = skip_finished(ray.data.from_arrow(table), out_dir, key)
     ds = ds.map_batches(
         fn,
         fn_constructor_kwargs=kwargs,
         batch_format="pyarrow",
-        **actor_pool_kwargs(pool, model_cfg),
+        **map_batches_kwargs(pool, model_cfg),
     )
     ds.write_datasink(SplitParquetSink(NAME, stage_dir(out_dir, key), rejects_dir(out_dir, key)))
 

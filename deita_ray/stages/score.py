@@ -511,7 +511,7 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     import pyarrow.dataset as pds  # noqa: PLC0415
     import ray  # noqa: PLC0415
 
-    from deita_ray.runtime import actor_pool_kwargs  # noqa: PLC0415
+    from deita_ray.runtime import map_batches_kwargs  # noqa: PLC0415
     from deita_ray.scorers import evol_pair, resolve_scorers, row_columns  # noqa: PLC0415
 
     t0 = time.time()
@@ -554,7 +554,7 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
                 "metrics": metrics_actor,
             },
             batch_format="pyarrow",
-            **actor_pool_kwargs(res, model_cfg),
+            **map_batches_kwargs(res, model_cfg),
         )
     counts = write_with_rejects(ds, "score", out_dir, rows_in=rows_in)
     counts.check("score")
