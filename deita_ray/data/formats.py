@@ -144,17 +144,12 @@ def _convert_messages(
     for i, m in enumerate(items):
         if not isinstance(m, dict):
             return _reject("wrong_type", f"{field}[{i}] is {type(m).__name__}, not an object")
-        if "from" in m:
-            role_key = "from"
-        elif "role" in m:
-            role_key = "role"
-        else:
+        # ShareGPT keys first, OpenAI keys second, whatever the shape's name.
+        role_key = next((k for k in ("from", "role") if k in m), None)
+        if role_key is None:
             return _reject("missing_field", f"{field}[{i}] has no 'from'/'role'")
-        if "value" in m:
-            content_key = "value"
-        elif "content" in m:
-            content_key = "content"
-        else:
+        content_key = next((k for k in ("value", "content") if k in m), None)
+        if content_key is None:
             return _reject("missing_field", f"{field}[{i}] has no 'value'/'content'")
         raw_role = m[role_key]
         role = _map_role(raw_role, role_map)
