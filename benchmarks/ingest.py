@@ -41,7 +41,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 from benchmarks._common import finish, ratio, require  # noqa: E402
-from deita_ray.data.synthetic import generate_pool  # noqa: E402
+from testing.synthetic_pool import generate_pool  # noqa: E402
 
 NAME = "ingest"
 
