@@ -93,12 +93,14 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
+
+from deita_ray.data.rejects import INPUT_RANGE
 
 SEQ_FILE_SHIFT = 40
 """``seq = file_rank << SEQ_FILE_SHIFT | index``: up to 2**40 records per file, 2**23 files."""
@@ -122,9 +124,7 @@ READ_SCHEMA = pa.schema(
         ("seq", pa.int64()),
         ("error", pa.string()),
         ("detail", pa.string()),
-        ("range_start", pa.int64()),
-        ("range_end", pa.int64()),
-        ("range_unit", pa.string()),
+        *INPUT_RANGE,
     ]
 )
 """Columns of :func:`read_pool`'s rows."""
@@ -637,6 +637,21 @@ class _TextBuffer:
         text, start, end = self.take(p)
         return Span(start, end, text, syntax=True)
 
+    def skip(self, pattern: re.Pattern, pos: int) -> Generator[Span, None, int | None]:
+        """Move past what ``pattern`` matches from ``pos``, refilling the buffer as needed;
+        yields the syntax spans passed over, returns where the next character is (None at the
+        end of the stream)."""
+        while True:
+            pos = pattern.match(self.buf, pos).end()
+            if pos < len(self.buf):
+                return pos
+            if sp := self.syntax(pos):
+                yield sp
+            shift = self.fill()
+            if shift is None:
+                return None
+            pos -= shift
+
     def pieces(self, p: int, rej: _Reject, final: bool) -> Iterator[Span]:
         """Reject spans for the text from ``mark`` to ``p``; unless ``final``, only the
         pieces whose end is already known (so pieces never depend on chunk boundaries)."""
@@ -658,17 +673,9 @@ def iter_json_array(
     """Spans of a JSON array byte stream, parsed incrementally (see the module docstring)."""
     tb = _TextBuffer(iter(chunks), first)
     decode = json.JSONDecoder().raw_decode
-    pos = 0
-    while True:  # whitespace and byte order marks before the opening bracket
-        pos = _LEAD.match(tb.buf, pos).end()
-        if pos < len(tb.buf):
-            break
-        if sp := tb.syntax(pos):
-            yield sp
-        shift = tb.fill()
-        if shift is None:
-            return  # empty file
-        pos -= shift
+    pos = yield from tb.skip(_LEAD, 0)  # whitespace and byte order marks before the "["
+    if pos is None:
+        return  # empty file
     if tb.buf[pos] != "[":
         if sp := tb.syntax(pos):
             yield sp
@@ -688,17 +695,9 @@ def iter_json_array(
             continue
         c = buf[pos]
         if c == "]":
-            pos += 1
-            while True:  # whitespace after the array
-                pos = _WS.match(tb.buf, pos).end()
-                if pos < len(tb.buf):
-                    break
-                if sp := tb.syntax(pos):
-                    yield sp
-                shift = tb.fill()
-                if shift is None:
-                    return
-                pos -= shift
+            pos = yield from tb.skip(_WS, pos + 1)  # whitespace after the array
+            if pos is None:
+                return
             if tb.buf[pos] == "[":  # concatenated arrays: read on
                 pos += 1
                 continue

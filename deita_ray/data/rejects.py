@@ -33,6 +33,10 @@ RANGE_UNIT = "_range_unit"
 """Column (optional): ``bytes`` (file offsets), ``decompressed_bytes`` (offsets in the
 decompressed stream of a ``.gz`` file) or ``rows`` (Parquet row numbers)."""
 
+INPUT_RANGE = (("range_start", pa.int64()), ("range_end", pa.int64()), ("range_unit", pa.string()))
+"""Where a row sits in its input file: columns of the reader's rows and of every rejects file
+(the mark columns above carry them from one to the other)."""
+
 MARK_COLUMNS = (REASON, DETAIL, RAW, RANGE_START, RANGE_END, RANGE_UNIT)
 """Every mark column: the sink drops them from accepted rows."""
 
@@ -46,9 +50,7 @@ REJECTS_SCHEMA = pa.schema(
         ("stage", pa.string()),
         *((name.split("_")[-1], typ) for name, typ in REJECT_MARKS),  # reason, detail, raw
         ("source", pa.string()),
-        ("range_start", pa.int64()),
-        ("range_end", pa.int64()),
-        ("range_unit", pa.string()),
+        *INPUT_RANGE,
     ]
 )
 """Schema of every file under ``<output.dir>/rejects/<stage>/``. ``range_*`` locate the

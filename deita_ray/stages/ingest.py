@@ -73,6 +73,7 @@ from deita_ray.data.read import (
 )
 from deita_ray.data.rejects import (
     DETAIL,
+    INPUT_RANGE,
     RANGE_END,
     RANGE_START,
     RANGE_UNIT,
@@ -95,7 +96,9 @@ from deita_ray.stages.reports.canonical import canonical_report
 
 NAME = "ingest"
 
-_INPUT_RANGES = {RANGE_START: pa.int64(), RANGE_END: pa.int64(), RANGE_UNIT: pa.string()}
+_INPUT_RANGES = dict(
+    zip((RANGE_START, RANGE_END, RANGE_UNIT), (typ for _, typ in INPUT_RANGE), strict=True)
+)
 """The reader's ``range_*`` columns, as the mark columns that locate a reject in its file."""
 
 MARKED_SCHEMA = pa.schema([*CANONICAL_SCHEMA, *REJECT_MARKS, *_INPUT_RANGES.items()])
@@ -187,7 +190,7 @@ class Canonicalize:
             formats[i] = res["format"]
             extras[i] = dumps(res["extra"], ensure_ascii=False) if res["extra"] else "{}"
         cols = [ids, batch.column("seq"), messages, sources, formats, extras]
-        ranges = batch.select(["range_start", "range_end", "range_unit"])
+        ranges = batch.select([name for name, _ in INPUT_RANGE])
         try:
             return _marked(marks, cols, ranges)
         except (pa.ArrowInvalid, UnicodeEncodeError):
