@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from deita_ray.data.exports import EXPORT_FORMATS
+from deita_ray.data.formats import RECORD_FORMATS
 from deita_ray.scorers import KIND_NAMES
 
 STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "eval", "export")
@@ -72,11 +73,11 @@ class InputConfig:
     )
     format: str = _f(
         "auto",
-        choices=("auto", "sharegpt", "messages", "alpaca", "dolly", "self_instruct", "hh"),
+        choices=("auto", *RECORD_FORMATS),
         doc=(
-            "Record shape. 'auto' detects it per record (conversations -> sharegpt, messages -> "
-            "messages, instruction+instances -> self_instruct, instruction+response -> dolly, "
-            "instruction+output -> alpaca, chosen HH-RLHF transcript -> hh)."
+            "Record shape. 'auto' detects it per record, the first match in this order: "
+            + ", ".join(f"{f.detected_by} -> {f.name}" for f in RECORD_FORMATS.values())
+            + "."
         ),
     )
     file_format: str = _f(

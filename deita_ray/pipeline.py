@@ -218,8 +218,8 @@ def run(
             continue
         previous = manifest["stages"].get(stage, {})
         # Resume or clear, decided here only: a shard-resumable stage interrupted with the
-        # same settings keeps the parts it finished (see data/sink.py); anything else starts
-        # from empty folders.
+        # same settings keeps the parts it finished (score and embed by row, data/sink.py;
+        # ingest by input file, stages/ingest.py); anything else starts from empty folders.
         if (
             desc.resumes_by_shard
             and previous.get("hash") == h

@@ -6,7 +6,6 @@ real SmolLM2 run is exercised by `make demo` and benchmarks/pipeline.py.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -15,11 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow.dataset as pads
 import pytest
 import yaml
-from proc_utils import process_tree
+from proc_utils import kill_tree
 
 from deita_ray.config import load_config
 from deita_ray.pipeline import read_manifest, run
@@ -164,14 +162,6 @@ def _pipeline_cmd(job: Path) -> list[str]:
     return [sys.executable, "-m", "deita_ray.pipeline", "--config", str(job)]
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and everything it started (its local Ray cluster), like a crash."""
-    for p in process_tree(proc.pid):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait(timeout=30)
-
-
 def _child_env(tmp: Path) -> dict:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # each driver starts its own local cluster
@@ -214,7 +204,7 @@ def test_resume_after_killed_driver_equals_uninterrupted_run(tiny_llama, tmp_pat
         else:
             pytest.fail("the embed stage never started")
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     manifest = read_manifest(str(cut_out))["stages"]
     assert manifest["score"]["status"] == "done" and manifest["embed"]["status"] == "running"
     score_finished = manifest["score"]["finished_at"]
