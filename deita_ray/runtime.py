@@ -90,12 +90,41 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
             log_to_driver=ray_cfg.log_to_driver,
         )
         started_local = True
+    if not ray_cfg.log_to_driver:
+        quiet_driver_console()
     return {
         "address": address or "local",
         "started_local": started_local,
         "resources": ray.cluster_resources(),
         "logs": _logs_dir(),
     }
+
+
+def quiet_driver_console() -> None:
+    """Keep Ray Data's own driver-side lines off the console (``ray.log_to_driver: false``).
+
+    Its INFO lines (execution plans, "Starting execution of Dataset ...") still go to the
+    session's ``logs/ray-data/ray-data.log``; its warnings stay on the console. Without a
+    terminal (``ray job submit``, a log file) Ray Data would print a 15-line progress table
+    every 10 s per dataset; the pipeline's own one-line progress replaces it. In a terminal its
+    progress bars stay.
+    """
+    import logging
+    import sys
+
+    import ray.data
+    from ray.util.debug import log_once
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(max(handler.level, logging.WARNING))
+    if not sys.stdout.isatty():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # Ray Data warns once that its bars are off, with advice for notebook users; the
+        # pipeline turned them off on purpose (the key is Ray Data's own log_once key).
+        log_once("ray_data_progress_manager_disabled")
 
 
 def _logs_dir() -> str | None:
@@ -118,6 +147,7 @@ def map_batches_kwargs(
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     batch_size: int | None = None,
+    resources: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """``map_batches`` keyword arguments for a callable class run in an actor pool (the
     training stages' tokenisers and the DPO reference model).
@@ -130,6 +160,7 @@ def map_batches_kwargs(
         num_cpus: CPUs reserved per actor (default 1).
         num_gpus: GPUs reserved per actor (default 0).
         batch_size: rows per call (default: Ray Data's).
+        resources: custom Ray resources per actor: only nodes that offer them host it.
 
     Returns:
         ``{"compute", "num_cpus", "num_gpus"[, "batch_size"]}`` for ``ds.map_batches(fn, **kw)``.
@@ -147,6 +178,8 @@ def map_batches_kwargs(
     }
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
+    if resources:
+        kwargs["resources"] = dict(resources)
     return kwargs
 
 
@@ -162,9 +195,13 @@ def actor_pool_kwargs(pool: ActorPoolConfig, model: ModelConfig | None = None) -
     if model is not None and model.backend == "vllm" and num_gpus > 0:
         # Tensor parallel vLLM workers need one GPU each inside the actor's reservation.
         num_gpus = max(num_gpus, float(model.tensor_parallel_size))
-    return {
+    kwargs: dict[str, Any] = {
         "concurrency": pool.concurrency,
         "num_cpus": pool.num_cpus,
         "num_gpus": num_gpus,
         "batch_size": pool.batch_size,
     }
+    if pool.custom_resources:
+        # Only nodes that offer these host the actors (a restarted actor too).
+        kwargs["resources"] = dict(pool.custom_resources)
+    return kwargs

@@ -485,5 +485,6 @@ STAGE = Stage(
     config_keys=("input", "demo_pool"),
     output_columns=tuple(f.name for f in CANONICAL_SCHEMA),
     report=canonical_report(NAME),
+    writes_parts=True,
     doc="pool files -> canonical rows (ids, messages, source, format, extra) and rejects",
 )
