@@ -41,5 +41,6 @@ def reference_run(tiny_llama, pool_dir, tmp_path_factory) -> CliRun:
     done = subprocess.run(
         pipeline_cmd(job), env=child_env(), capture_output=True, text=True, timeout=600
     )
+    (work / "console.txt").write_text(done.stdout + done.stderr)  # for a failing test's reader
     assert done.returncode == 0, done.stderr[-4000:]
     return CliRun(work / "out", done.stdout, done.stderr, time.time() - t0)
