@@ -54,7 +54,7 @@ def child_env() -> dict:
     return env
 
 
-def write_pool(folder: Path, files: int = 6, rows: int = 120) -> None:
+def write_pool(folder: Path, files: int = 6, rows: int = 72) -> None:
     """The demo pool's first well-formed records, in several files: ingest writes one part
     per file and score one part per ingest part, so the score stage writes as it goes."""
     from deita_ray.data.demo import demo_records
