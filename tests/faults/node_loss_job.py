@@ -186,7 +186,7 @@ def main() -> None:
                     remover = NodeRemover(
                         cluster,
                         nodes,
-                        "TurnScorer",
+                        "ModelScorers",
                         ready=lambda out=out: bool(parquet_files(str(out / "score"))),
                         describe=lambda written=written: {"score_rows": written.count()},
                     )

@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # A line that Ray forwards from a worker, actor, raylet or GCS process to the driver's console:
-# "(MapWorker(MapBatches(TurnScorer)) pid=123) ...", "(raylet) ...", possibly colour-coded.
+# "(MapWorker(MapBatches(ModelScorers)) pid=123) ...", "(raylet) ...", possibly colour-coded.
 WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)*\((?:[^\n]*pid=\d+|raylet|gcs_server)[^\n]*\)")
 STAGES = ("ingest", "score", "embed", "select", "sft")
 
