@@ -90,12 +90,41 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
             log_to_driver=ray_cfg.log_to_driver,
         )
         started_local = True
+    if not ray_cfg.log_to_driver:
+        quiet_driver_console()
     return {
         "address": address or "local",
         "started_local": started_local,
         "resources": ray.cluster_resources(),
         "logs": _logs_dir(),
     }
+
+
+def quiet_driver_console() -> None:
+    """Keep Ray Data's own driver-side lines off the console (``ray.log_to_driver: false``).
+
+    Its INFO lines (execution plans, "Starting execution of Dataset ...") still go to the
+    session's ``logs/ray-data/ray-data.log``; its warnings stay on the console. Without a
+    terminal (``ray job submit``, a log file) Ray Data would print a 15-line progress table
+    every 10 s per dataset; the pipeline's own one-line progress replaces it. In a terminal its
+    progress bars stay.
+    """
+    import logging
+    import sys
+
+    import ray.data
+    from ray.util.debug import log_once
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(max(handler.level, logging.WARNING))
+    if not sys.stdout.isatty():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # Ray Data warns once that its bars are off, with advice for notebook users; the
+        # pipeline turned them off on purpose (the key is Ray Data's own log_once key).
+        log_once("ray_data_progress_manager_disabled")
 
 
 def _logs_dir() -> str | None:
@@ -119,6 +148,7 @@ def map_batches_kwargs(
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     batch_size: int | None = None,
+    resources: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """``map_batches`` keyword arguments for a callable class run in an actor pool.
 
@@ -132,6 +162,8 @@ def map_batches_kwargs(
             reserves one GPU per tensor-parallel worker.
         num_cpus, num_gpus, batch_size: override the pool config's values (without a pool
             config: 1 CPU, no GPU, Ray Data's default batch size).
+        resources: custom Ray resources per actor (default: the pool config's
+            ``custom_resources``): only nodes that offer them host an actor, a restarted one too.
 
     Fault tolerance is Ray Data's default for actor pools: a killed actor is restarted (its
     model reloaded) and its unfinished batches are retried, while an exception in the
@@ -145,6 +177,7 @@ def map_batches_kwargs(
         num_cpus = pool.num_cpus if num_cpus is None else num_cpus
         num_gpus = pool.num_gpus if num_gpus is None else num_gpus
         batch_size = pool.batch_size if batch_size is None else batch_size
+        resources = pool.custom_resources if resources is None else resources
     else:
         size = pool
     num_gpus = 0.0 if num_gpus is None else num_gpus
@@ -163,4 +196,6 @@ def map_batches_kwargs(
     }
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
+    if resources:
+        kwargs["resources"] = dict(resources)
     return kwargs

@@ -75,6 +75,42 @@ def test_map_batches_kwargs_emit_no_deprecation_warning(ray_local):
         assert _deprecation_notes(ray_local, **map_batches_kwargs(pool)) == []
 
 
+def test_custom_resources_pin_the_actors_to_the_nodes_that_offer_them():
+    pool = ActorPoolConfig(custom_resources={"scorer_node": 1.0})
+    assert map_batches_kwargs(pool)["resources"] == {"scorer_node": 1.0}
+    assert "resources" not in map_batches_kwargs(ActorPoolConfig())
+    kw = map_batches_kwargs(1, resources={"trainer_node": 1.0})
+    assert kw["resources"] == {"trainer_node": 1.0}
+    assert "resources" not in map_batches_kwargs(1)
+
+
+def test_quiet_driver_console_keeps_ray_data_info_in_its_log_file(monkeypatch):
+    import logging
+    import sys
+
+    import ray.data
+
+    from deita_ray.runtime import quiet_driver_console
+
+    logger = logging.getLogger("ray.data")
+    saved = {h: h.level for h in logger.handlers}
+    ctx = ray.data.DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    try:
+        quiet_driver_console()
+        console = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+        console = [h for h in console if isinstance(h, logging.StreamHandler)]
+        files = [h for h in logger.handlers if h not in console]
+        assert console and all(h.level == logging.WARNING for h in console)
+        assert files and all(h.level == saved[h] for h in files)  # the file keeps INFO
+        assert not ctx.enable_progress_bars  # no terminal: the pipeline's own progress lines
+    finally:
+        for h, level in saved.items():
+            h.setLevel(level)
+        ctx.enable_progress_bars = bars
+
+
 def test_a_parquet_read_starts_few_footer_reader_actors(ray_local, tmp_path):
     """Ray Data's default is 32 footer-reader actors per read_parquet; the driver env that
     init_ray (and the ray_local fixture) applies caps them (on a 2-CPU node, 32 new worker

@@ -163,6 +163,25 @@ def parquet_files(folder: str, recursive: bool = False) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, *parts), recursive=recursive))  # skips dotfiles
 
 
+class WrittenRows:
+    """Rows in a stage's finished parts, accepted and rejected, counted from Parquet footers;
+    each part is read once, so counting again while the stage runs is cheap."""
+
+    def __init__(self, out_dir: str, stage: str):
+        self.folders = (stage_dir(out_dir, stage), rejects_dir(out_dir, stage))
+        self._rows: dict[str, int] = {}
+
+    def count(self) -> int:
+        for folder in self.folders:
+            for path in parquet_files(folder):
+                if path not in self._rows:
+                    try:
+                        self._rows[path] = pq.ParquetFile(path).metadata.num_rows
+                    except (OSError, pa.ArrowInvalid):  # removed since the listing
+                        continue
+        return sum(self._rows.values())
+
+
 def _column(paths: list[str], name: str) -> list[pa.ChunkedArray]:
     cols = []
     for path in paths:
@@ -214,6 +233,17 @@ def skip_finished(ds: Any, out_dir: str, stage: str) -> Any:
     if done.size == 0:
         return ds
     return ds.map_batches(_DropFinished(done), batch_format="pyarrow", zero_copy_batch=True)
+
+
+def in_parts(ds: Any, rows_per_part: int) -> Any:
+    """``ds`` in blocks of at most ``rows_per_part`` rows (streaming: no shuffle, no barrier).
+
+    Ray Data's Parquet reader merges small files into one read block; without this a stage
+    would hand a whole pool to one model actor and write it as one part at the very end, so an
+    interrupted run would keep nothing and the other actors of the pool would idle. Each block
+    becomes one output part (:class:`SplitParquetSink`).
+    """
+    return ds.repartition(target_num_rows_per_block=rows_per_part)
 
 
 def write_with_rejects(

@@ -62,6 +62,8 @@ class Stage:
         output_columns: columns of ``<out_dir>/<name>/*.parquet``.
         resumes_by_shard: an interrupted run keeps the parts it finished and a re-run with the
             same settings only works on the rest; otherwise a run starts from empty folders.
+        writes_parts: it writes its output part by part as it goes, so the pipeline can log
+            its progress from the rows on disk (``output.progress_every_s``).
         trains: it trains a model and reports a per-step ``loss`` history (plotted).
         rejects_are_failures: its rejected rows count against the failure budget (the select
             stage's "not selected" rows do not).
@@ -81,6 +83,7 @@ class Stage:
     input_columns: tuple[str, ...] = ()
     output_columns: tuple[str, ...] = ()
     resumes_by_shard: bool = False
+    writes_parts: bool = False
     trains: bool = False
     rejects_are_failures: bool = True
     models: Callable[[PipelineConfig], list[ModelToLoad]] | None = None

@@ -535,6 +535,7 @@ def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: in
             num_cpus=t.cpus_per_worker,
             num_gpus=1 if t.use_gpu else 0,
             batch_size=64,
+            resources=t.custom_resources,
         ),
     )
     try:
@@ -627,6 +628,7 @@ STAGE = Stage(
     run=run_dpo,
     # The pair files are read with the pool's record-size limit and id field.
     config_keys=("dpo", "input.id_field", "input.max_record_bytes"),
+    hash_ignore=("custom_resources",),  # where the workers run, not what they compute
     reads=("sft",),
     output_columns=tuple(TRAIN_COLUMNS),
     trains=True,

@@ -20,7 +20,13 @@ import pyarrow as pa
 from deita_ray.accounting import StageResult
 from deita_ray.config import ModelConfig, PipelineConfig
 from deita_ray.data.rejects import RejectMarks, row_raw
-from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
+from deita_ray.data.sink import (
+    in_parts,
+    parquet_files,
+    skip_finished,
+    stage_dir,
+    write_with_rejects,
+)
 from deita_ray.preflight import ModelToLoad
 from deita_ray.stages.base import Stage
 from deita_ray.templates import render_vicuna
@@ -192,6 +198,7 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     model_cfg = cfg.embed.model
     path = resolve_model_path(model_cfg.path, cfg.cache_dir)
     ds = skip_finished(ray.data.read_parquet(src).select_columns(columns + carry), out_dir, "embed")
+    ds = in_parts(ds, cfg.output.rows_per_part)
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={
@@ -237,6 +244,7 @@ STAGE = Stage(
     input_columns=("id", "seq", "messages"),
     output_columns=OUTPUT_COLUMNS,
     resumes_by_shard=True,
+    writes_parts=True,
     models=_models,
     doc="last-token embedding of each row's vicuna_v1.1 rendering",
 )

@@ -657,5 +657,6 @@ STAGE = Stage(
     output_columns=tuple(f.name for f in CANONICAL_SCHEMA),
     resumes_by_shard=True,  # by input file: keep_finished
     report=canonical_report(NAME),
+    writes_parts=True,
     doc="pool files -> canonical rows (ids, messages, source, format, extra) and rejects",
 )

@@ -32,7 +32,13 @@ from deita_ray.accounting import StageResult
 from deita_ray.config import ModelConfig, PipelineConfig
 from deita_ray.data.formats import extract_turns
 from deita_ray.data.rejects import RejectMarks, row_raw
-from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
+from deita_ray.data.sink import (
+    in_parts,
+    parquet_files,
+    skip_finished,
+    stage_dir,
+    write_with_rejects,
+)
 from deita_ray.preflight import ModelToLoad
 from deita_ray.scorers import EVOL, TRUNCATED, get_kind
 from deita_ray.scorers.base import BatchView, BoundScorer, LabelRequest, LogprobRequest
@@ -524,6 +530,7 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     metrics_actor = ray.remote(num_cpus=0)(ScoreMetrics).remote()
     # Rows an interrupted earlier run already wrote are not scored again (resume).
     ds = skip_finished(ray.data.read_parquet(src), out_dir, "score")
+    ds = in_parts(ds, cfg.output.rows_per_part)
     if cpu_specs:
         ds = ds.map_batches(
             cpu_score,
@@ -600,6 +607,7 @@ STAGE = Stage(
     input_columns=("id", "seq", "messages"),
     output_columns=("complexity_scores", "quality_scores", EVOL, TRUNCATED),
     resumes_by_shard=True,
+    writes_parts=True,
     models=_models,
     report=REPORT,
     doc="every configured scorer per turn and row (default: DEITA complexity, quality, evol)",

@@ -302,6 +302,7 @@ STAGE = Stage(
     name=NAME,
     run=run_sft,
     config_keys=("sft",),
+    hash_ignore=("custom_resources",),  # where the workers run, not what they compute
     extra_hash=_sft_base,
     reads=("select",),
     input_columns=("id", "rank", "messages"),
