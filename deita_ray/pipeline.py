@@ -26,7 +26,6 @@ from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deita_ray.config import (
-    EMBEDDED_MODEL,
     STAGES,
     ConfigError,
     PipelineConfig,
@@ -334,31 +333,26 @@ def run(
 
     from deita_ray.report import write_report
 
-    return write_report(out_dir, results, notes=_notes(cfg))
+    return write_report(out_dir, results, notes=_notes(cfg, stages))
 
 
-def _notes(cfg: PipelineConfig) -> list[str]:
-    notes = []
-    if "score" in cfg.stages and EMBEDDED_MODEL in (
-        cfg.score.complexity_model.path,
-        cfg.score.quality_model.path,
-    ):
-        notes.append(
-            "Scores come from the embedded SmolLM2-135M-Instruct prompted with the DEITA scorer "
-            "templates: a stand-in for the deita-complexity-scorer / deita-quality-scorer models, "
-            "good for exercising the pipeline, not for judging data."
-        )
+def _notes(cfg: PipelineConfig, stages: Sequence[Stage]) -> list[str]:
+    notes = [
+        note
+        for desc in stages
+        if desc.name in cfg.stages and desc.notes is not None
+        for note in desc.notes(cfg)
+    ]
     if cfg.demo_pool:
         notes.append("Input is the built-in demo pool (written to <output.dir>/demo_pool.jsonl).")
     return notes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m deita_ray.pipeline",
-        description="Run a deita_ray job: " + " -> ".join(STAGES) + ".",
-    )
-    p.add_argument("--config", "-c", help="job YAML (see jobs/)")
+def job_parser(prog: str, description: str, config_help: str) -> argparse.ArgumentParser:
+    """The arguments every job CLI shares (pipeline, study): --config, --set, --help-config
+    and --log-level."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", "-c", help=config_help)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -373,17 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list every config key with its type, default and meaning, then exit",
     )
-    p.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved, validated config as YAML, then exit",
-    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def start_job(args: argparse.Namespace) -> PipelineConfig | int:
+    """Set up logging and load the job's config; an exit code instead when the CLI is done
+    (--help-config printed: 0; a bad config, named on stderr: 2)."""
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -391,10 +381,31 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(describe()))
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = job_parser(
+        "python -m deita_ray.pipeline",
+        "Run a deita_ray job: " + " -> ".join(STAGES) + ".",
+        "job YAML (see jobs/)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved, validated config as YAML, then exit",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = start_job(args)
+    if isinstance(cfg, int):
+        return cfg
     if args.print_config:
         import yaml
 

@@ -71,6 +71,8 @@ class Stage:
             the job, which :mod:`deita_ray.preflight` checks before the first stage runs.
         report: optional :class:`~deita_ray.reporting.StageReport`: the per-row facts,
             statistics and plots it contributes to the job report (docs/report.md).
+        notes: optional ``fn(cfg) -> list[str]``: caveats about this run the report shows
+            (e.g. a stand-in model), when the stage is in the job.
         doc: one line for ``--help`` and the report.
     """
 
@@ -88,6 +90,7 @@ class Stage:
     rejects_are_failures: bool = True
     models: Callable[[PipelineConfig], list[ModelToLoad]] | None = None
     report: StageReport | None = None
+    notes: Callable[[PipelineConfig], list[str]] | None = None
     doc: str = ""
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 

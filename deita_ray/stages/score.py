@@ -598,6 +598,18 @@ def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
     return out
 
 
+def _notes(cfg: PipelineConfig) -> list[str]:
+    from deita_ray.config import EMBEDDED_MODEL  # noqa: PLC0415
+
+    if EMBEDDED_MODEL not in (cfg.score.complexity_model.path, cfg.score.quality_model.path):
+        return []
+    return [
+        "Scores come from the embedded SmolLM2-135M-Instruct prompted with the DEITA scorer "
+        "templates: a stand-in for the deita-complexity-scorer / deita-quality-scorer models, "
+        "good for exercising the pipeline, not for judging data."
+    ]
+
+
 STAGE = Stage(
     name="score",
     run=run_score,
@@ -610,5 +622,6 @@ STAGE = Stage(
     writes_parts=True,
     models=_models,
     report=REPORT,
+    notes=_notes,
     doc="every configured scorer per turn and row (default: DEITA complexity, quality, evol)",
 )
