@@ -33,8 +33,8 @@ test: venv
 	$(PY) -m pytest -q tests
 
 lint: venv
-	$(VENV)/bin/ruff check deita_ray tests benchmarks
-	$(VENV)/bin/ruff format --check deita_ray tests benchmarks
+	$(VENV)/bin/ruff check deita_ray tests benchmarks testing
+	$(VENV)/bin/ruff format --check deita_ray tests benchmarks testing
 
 clean-venv:
 	rm -rf $(VENV)

@@ -81,9 +81,7 @@ from benchmarks.select import ProductRecorder, planted_pool, replay_products
 from deita_ray.config import ModelConfig, TrainingConfig
 from deita_ray.data.formats import CANONICAL_SCHEMA, extract_turns
 from deita_ray.data.rejects import REASON
-from deita_ray.data.synthetic import WORDS
 from deita_ray.models.backend import load_backend
-from deita_ray.models.tiny import build_tiny_llama
 from deita_ray.scoring import expected_score, resolve_digit_ids
 from deita_ray.selection.greedy import (
     candidate_order,
@@ -95,6 +93,8 @@ from deita_ray.stages.embed import EMBEDDING, Embedder
 from deita_ray.stages.score import SCORE_COLUMNS, score_table
 from deita_ray.stages.sft import TokenizeSFT
 from deita_ray.templates import complexity_prompt, quality_prompt, render_vicuna
+from testing.synthetic_pool import WORDS
+from testing.tiny_models import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PATH = REPO / "benchmarks" / "results" / "gpu_check.json"

@@ -41,7 +41,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 from benchmarks._common import finish, ratio, require  # noqa: E402
-from deita_ray.data.synthetic import generate_pool  # noqa: E402
+from testing.synthetic_pool import generate_pool  # noqa: E402
 
 NAME = "ingest"
 
@@ -97,6 +97,7 @@ def phase_ours(pool: str, out: str) -> dict:
         init_s = time.time() - t0
         cfg = PipelineConfig()
         cfg.input.paths = [pool]
+        shutil.rmtree(out, ignore_errors=True)  # run_ingest would resume from an earlier run
         t1 = time.time()
         res = run_ingest(cfg, out)
         seconds = time.time() - t1

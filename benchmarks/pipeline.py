@@ -198,8 +198,8 @@ def main() -> None:
     repeat = args.repeat or (1 if args.quick else 2)
     load_start = list(os.getloadavg())
 
-    from deita_ray.data.synthetic import generate_pool
-    from deita_ray.models.tiny import build_tiny_llama
+    from testing.synthetic_pool import generate_pool
+    from testing.tiny_models import build_tiny_llama
 
     work = args.workdir or tempfile.mkdtemp(prefix="deita_bench_pipeline_")
     try:

@@ -218,8 +218,8 @@ def main() -> None:
 
     import ray
 
-    from deita_ray.models.tiny import build_tiny_llama
     from deita_ray.runtime import worker_env
+    from testing.tiny_models import build_tiny_llama
 
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     model_dir = str(

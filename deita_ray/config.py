@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from deita_ray.data.exports import EXPORT_FORMATS
+from deita_ray.data.formats import RECORD_FORMATS
 from deita_ray.scorers import KIND_NAMES
 
 STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "eval", "export")
@@ -72,11 +73,11 @@ class InputConfig:
     )
     format: str = _f(
         "auto",
-        choices=("auto", "sharegpt", "messages", "alpaca", "dolly", "self_instruct", "hh"),
+        choices=("auto", *RECORD_FORMATS),
         doc=(
-            "Record shape. 'auto' detects it per record (conversations -> sharegpt, messages -> "
-            "messages, instruction+instances -> self_instruct, instruction+response -> dolly, "
-            "instruction+output -> alpaca, chosen HH-RLHF transcript -> hh)."
+            "Record shape. 'auto' detects it per record, the first match in this order: "
+            + ", ".join(f"{f.detected_by} -> {f.name}" for f in RECORD_FORMATS.values())
+            + "."
         ),
     )
     file_format: str = _f(
@@ -123,6 +124,25 @@ class OutputConfig:
     )
     embedding_dtype: str = _f(
         "float32", choices=("float32", "float16"), doc=("Storage type of the embedding column.")
+    )
+    rows_per_part: int = _f(
+        1024,
+        gt=0,
+        doc=(
+            "Most rows per output part of the score and embed stages. Each part is written as "
+            "soon as its rows are done and an interrupted stage keeps its finished parts, so "
+            "this bounds the work a crash loses; it is also the unit of work handed to one "
+            "model actor at a time (keep it >= the actor pool's batch_size)."
+        ),
+    )
+    progress_every_s: float = _f(
+        30.0,
+        ge=0,
+        doc=(
+            "Seconds between the driver's progress lines for the stages that write their output "
+            "part by part (ingest, score, embed): 'stage score: 1200/5000 rows (24.0%), 9.5 "
+            "rows/s', counted from the rows on disk. 0: no progress lines."
+        ),
     )
 
 
@@ -239,6 +259,14 @@ class ActorPoolConfig:
     num_gpus: float = _f(0.0, ge=0, doc="GPUs reserved per actor (tensor_parallel_size for vLLM).")
     batch_size: int = _f(
         64, gt=0, doc="Rows per map_batches call (all their turns go to the engine at once)."
+    )
+    custom_resources: dict[str, float] = _f(
+        factory=dict,
+        doc=(
+            "Custom Ray resources reserved per actor, e.g. {scorer_node: 1}: the actors then run "
+            "only on nodes that offer them (`ray start --resources='{\"scorer_node\": 4}'`). "
+            "CPUs and GPUs go in num_cpus / num_gpus."
+        ),
     )
 
 
@@ -477,6 +505,14 @@ class TrainingConfig:
         ),
     )
     max_failures: int = _f(1, ge=-1, doc="Worker failures Ray Train recovers from (-1: unlimited).")
+    custom_resources: dict[str, float] = _f(
+        factory=dict,
+        doc=(
+            "Custom Ray resources reserved per worker (and per DPO reference-model actor), e.g. "
+            "{trainer_node: 1}: they then run only on nodes that offer them. CPUs and GPUs go in "
+            "cpus_per_worker / use_gpu. Not in the stage's hash (placement, not results)."
+        ),
+    )
     seed: int = _f(42, doc="Seed for data order and initialisation.")
     trust_remote_code: bool = _f(False, doc="Allow model repositories to run their own code.")
 
@@ -950,6 +986,8 @@ def _validate_tree(obj: Any, prefix: str = "") -> None:
         elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
             for i, item in enumerate(value):
                 _validate_tree(item, f"{key}[{i}]")
+        elif f.name == "custom_resources":
+            _check_custom_resources(key, value)
         else:
             _check_field(value, f, key)
 
@@ -1067,6 +1105,21 @@ def _validate_scores(cfg: PipelineConfig) -> None:
             f"select.score: {unknown[0]!r} is not a row column the scorers write{hint}; "
             f"allowed: {', '.join(available) or 'none'}"
         )
+
+
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+"""Resources Ray reserves through their own arguments, never through ``resources=``."""
+
+
+def _check_custom_resources(key: str, resources: dict[str, float]) -> None:
+    for name, amount in resources.items():
+        if name in RAY_BUILTIN_RESOURCES:
+            raise ConfigError(
+                f"{key}.{name}: not a custom resource (CPUs and GPUs have their own keys; "
+                f"custom resources exclude: {', '.join(RAY_BUILTIN_RESOURCES)})"
+            )
+        if not amount > 0:
+            raise ConfigError(f"{key}.{name}: {amount!r} must be > 0")
 
 
 def to_dict(cfg: Any) -> dict:

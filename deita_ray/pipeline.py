@@ -20,12 +20,12 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deita_ray.config import (
-    EMBEDDED_MODEL,
     STAGES,
     ConfigError,
     PipelineConfig,
@@ -129,6 +129,67 @@ def example_reject(out_dir: str, stage: str, reason: str | None) -> str | None:
     return None
 
 
+class StageProgress:
+    """While a stage that writes its output part by part runs, log every ``every_s`` seconds
+    how many rows it has written (accepted and rejected) out of its input rows, e.g.
+    ``stage score: 1200/5000 rows (24.0%), 9.5 rows/s``: a console under ``ray job submit``
+    or in a log file shows where a long job is."""
+
+    def __init__(self, stage: Stage, out_dir: str, every_s: float):
+        self.stage, self.out_dir, self.every_s = stage, out_dir, every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def input_rows(self) -> int | None:
+        """Rows of the first folder the stage reads that has parts (None: no such folder)."""
+        import pyarrow.parquet as pq
+
+        from deita_ray.data.sink import parquet_files, stage_dir
+
+        for name in self.stage.reads:
+            files = parquet_files(stage_dir(self.out_dir, name))
+            if files:
+                return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        return None
+
+    def __enter__(self) -> StageProgress:
+        if self.every_s > 0:
+            self._thread = threading.Thread(
+                target=self._run, name=f"progress-{self.stage.name}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        from deita_ray.data.sink import WrittenRows
+
+        try:
+            total = self.input_rows()
+            written = WrittenRows(self.out_dir, self.stage.name)
+            start, t0 = written.count(), time.monotonic()
+            while not self._stop.wait(self.every_s):
+                n = written.count()
+                rate = (n - start) / max(time.monotonic() - t0, 1e-9)
+                if total:
+                    log.info(
+                        "stage %s: %d/%d rows (%.1f%%), %.1f rows/s",
+                        self.stage.name,
+                        n,
+                        total,
+                        100.0 * n / total,
+                        rate,
+                    )
+                else:
+                    log.info("stage %s: %d rows, %.1f rows/s", self.stage.name, n, rate)
+        except Exception as e:  # noqa: BLE001 - progress lines must never stop a job
+            log.debug("stage %s: progress lines stopped: %s", self.stage.name, e)
+
+
 def plan(
     cfg: PipelineConfig,
     manifest: dict,
@@ -218,21 +279,29 @@ def run(
             continue
         previous = manifest["stages"].get(stage, {})
         # Resume or clear, decided here only: a shard-resumable stage interrupted with the
-        # same settings keeps the parts it finished (see data/sink.py); anything else starts
-        # from empty folders.
+        # same settings keeps the parts it finished (score and embed by row, data/sink.py;
+        # ingest by input file, stages/ingest.py); anything else starts from empty folders.
         if (
             desc.resumes_by_shard
             and previous.get("hash") == h
             and previous.get("status") == "running"
         ):
-            log.info("stage %s: resuming an interrupted run", stage)
+            from deita_ray.data.sink import WrittenRows
+
+            log.info(
+                "stage %s: resuming an interrupted run (%d rows on disk; it keeps what it finished)",
+                stage,
+                WrittenRows(out_dir, stage).count(),
+            )
         else:
             log.info("stage %s: running", stage)
             clear_stage_outputs(out_dir, stage)
         manifest["stages"][stage] = {"status": "running", "hash": h}
         _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
         t0 = time.perf_counter()
-        result = desc.run(cfg, out_dir)
+        every_s = cfg.output.progress_every_s if desc.writes_parts else 0.0
+        with StageProgress(desc, out_dir, every_s):
+            result = desc.run(cfg, out_dir)
         seconds = time.perf_counter() - t0
         result.counts.check(stage)
         if desc.rejects_are_failures:
@@ -264,31 +333,26 @@ def run(
 
     from deita_ray.report import write_report
 
-    return write_report(out_dir, results, notes=_notes(cfg))
+    return write_report(out_dir, results, notes=_notes(cfg, stages))
 
 
-def _notes(cfg: PipelineConfig) -> list[str]:
-    notes = []
-    if "score" in cfg.stages and EMBEDDED_MODEL in (
-        cfg.score.complexity_model.path,
-        cfg.score.quality_model.path,
-    ):
-        notes.append(
-            "Scores come from the embedded SmolLM2-135M-Instruct prompted with the DEITA scorer "
-            "templates: a stand-in for the deita-complexity-scorer / deita-quality-scorer models, "
-            "good for exercising the pipeline, not for judging data."
-        )
+def _notes(cfg: PipelineConfig, stages: Sequence[Stage]) -> list[str]:
+    notes = [
+        note
+        for desc in stages
+        if desc.name in cfg.stages and desc.notes is not None
+        for note in desc.notes(cfg)
+    ]
     if cfg.demo_pool:
         notes.append("Input is the built-in demo pool (written to <output.dir>/demo_pool.jsonl).")
     return notes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m deita_ray.pipeline",
-        description="Run a deita_ray job: " + " -> ".join(STAGES) + ".",
-    )
-    p.add_argument("--config", "-c", help="job YAML (see jobs/)")
+def job_parser(prog: str, description: str, config_help: str) -> argparse.ArgumentParser:
+    """The arguments every job CLI shares (pipeline, study): --config, --set, --help-config
+    and --log-level."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", "-c", help=config_help)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -303,17 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list every config key with its type, default and meaning, then exit",
     )
-    p.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved, validated config as YAML, then exit",
-    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def start_job(args: argparse.Namespace) -> PipelineConfig | int:
+    """Set up logging and load the job's config; an exit code instead when the CLI is done
+    (--help-config printed: 0; a bad config, named on stderr: 2)."""
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -321,10 +381,31 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(describe()))
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = job_parser(
+        "python -m deita_ray.pipeline",
+        "Run a deita_ray job: " + " -> ".join(STAGES) + ".",
+        "job YAML (see jobs/)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved, validated config as YAML, then exit",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = start_job(args)
+    if isinstance(cfg, int):
+        return cfg
     if args.print_config:
         import yaml
 

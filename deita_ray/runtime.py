@@ -90,12 +90,41 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
             log_to_driver=ray_cfg.log_to_driver,
         )
         started_local = True
+    if not ray_cfg.log_to_driver:
+        quiet_driver_console()
     return {
         "address": address or "local",
         "started_local": started_local,
         "resources": ray.cluster_resources(),
         "logs": _logs_dir(),
     }
+
+
+def quiet_driver_console() -> None:
+    """Keep Ray Data's own driver-side lines off the console (``ray.log_to_driver: false``).
+
+    Its INFO lines (execution plans, "Starting execution of Dataset ...") still go to the
+    session's ``logs/ray-data/ray-data.log``; its warnings stay on the console. Without a
+    terminal (``ray job submit``, a log file) Ray Data would print a 15-line progress table
+    every 10 s per dataset; the pipeline's own one-line progress replaces it. In a terminal its
+    progress bars stay.
+    """
+    import logging
+    import sys
+
+    import ray.data
+    from ray.util.debug import log_once
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(max(handler.level, logging.WARNING))
+    if not sys.stdout.isatty():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # Ray Data warns once that its bars are off, with advice for notebook users; the
+        # pipeline turned them off on purpose (the key is Ray Data's own log_once key).
+        log_once("ray_data_progress_manager_disabled")
 
 
 def _logs_dir() -> str | None:
@@ -113,58 +142,60 @@ PoolSize = int | tuple[int, int]
 
 
 def map_batches_kwargs(
-    pool: PoolSize,
+    pool: ActorPoolConfig | PoolSize,
+    model: ModelConfig | None = None,
     *,
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     batch_size: int | None = None,
+    resources: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """``map_batches`` keyword arguments for a callable class run in an actor pool (the
-    training stages' tokenisers and the DPO reference model).
+    """``map_batches`` keyword arguments for a callable class run in an actor pool.
 
-    Uses Ray Data's current API, ``compute=ray.data.ActorPoolStrategy(...)``: the
-    ``concurrency=`` argument is deprecated since Ray 2.51 and warns on every stage.
+    The one builder of actor-pool settings: ``compute=ray.data.ActorPoolStrategy(...)``, the
+    current API (``concurrency=`` is deprecated since Ray 2.51 and warns on every stage).
 
     Args:
-        pool: ``n`` actors, or ``(min, max)`` for a pool Ray Data scales between them.
-        num_cpus: CPUs reserved per actor (default 1).
-        num_gpus: GPUs reserved per actor (default 0).
-        batch_size: rows per call (default: Ray Data's).
-
-    Returns:
-        ``{"compute", "num_cpus", "num_gpus"[, "batch_size"]}`` for ``ds.map_batches(fn, **kw)``.
-    """
-    import ray.data  # noqa: PLC0415 - only when a stage is planned
-
-    if isinstance(pool, tuple):
-        compute = ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1])
-    else:
-        compute = ray.data.ActorPoolStrategy(size=pool)
-    kwargs: dict[str, Any] = {
-        "compute": compute,
-        "num_cpus": 1.0 if num_cpus is None else num_cpus,
-        "num_gpus": 0.0 if num_gpus is None else num_gpus,
-    }
-    if batch_size is not None:
-        kwargs["batch_size"] = batch_size
-    return kwargs
-
-
-def actor_pool_kwargs(pool: ActorPoolConfig, model: ModelConfig | None = None) -> dict[str, Any]:
-    """``map_batches`` keyword arguments for a stage that hosts a model in an actor pool.
+        pool: a stage's pool config (size, CPUs, GPUs and batch size per actor), or the pool
+            size alone: ``n`` actors, or ``(min, max)`` for a pool that autoscales.
+        model: the model the actors host; a vLLM model with tensor parallelism on GPUs
+            reserves one GPU per tensor-parallel worker.
+        num_cpus, num_gpus, batch_size: override the pool config's values (without a pool
+            config: 1 CPU, no GPU, Ray Data's default batch size).
+        resources: custom Ray resources per actor (default: the pool config's
+            ``custom_resources``): only nodes that offer them host an actor, a restarted one too.
 
     Fault tolerance is Ray Data's default for actor pools: a killed actor is restarted (its
     model reloaded) and its unfinished batches are retried, while an exception in the
     constructor fails the stage at once. (Ray 2.60 deprecates passing ``max_restarts`` through
     ``map_batches``, so the defaults are not overridden here.)
     """
-    num_gpus = pool.num_gpus
+    import ray.data  # noqa: PLC0415 - only when a stage is planned
+
+    if isinstance(pool, ActorPoolConfig):
+        size: PoolSize = pool.concurrency
+        num_cpus = pool.num_cpus if num_cpus is None else num_cpus
+        num_gpus = pool.num_gpus if num_gpus is None else num_gpus
+        batch_size = pool.batch_size if batch_size is None else batch_size
+        resources = pool.custom_resources if resources is None else resources
+    else:
+        size = pool
+    num_gpus = 0.0 if num_gpus is None else num_gpus
     if model is not None and model.backend == "vllm" and num_gpus > 0:
         # Tensor parallel vLLM workers need one GPU each inside the actor's reservation.
         num_gpus = max(num_gpus, float(model.tensor_parallel_size))
-    return {
-        "concurrency": pool.concurrency,
-        "num_cpus": pool.num_cpus,
+    if isinstance(size, tuple):
+        low, high = size
+        compute = ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    else:
+        compute = ray.data.ActorPoolStrategy(size=size)
+    kwargs: dict[str, Any] = {
+        "compute": compute,
+        "num_cpus": 1.0 if num_cpus is None else num_cpus,
         "num_gpus": num_gpus,
-        "batch_size": pool.batch_size,
     }
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
+    if resources:
+        kwargs["resources"] = dict(resources)
+    return kwargs

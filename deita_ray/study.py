@@ -51,8 +51,6 @@ from deita_ray.config import (
     ConfigError,
     PipelineConfig,
     config_hash,
-    describe,
-    load_config,
 )
 from deita_ray.data.sink import parquet_files, stage_dir
 
@@ -731,42 +729,30 @@ def write_outputs(out_dir: str, study: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m deita_ray.study",
-        description=(
-            "Run a controlled study: ingest, score, embed once; then select -> sft -> eval per "
-            "arm; write study.json, study.md and plots/study_*.png."
-        ),
+    from deita_ray.pipeline import job_parser  # noqa: PLC0415
+
+    p = job_parser(
+        "python -m deita_ray.study",
+        "Run a controlled study: ingest, score, embed once; then select -> sft -> eval per "
+        "arm; write study.json, study.md and plots/study_*.png.",
+        "study YAML (see jobs/study_*.yaml)",
     )
-    p.add_argument("--config", "-c", help="study YAML (see jobs/study_*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key; VALUE is parsed as YAML",
-    )
-    p.add_argument("--help-config", action="store_true", help="list every config key, then exit")
     p.add_argument(
         "--summary-only",
         action="store_true",
         help="rebuild study.json / study.md / plots from the arms' reports without running",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deita_ray.pipeline import start_job  # noqa: PLC0415
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    if args.help_config:
-        print("\n".join(describe()))
-        return 0
+    cfg = start_job(args)
+    if isinstance(cfg, int):
+        return cfg
     try:
-        cfg = load_config(args.config, args.overrides)
         arms = expand_arms(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

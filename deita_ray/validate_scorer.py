@@ -274,40 +274,44 @@ def score_accuracies(table: Any, pairs: Sequence[Pair], scores: Sequence[str]) -
 
 
 def plot_validation(result: dict, plots_dir: str) -> str:
-    """Grouped bars per score: accuracy overall and per length bucket, the length baseline
-    beside it (hatched), n per group; the 0.5 line is chance."""
+    """Grouped bars: per score, its accuracy overall and per length bucket, and the length
+    baseline (hatched; one bar when every score was compared on the same pairs). Scores that
+    tie on every pair (e.g. instruction lengths: both rows share the prompt) are left out of
+    the plot (they are in the JSON). The dashed line is chance."""
     from deita_ray.report import _figure, _save  # noqa: PLC0415
 
-    scores = list(result["scores"])
     groups = ["overall", *[label for label, _, _ in BUCKETS]]
-    fig = _figure(max(6.0, 2.2 * len(groups)), 4.2)
+
+    def values(src: dict) -> list[float]:
+        vals = [src["accuracy"]] + [src["buckets"][g]["accuracy"] for g in groups[1:]]
+        return [v if v is not None else 0.0 for v in vals]
+
+    bars: list[tuple[str, dict, str | None]] = []
+    baselines: list[dict] = []
+    for name, r in result["scores"].items():
+        if r["n"] and r["ties"] == r["n"]:
+            continue
+        bars.append((name, r, None))
+        if r["length_baseline"] not in baselines:
+            baselines.append(r["length_baseline"])
+    for k, base in enumerate(baselines):
+        label = "length only" if len(baselines) == 1 else f"length only ({k + 1})"
+        bars.append((label, base, "//"))
+    fig = _figure(max(7.0, 1.2 * len(groups) * max(1, len(bars)) ** 0.5), 4.6)
     ax = fig.subplots()
-    width = 0.8 / (2 * max(1, len(scores)))
-    for k, name in enumerate(scores):
-        r = result["scores"][name]
-        for b, (key, hatch) in enumerate(((None, None), ("length_baseline", "//"))):
-            src = r if key is None else r[key]
-            vals = [src["accuracy"]] + [src["buckets"][g]["accuracy"] for g in groups[1:]]
-            ns = [src["n"]] + [src["buckets"][g]["n"] for g in groups[1:]]
-            xs = [g + (2 * k + b) * width - 0.4 + width / 2 for g in range(len(groups))]
-            label = name if key is None else f"length baseline (pairs of {name})"
-            bars = ax.bar(
-                xs, [v if v is not None else 0 for v in vals], width, label=label, hatch=hatch
-            )
-            for bar, n in zip(bars, ns, strict=True):
-                ax.annotate(
-                    f"n={n}",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                )
+    width = 0.8 / max(1, len(bars))
+    for k, (label, src, hatch) in enumerate(bars):
+        xs = [g - 0.4 + (k + 0.5) * width for g in range(len(groups))]
+        ax.bar(xs, values(src), width, label=label, hatch=hatch, edgecolor="black", linewidth=0.4)
+    first = bars[0][1] if bars else {"n": 0, "buckets": {g: {"n": 0} for g in groups[1:]}}
+    ns = [first["n"]] + [first["buckets"][g]["n"] for g in groups[1:]]
+    ticks = ["all pairs", *[f"chars ratio {g}" for g in groups[1:]]]
+    ax.set_xticks(range(len(groups)), [f"{t}\n(n={n})" for t, n in zip(ticks, ns, strict=True)])
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(groups)), ["all pairs", *[f"ratio {g}" for g in groups[1:]]])
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.05)
     ax.set_ylabel("pairwise accuracy (ties = 1/2)")
-    ax.set_title(f"Scorer vs preference pairs ({result['pairs']} pairs; chars chosen/rejected)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"Scorers on {result['pairs']} preference pairs (ratio = chosen / rejected)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, plots_dir, PLOT)
 
 

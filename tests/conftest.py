@@ -87,7 +87,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random LLaMA (hidden 128, 2 heads of dim 64) with a byte-level BPE tokenizer."""
-    from deita_ray.models.tiny import build_tiny_llama
+    from testing.tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 
 import psutil
 
@@ -35,3 +36,12 @@ def processes_mentioning(text: str) -> list[psutil.Process]:
             if any(text in part for part in (p.info["cmdline"] or [])):
                 found.append(p)
     return found
+
+
+def kill_tree(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGKILL a process and everything it started (e.g. a driver and its local Ray cluster)
+    at once, like a crash, and reap it."""
+    for p in process_tree(proc.pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(timeout=timeout_s)

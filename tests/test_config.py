@@ -104,6 +104,12 @@ def test_overrides_are_parsed_as_yaml():
             "embed.model.trust_remote_code=maybe",
             "embed.model.trust_remote_code: expected true or false",
         ),
+        (
+            "score.resources.custom_resources={CPU: 2}",
+            "score.resources.custom_resources.CPU: not a custom resource",
+        ),
+        ("sft.custom_resources={trainer_node: 0}", "sft.custom_resources.trainer_node: 0.0 must"),
+        ("output.rows_per_part=0", "output.rows_per_part: 0 must be > 0"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(override, message):

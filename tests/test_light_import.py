@@ -14,10 +14,16 @@ heavy = sorted(m for m in {heavy!r} if m in sys.modules)
 print("HEAVY=" + ",".join(heavy))
 """
 
+IMPORT_EVERY_MODULE = (
+    "import importlib, pkgutil, deita_ray\n"
+    "for m in pkgutil.walk_packages(deita_ray.__path__, 'deita_ray.'):\n"
+    "    importlib.import_module(m.name)\n"
+)
 
-def _loaded_heavy(body: str) -> list[str]:
+
+def _loaded_heavy(body: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
     out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(body=body, heavy=HEAVY)],
+        [sys.executable, "-c", PROBE.format(body=body, heavy=heavy)],
         capture_output=True,
         text=True,
         check=True,
@@ -32,12 +38,12 @@ def test_import_package_is_light():
 
 
 def test_every_library_module_imports_light():
-    body = (
-        "import importlib, pkgutil, deita_ray\n"
-        "for m in pkgutil.walk_packages(deita_ray.__path__, 'deita_ray.'):\n"
-        "    importlib.import_module(m.name)\n"
-    )
-    assert _loaded_heavy(body) == []
+    assert _loaded_heavy(IMPORT_EVERY_MODULE) == []
+
+
+def test_library_does_not_import_the_test_fixtures():
+    """``testing/`` (tiny models, synthetic pools) is not installed with the package."""
+    assert _loaded_heavy(IMPORT_EVERY_MODULE, heavy=("testing",)) == []
 
 
 def test_pipeline_help_is_light():

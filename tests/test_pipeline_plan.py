@@ -63,6 +63,19 @@ def test_actor_pool_size_does_not_invalidate_results():
     assert not any(run for _, _, run in plan(cfg2, _done(cfg)))
 
 
+def test_placement_and_part_size_do_not_invalidate_results():
+    cfg = load_config(data=BASE)
+    overrides = [
+        "score.resources.custom_resources={scorer_node: 1}",
+        "embed.resources.custom_resources={scorer_node: 1}",
+        "sft.custom_resources={trainer_node: 1}",
+        "output.rows_per_part=64",
+        "output.progress_every_s=5",
+    ]
+    cfg2 = load_config(data=BASE, overrides=overrides)
+    assert not any(run for _, _, run in plan(cfg2, _done(cfg)))
+
+
 def test_a_running_stage_is_not_finished():
     cfg = load_config(data=BASE)
     manifest = _done(cfg)
@@ -111,3 +124,36 @@ def test_cli_help_config_lists_keys():
     assert out.returncode == 0
     assert "select.tau (float, default 0.9)" in out.stdout
     assert "input.role_map" in out.stdout
+
+
+def test_progress_lines_count_the_rows_on_disk(tmp_path, caplog):
+    """While a stage that writes part by part runs, the driver logs its rows on disk (accepted
+    and rejected) out of its input's rows."""
+    import logging
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deita_ray.pipeline import StageProgress
+    from deita_ray.stages import registry
+
+    score = next(s for s in registry() if s.name == "score")
+    (tmp_path / "ingest").mkdir()
+    pq.write_table(pa.table({"seq": list(range(40))}), tmp_path / "ingest" / "part-0.parquet")
+    for folder in (tmp_path / "score", tmp_path / "rejects" / "score"):
+        folder.mkdir(parents=True)
+    info = caplog.at_level(logging.INFO, logger="deita_ray")
+    with info, StageProgress(score, str(tmp_path), every_s=0.05) as progress:
+        assert progress.input_rows() == 40
+        time.sleep(0.2)
+        pq.write_table(pa.table({"seq": list(range(8))}), tmp_path / "score" / "part-1.parquet")
+        pq.write_table(pa.table({"seq": [8, 9]}), tmp_path / "rejects" / "score" / "part-1.parquet")
+        time.sleep(0.3)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage score:")]
+    assert lines[0].startswith("stage score: 0/40 rows (0.0%)")
+    assert lines[-1].startswith("stage score: 10/40 rows (25.0%)")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deita_ray"), StageProgress(score, str(tmp_path), 0):
+        time.sleep(0.1)
+    assert not caplog.records  # progress_every_s: 0 turns the lines off

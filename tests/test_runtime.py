@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deita_ray.config import ActorPoolConfig, ModelConfig, RayConfig
-from deita_ray.runtime import actor_pool_kwargs, map_batches_kwargs, worker_env
+from deita_ray.runtime import map_batches_kwargs, worker_env
 
 
 def test_worker_env_defaults_threads_and_user_overrides():
@@ -16,27 +19,96 @@ def test_worker_env_defaults_threads_and_user_overrides():
     assert "OMP_NUM_THREADS" not in worker_env()
 
 
-def test_actor_pool_kwargs_reserve_one_gpu_per_tensor_parallel_rank():
+def test_map_batches_kwargs_reserve_one_gpu_per_tensor_parallel_rank():
     pool = ActorPoolConfig(concurrency=2, num_cpus=4, num_gpus=1, batch_size=64)
-    kw = actor_pool_kwargs(pool, ModelConfig(backend="vllm", tensor_parallel_size=4))
-    assert kw == {"concurrency": 2, "num_cpus": 4, "num_gpus": 4.0, "batch_size": 64}
-    assert actor_pool_kwargs(pool, ModelConfig(backend="hf"))["num_gpus"] == 1
+    kw = map_batches_kwargs(pool, ModelConfig(backend="vllm", tensor_parallel_size=4))
+    compute = kw.pop("compute")
+    assert (compute.min_size, compute.max_size) == (2, 2)
+    assert kw == {"num_cpus": 4, "num_gpus": 4.0, "batch_size": 64}
+    assert map_batches_kwargs(pool, ModelConfig(backend="hf"))["num_gpus"] == 1
     cpu_pool = ActorPoolConfig(num_gpus=0)
-    assert actor_pool_kwargs(cpu_pool, ModelConfig(backend="vllm"))["num_gpus"] == 0
+    assert map_batches_kwargs(cpu_pool, ModelConfig(backend="vllm"))["num_gpus"] == 0
 
 
-def test_map_batches_kwargs_use_the_compute_strategy_not_concurrency():
-    """Ray 2.51+ deprecates map_batches(concurrency=...): the builder passes compute=."""
-    import ray
-
+def test_map_batches_kwargs_from_a_size_or_a_range():
     kw = map_batches_kwargs((1, 3), num_cpus=2, batch_size=8)
-    assert "concurrency" not in kw
-    assert isinstance(kw["compute"], ray.data.ActorPoolStrategy)
     assert (kw["compute"].min_size, kw["compute"].max_size) == (1, 3)
     assert (kw["num_cpus"], kw["num_gpus"], kw["batch_size"]) == (2, 0.0, 8)
-    fixed = map_batches_kwargs(1)
-    assert (fixed["compute"].min_size, fixed["compute"].max_size) == (1, 1)
-    assert "batch_size" not in fixed and fixed["num_cpus"] == 1.0
+    kw = map_batches_kwargs(1)
+    assert (kw["compute"].min_size, kw["compute"].max_size) == (1, 1)
+    assert "batch_size" not in kw and kw["num_cpus"] == 1.0  # Ray Data's default batch size
+    # explicit values win over the pool config's
+    kw = map_batches_kwargs(ActorPoolConfig(num_cpus=1, batch_size=64), batch_size=4)
+    assert kw["batch_size"] == 4
+
+
+class _Identity:
+    def __call__(self, batch):
+        return batch
+
+
+def _deprecation_notes(ray, **kwargs) -> list[str]:
+    """Deprecation warnings and log lines that planning one ``map_batches`` emits."""
+    seen: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Grab(logging.WARNING)
+    logger = logging.getLogger("ray.data")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ray.data.range(8).map_batches(_Identity, batch_format="pyarrow", **kwargs)
+    finally:
+        logger.removeHandler(handler)
+    return [m for m in seen + [str(w.message) for w in caught] if "deprecated" in m.lower()]
+
+
+def test_map_batches_kwargs_emit_no_deprecation_warning(ray_local):
+    # The capture sees Ray's warning for the old argument ("``concurrency`` is deprecated in
+    # Ray 2.51"), so an empty list below means the stages' settings do not trigger it.
+    assert any("concurrency" in m for m in _deprecation_notes(ray_local, concurrency=1))
+    for pool in (ActorPoolConfig(concurrency=2, batch_size=4), 1, (1, 2)):
+        assert _deprecation_notes(ray_local, **map_batches_kwargs(pool)) == []
+
+
+def test_custom_resources_pin_the_actors_to_the_nodes_that_offer_them():
+    pool = ActorPoolConfig(custom_resources={"scorer_node": 1.0})
+    assert map_batches_kwargs(pool)["resources"] == {"scorer_node": 1.0}
+    assert "resources" not in map_batches_kwargs(ActorPoolConfig())
+    kw = map_batches_kwargs(1, resources={"trainer_node": 1.0})
+    assert kw["resources"] == {"trainer_node": 1.0}
+    assert "resources" not in map_batches_kwargs(1)
+
+
+def test_quiet_driver_console_keeps_ray_data_info_in_its_log_file(monkeypatch):
+    import logging
+    import sys
+
+    import ray.data
+
+    from deita_ray.runtime import quiet_driver_console
+
+    logger = logging.getLogger("ray.data")
+    saved = {h: h.level for h in logger.handlers}
+    ctx = ray.data.DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    try:
+        quiet_driver_console()
+        console = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+        console = [h for h in console if isinstance(h, logging.StreamHandler)]
+        files = [h for h in logger.handlers if h not in console]
+        assert console and all(h.level == logging.WARNING for h in console)
+        assert files and all(h.level == saved[h] for h in files)  # the file keeps INFO
+        assert not ctx.enable_progress_bars  # no terminal: the pipeline's own progress lines
+    finally:
+        for h, level in saved.items():
+            h.setLevel(level)
+        ctx.enable_progress_bars = bars
 
 
 def test_a_parquet_read_starts_few_footer_reader_actors(ray_local, tmp_path):

@@ -5,6 +5,10 @@ canonical fields (``messages``, ``format``, ``extra`` and the record's own id, i
 :class:`Reject` with a machine-readable reason. :func:`extract_turns` splits canonical messages
 into (instruction, response) turns for the scorers.
 
+Every record shape is one :class:`RecordFormat` in :data:`RECORD_FORMATS` (name -> how to
+detect it, how to convert it); the config's ``input.format`` choices come from it, so a new shape
+is one :func:`register_format` call.
+
 Shapes (``format="auto"`` detects them per record, in this order):
 
 - ``sharegpt``: ``conversations`` = [{``from``, ``value``}] (``role``/``content`` keys are
@@ -54,7 +58,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import pyarrow as pa
@@ -80,9 +85,6 @@ other columns."""
 
 ROLES = ("system", "user", "assistant")
 """The only roles of canonical messages."""
-
-FORMATS = ("sharegpt", "messages", "alpaca", "dolly", "self_instruct", "hh")
-"""Record shapes :func:`canonicalize` understands."""
 
 ROLE_ALIASES: dict[str, str] = {
     "system": "system",
@@ -120,24 +122,6 @@ def record_id(record: Mapping[str, Any], id_field: str = "id") -> str | None:
     return None
 
 
-def detect_format(record: Mapping[str, Any]) -> str | None:
-    """The shape of a record (one of :data:`FORMATS`), or None when it is none of them."""
-    if "conversations" in record:
-        return "sharegpt"
-    if "messages" in record:
-        return "messages"
-    if "instruction" in record:
-        if "instances" in record:
-            return "self_instruct"
-        if "response" in record:
-            return "dolly"
-        return "alpaca"
-    chosen = record.get("chosen")
-    if isinstance(chosen, str) and _HH_SPLIT.search(chosen):
-        return "hh"
-    return None
-
-
 def _map_role(raw: Any, role_map: Mapping[str, str] | None) -> str | None:
     if not isinstance(raw, str):
         return None
@@ -160,17 +144,12 @@ def _convert_messages(
     for i, m in enumerate(items):
         if not isinstance(m, dict):
             return _reject("wrong_type", f"{field}[{i}] is {type(m).__name__}, not an object")
-        if "from" in m:
-            role_key = "from"
-        elif "role" in m:
-            role_key = "role"
-        else:
+        # ShareGPT keys first, OpenAI keys second, whatever the shape's name.
+        role_key = next((k for k in ("from", "role") if k in m), None)
+        if role_key is None:
             return _reject("missing_field", f"{field}[{i}] has no 'from'/'role'")
-        if "value" in m:
-            content_key = "value"
-        elif "content" in m:
-            content_key = "content"
-        else:
+        content_key = next((k for k in ("value", "content") if k in m), None)
+        if content_key is None:
             return _reject("missing_field", f"{field}[{i}] has no 'value'/'content'")
         raw_role = m[role_key]
         role = _map_role(raw_role, role_map)
@@ -364,6 +343,119 @@ def _hh(record: Mapping[str, Any]) -> tuple[list[dict], set[str]] | Reject:
     return messages, consumed
 
 
+# ---------------------------------------------------------------------------------------------
+# The registry of record shapes
+
+Converted = tuple[list[dict], set[str]]
+"""A converted record: its canonical messages and the top-level fields they represent."""
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """One record shape.
+
+    Attributes:
+        name: the value of ``format`` (config ``input.format``) and of the ``format`` column.
+        detect: ``detect(record) -> bool``: the record has this shape (``format="auto"`` takes
+            the first registered shape that says yes).
+        convert: ``convert(record, role_map) -> (messages, consumed fields) | Reject``; the
+            messages are checked by :func:`validate_messages` afterwards, the fields not
+            consumed go to ``extra``.
+        detected_by: what ``detect`` looks for, in words (for ``--help-config``).
+    """
+
+    name: str
+    detect: Callable[[Mapping[str, Any]], bool]
+    convert: Callable[[Mapping[str, Any], Mapping[str, str] | None], Converted | Reject]
+    detected_by: str
+
+
+RECORD_FORMATS: dict[str, RecordFormat] = {}
+"""Every record shape by name, in detection order."""
+
+
+def register_format(shape: RecordFormat) -> RecordFormat:
+    """Add a record shape (detected after the ones registered before it)."""
+    if shape.name in RECORD_FORMATS or shape.name == "auto":
+        raise ValueError(f"record format {shape.name!r} is already registered")
+    RECORD_FORMATS[shape.name] = shape
+    return shape
+
+
+def detect_format(record: Mapping[str, Any]) -> str | None:
+    """The name of the first registered shape that ``record`` has, or None."""
+    for shape in RECORD_FORMATS.values():
+        if shape.detect(record):
+            return shape.name
+    return None
+
+
+def _chat(name: str, field: str) -> Callable[..., Converted | Reject]:
+    """Converter of a shape whose ``field`` holds the message list (ShareGPT, OpenAI)."""
+
+    def convert(
+        record: Mapping[str, Any], role_map: Mapping[str, str] | None
+    ) -> Converted | Reject:
+        if field not in record:
+            return _reject("missing_field", f"declared format {name} but no '{field}'")
+        converted = _convert_messages(record[field], field, role_map)
+        if isinstance(converted, Reject):
+            return converted
+        messages, extra_keys = converted
+        # Messages with keys beyond role/content keep their original list in extra.
+        return messages, set() if extra_keys else {field}
+
+    return convert
+
+
+def _declared_self_instruct(
+    record: Mapping[str, Any], role_map: Mapping[str, str] | None
+) -> Converted | Reject:
+    if "instances" not in record:
+        return _reject("missing_field", "declared format self_instruct but no 'instances'")
+    return _self_instruct(record)
+
+
+for _shape in (
+    RecordFormat(
+        "sharegpt",
+        lambda r: "conversations" in r,
+        _chat("sharegpt", "conversations"),
+        "conversations",
+    ),
+    RecordFormat("messages", lambda r: "messages" in r, _chat("messages", "messages"), "messages"),
+    RecordFormat(
+        "self_instruct",
+        lambda r: "instruction" in r and "instances" in r,
+        _declared_self_instruct,
+        "instruction+instances",
+    ),
+    RecordFormat(
+        "dolly",
+        lambda r: "instruction" in r and "response" in r,
+        lambda r, _: _alpaca_like(r, "context", "response"),
+        "instruction+response",
+    ),
+    RecordFormat(
+        "alpaca",
+        lambda r: "instruction" in r,
+        lambda r, _: _alpaca_like(r, "input", "output"),
+        "instruction (+output)",
+    ),
+    RecordFormat(
+        "hh",
+        lambda r: isinstance(r.get("chosen"), str) and _HH_SPLIT.search(r["chosen"]) is not None,
+        lambda r, _: _hh(r),
+        "chosen HH-RLHF transcript",
+    ),
+):
+    register_format(_shape)
+del _shape
+
+FORMATS: tuple[str, ...] = tuple(RECORD_FORMATS)
+"""Names of the built-in record shapes, in detection order."""
+
+
 def canonicalize(
     record: Any,
     *,
@@ -375,7 +467,8 @@ def canonicalize(
 
     Args:
         record: the parsed JSON value of one input record.
-        format: one of :data:`FORMATS`, or ``"auto"`` to detect the shape of this record.
+        format: a name of :data:`RECORD_FORMATS`, or ``"auto"`` to detect the shape of this
+            record.
         role_map: extra role names -> ``system``/``user``/``assistant``.
         id_field: field holding the record's own id.
 
@@ -385,36 +478,19 @@ def canonicalize(
     """
     if not isinstance(record, dict):
         return _reject("not_an_object", f"record is {type(record).__name__}, not an object")
-    fmt = detect_format(record) if format == "auto" else format
-    if fmt is None:
-        keys = ", ".join(sorted(map(str, record))[:8])
-        return _reject("unknown_format", f"no known record shape for keys [{keys}]")
-    extra_keys = False
-    if fmt in ("sharegpt", "messages"):
-        field = "conversations" if fmt == "sharegpt" else "messages"
-        if field not in record:
-            return _reject("missing_field", f"declared format {fmt} but no '{field}'")
-        converted = _convert_messages(record[field], field, role_map)
-        if isinstance(converted, Reject):
-            return converted
-        messages, extra_keys = converted
-        consumed = set() if extra_keys else {field}
-    elif fmt == "alpaca":
-        built = _alpaca_like(record, "input", "output")
-    elif fmt == "dolly":
-        built = _alpaca_like(record, "context", "response")
-    elif fmt == "self_instruct":
-        if "instances" not in record:
-            return _reject("missing_field", "declared format self_instruct but no 'instances'")
-        built = _self_instruct(record)
-    elif fmt == "hh":
-        built = _hh(record)
+    if format == "auto":
+        fmt = detect_format(record)
+        if fmt is None:
+            keys = ", ".join(sorted(map(str, record))[:8])
+            return _reject("unknown_format", f"no known record shape for keys [{keys}]")
+    elif format in RECORD_FORMATS:
+        fmt = format
     else:
-        raise ValueError(f"unknown format {fmt!r}; expected auto or one of {FORMATS}")
-    if fmt not in ("sharegpt", "messages"):
-        if isinstance(built, Reject):
-            return built
-        messages, consumed = built
+        raise ValueError(f"unknown format {format!r}; expected auto or one of {FORMATS}")
+    built = RECORD_FORMATS[fmt].convert(record, role_map)
+    if isinstance(built, Reject):
+        return built
+    messages, consumed = built
     bad = validate_messages(messages)
     if bad is not None:
         return bad

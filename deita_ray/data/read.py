@@ -35,8 +35,10 @@ Accounting (every byte and every Parquet row lands somewhere):
   ``[0, rows in the footer)``. A file whose footer cannot be read is rejected whole, as
   ``bytes`` ranges covering the file.
 - Per file the read task reports its counts (rows emitted, file bytes accounted, stream size,
-  bytes in ranges, syntax bytes) to a :class:`ReadLedger` when one is given, so a stage can
-  count its input independently of what it writes (:meth:`ReadLedger.check`).
+  bytes in ranges, syntax bytes) to a :class:`ReadLedger` when one is given, or as one
+  :data:`FILE_END` row after the file's rows (``file_ends=True``, for a stage that keeps them
+  on disk to resume by file), so a stage can count its input independently of what it writes
+  (:func:`check_file_counts`).
 
 Reasons (``error``):
 
@@ -91,12 +93,14 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
+
+from deita_ray.data.rejects import INPUT_RANGE
 
 SEQ_FILE_SHIFT = 40
 """``seq = file_rank << SEQ_FILE_SHIFT | index``: up to 2**40 records per file, 2**23 files."""
@@ -120,12 +124,15 @@ READ_SCHEMA = pa.schema(
         ("seq", pa.int64()),
         ("error", pa.string()),
         ("detail", pa.string()),
-        ("range_start", pa.int64()),
-        ("range_end", pa.int64()),
-        ("range_unit", pa.string()),
+        *INPUT_RANGE,
     ]
 )
 """Columns of :func:`read_pool`'s rows."""
+
+FILE_END = "_file_end"
+"""``error`` of the row that follows a file's rows when the datasource is asked for it: its
+``index`` is the number of rows the file gave, its ``detail`` the file's counts as JSON; it is
+no record and no reject."""
 
 UNIT_BYTES = "bytes"
 UNIT_DECOMPRESSED = "decompressed_bytes"
@@ -630,6 +637,21 @@ class _TextBuffer:
         text, start, end = self.take(p)
         return Span(start, end, text, syntax=True)
 
+    def skip(self, pattern: re.Pattern, pos: int) -> Generator[Span, None, int | None]:
+        """Move past what ``pattern`` matches from ``pos``, refilling the buffer as needed;
+        yields the syntax spans passed over, returns where the next character is (None at the
+        end of the stream)."""
+        while True:
+            pos = pattern.match(self.buf, pos).end()
+            if pos < len(self.buf):
+                return pos
+            if sp := self.syntax(pos):
+                yield sp
+            shift = self.fill()
+            if shift is None:
+                return None
+            pos -= shift
+
     def pieces(self, p: int, rej: _Reject, final: bool) -> Iterator[Span]:
         """Reject spans for the text from ``mark`` to ``p``; unless ``final``, only the
         pieces whose end is already known (so pieces never depend on chunk boundaries)."""
@@ -651,17 +673,9 @@ def iter_json_array(
     """Spans of a JSON array byte stream, parsed incrementally (see the module docstring)."""
     tb = _TextBuffer(iter(chunks), first)
     decode = json.JSONDecoder().raw_decode
-    pos = 0
-    while True:  # whitespace and byte order marks before the opening bracket
-        pos = _LEAD.match(tb.buf, pos).end()
-        if pos < len(tb.buf):
-            break
-        if sp := tb.syntax(pos):
-            yield sp
-        shift = tb.fill()
-        if shift is None:
-            return  # empty file
-        pos -= shift
+    pos = yield from tb.skip(_LEAD, 0)  # whitespace and byte order marks before the "["
+    if pos is None:
+        return  # empty file
     if tb.buf[pos] != "[":
         if sp := tb.syntax(pos):
             yield sp
@@ -681,17 +695,9 @@ def iter_json_array(
             continue
         c = buf[pos]
         if c == "]":
-            pos += 1
-            while True:  # whitespace after the array
-                pos = _WS.match(tb.buf, pos).end()
-                if pos < len(tb.buf):
-                    break
-                if sp := tb.syntax(pos):
-                    yield sp
-                shift = tb.fill()
-                if shift is None:
-                    return
-                pos -= shift
+            pos = yield from tb.skip(_WS, pos + 1)  # whitespace after the array
+            if pos is None:
+                return
             if tb.buf[pos] == "[":  # concatenated arrays: read on
                 pos += 1
                 continue
@@ -1191,6 +1197,31 @@ class _LedgerActor:
         return self._files
 
 
+def check_file_counts(files: list[str], counts: Mapping[str, dict]) -> int:
+    """Rows read from ``files`` in all, after checking each file's counts (by path).
+
+    Raises:
+        RuntimeError: a file was not read, its ranges and syntax do not add up to its
+            stream, or the bytes it accounts for differ from its size on disk.
+    """
+    problems = []
+    for path in files:
+        c = counts.get(path)
+        if c is None:
+            problems.append(f"{path}: no counts (the file was not read)")
+            continue
+        if c["covered"] + c["syntax"] != c["stream"]:
+            problems.append(
+                f"{path}: ranges {c['covered']} + syntax {c['syntax']} != {c['stream']} {c['unit']}"
+            )
+        size = file_size(path)
+        if c["file_bytes"] is not None and c["file_bytes"] != size:
+            problems.append(f"{path}: {c['file_bytes']} bytes accounted, {size} on disk")
+    if problems:
+        raise RuntimeError("read accounting broken: " + "; ".join(problems[:5]))
+    return sum(counts[path]["rows"] for path in files)
+
+
 class ReadLedger:
     """What the read tasks of :func:`read_pool` counted, per file (a small Ray actor).
 
@@ -1213,30 +1244,8 @@ class ReadLedger:
         return {self.files[rank]: c for rank, c in sorted(got.items())}
 
     def check(self) -> int:
-        """Rows read in all, after checking each file's counts.
-
-        Raises:
-            RuntimeError: a file was not read, its ranges and syntax do not add up to its
-                stream, or the bytes it accounts for differ from its size on disk.
-        """
-        counts = self.counts()
-        problems = []
-        for path in self.files:
-            c = counts.get(path)
-            if c is None:
-                problems.append(f"{path}: no counts (the file was not read)")
-                continue
-            if c["covered"] + c["syntax"] != c["stream"]:
-                problems.append(
-                    f"{path}: ranges {c['covered']} + syntax {c['syntax']} != {c['stream']} "
-                    f"{c['unit']}"
-                )
-            size = file_size(path)
-            if c["file_bytes"] is not None and c["file_bytes"] != size:
-                problems.append(f"{path}: {c['file_bytes']} bytes accounted, {size} on disk")
-        if problems:
-            raise RuntimeError("read accounting broken: " + "; ".join(problems[:5]))
-        return sum(c["rows"] for c in counts.values())
+        """Rows read in all, after checking each file's counts (:func:`check_file_counts`)."""
+        return check_file_counts(self.files, self.counts())
 
     def close(self) -> None:
         import ray
@@ -1249,7 +1258,14 @@ class ReadLedger:
 
 
 class PoolDatasource(FileBasedDatasource):
-    """Reads pool files into blocks of :data:`READ_SCHEMA` rows (one read task per file group)."""
+    """Reads pool files into blocks of :data:`READ_SCHEMA` rows (one read task per file group).
+
+    Args:
+        files: the files to read.
+        ranks: each file's rank in the whole pool, when only some of the pool's files are read
+            (a resumed ingest); by default a file's rank is its position in ``files``.
+        file_ends: follow each file's rows with its :data:`FILE_END` row.
+    """
 
     def __init__(
         self,
@@ -1259,13 +1275,18 @@ class PoolDatasource(FileBasedDatasource):
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         block_rows: int = BLOCK_ROWS,
         ledger: ReadLedger | None = None,
+        ranks: Mapping[str, int] | None = None,
+        file_ends: bool = False,
     ):
         super().__init__(files)
         self._file_format = file_format
         self._max_record_bytes = max_record_bytes
         self._block_rows = block_rows
         self._ledger = ledger.actor if ledger is not None else None
-        self._ranks = {os.path.normpath(f) if not _is_uri(f) else f: r for r, f in enumerate(files)}
+        self._file_ends = file_ends
+        if ranks is None:
+            ranks = {f: r for r, f in enumerate(files)}
+        self._ranks = {os.path.normpath(f) if not _is_uri(f) else f: r for f, r in ranks.items()}
 
     def _rank(self, path: str) -> int:
         if path in self._ranks:
@@ -1327,6 +1348,10 @@ class PoolDatasource(FileBasedDatasource):
                 chars = 0
         if units or not index:  # a file without rows still gives a block with the schema
             yield _block(cols, units, path, base, index)
+            index += len(units)
+        if self._file_ends:
+            end = {"record": [""], "error": [FILE_END], "detail": [json.dumps(reader.counts)]}
+            yield _block({**end, "start": [None], "end": [None]}, [None], path, base, index)
         if self._ledger is not None:
             import ray
 

@@ -103,7 +103,8 @@ def split_block(table: pa.Table, stage: str) -> tuple[pa.Table, pa.Table]:
     return good_rows, rejects
 
 
-def _write_atomic(table: pa.Table, folder: str, name: str) -> None:
+def write_atomic(table: pa.Table, folder: str, name: str) -> None:
+    """Write ``folder/name`` under a temporary name first, so no reader sees a half file."""
     tmp = os.path.join(folder, TMP_PREFIX + name)
     pq.write_table(table, tmp)
     os.replace(tmp, os.path.join(folder, name))
@@ -124,6 +125,12 @@ class SplitParquetSink(Datasink):
                 os.remove(stray)  # left by a task that died mid-write
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict:
+        name = f"part-{getattr(ctx, 'task_idx', 0):05d}-{uuid.uuid4().hex[:12]}.parquet"
+        return self.write_part(blocks, name)
+
+    def write_part(self, blocks: Iterable[Any], name: str) -> dict:
+        """Split marked blocks and write them as ``name`` in the stage and rejects folders
+        (a folder gets no file when it has no rows); returns this part's counts."""
         goods, bads = [], []
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
@@ -132,16 +139,15 @@ class SplitParquetSink(Datasink):
             good, bad = split_block(table, self.stage)
             goods.append(good)
             bads.append(bad)
-        name = f"part-{getattr(ctx, 'task_idx', 0):05d}-{uuid.uuid4().hex[:12]}.parquet"
         rows_out = 0
         reasons: Counter = Counter()
         good = pa.concat_tables(goods, promote_options="default") if goods else None
         if good is not None and good.num_rows:
-            _write_atomic(good, self.stage_dir, name)
+            write_atomic(good, self.stage_dir, name)
             rows_out = good.num_rows
         bad = pa.concat_tables(bads) if bads else None
         if bad is not None and bad.num_rows:
-            _write_atomic(bad, self.rejects_dir, name)
+            write_atomic(bad, self.rejects_dir, name)
             reasons.update(bad["reason"].to_pylist())
         return {"rows_out": rows_out, "rejected_by_reason": dict(reasons)}
 
@@ -155,6 +161,25 @@ def parquet_files(folder: str, recursive: bool = False) -> list[str]:
     """
     parts = ("**", "*.parquet") if recursive else ("*.parquet",)
     return sorted(glob.glob(os.path.join(folder, *parts), recursive=recursive))  # skips dotfiles
+
+
+class WrittenRows:
+    """Rows in a stage's finished parts, accepted and rejected, counted from Parquet footers;
+    each part is read once, so counting again while the stage runs is cheap."""
+
+    def __init__(self, out_dir: str, stage: str):
+        self.folders = (stage_dir(out_dir, stage), rejects_dir(out_dir, stage))
+        self._rows: dict[str, int] = {}
+
+    def count(self) -> int:
+        for folder in self.folders:
+            for path in parquet_files(folder):
+                if path not in self._rows:
+                    try:
+                        self._rows[path] = pq.ParquetFile(path).metadata.num_rows
+                    except (OSError, pa.ArrowInvalid):  # removed since the listing
+                        continue
+        return sum(self._rows.values())
 
 
 def _column(paths: list[str], name: str) -> list[pa.ChunkedArray]:
@@ -208,6 +233,17 @@ def skip_finished(ds: Any, out_dir: str, stage: str) -> Any:
     if done.size == 0:
         return ds
     return ds.map_batches(_DropFinished(done), batch_format="pyarrow", zero_copy_batch=True)
+
+
+def in_parts(ds: Any, rows_per_part: int) -> Any:
+    """``ds`` in blocks of at most ``rows_per_part`` rows (streaming: no shuffle, no barrier).
+
+    Ray Data's Parquet reader merges small files into one read block; without this a stage
+    would hand a whole pool to one model actor and write it as one part at the very end, so an
+    interrupted run would keep nothing and the other actors of the pool would idle. Each block
+    becomes one output part (:class:`SplitParquetSink`).
+    """
+    return ds.repartition(target_num_rows_per_block=rows_per_part)
 
 
 def write_with_rejects(

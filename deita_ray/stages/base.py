@@ -62,6 +62,8 @@ class Stage:
         output_columns: columns of ``<out_dir>/<name>/*.parquet``.
         resumes_by_shard: an interrupted run keeps the parts it finished and a re-run with the
             same settings only works on the rest; otherwise a run starts from empty folders.
+        writes_parts: it writes its output part by part as it goes, so the pipeline can log
+            its progress from the rows on disk (``output.progress_every_s``).
         trains: it trains a model and reports a per-step ``loss`` history (plotted).
         rejects_are_failures: its rejected rows count against the failure budget (the select
             stage's "not selected" rows do not).
@@ -69,6 +71,8 @@ class Stage:
             the job, which :mod:`deita_ray.preflight` checks before the first stage runs.
         report: optional :class:`~deita_ray.reporting.StageReport`: the per-row facts,
             statistics and plots it contributes to the job report (docs/report.md).
+        notes: optional ``fn(cfg) -> list[str]``: caveats about this run the report shows
+            (e.g. a stand-in model), when the stage is in the job.
         doc: one line for ``--help`` and the report.
     """
 
@@ -81,10 +85,12 @@ class Stage:
     input_columns: tuple[str, ...] = ()
     output_columns: tuple[str, ...] = ()
     resumes_by_shard: bool = False
+    writes_parts: bool = False
     trains: bool = False
     rejects_are_failures: bool = True
     models: Callable[[PipelineConfig], list[ModelToLoad]] | None = None
     report: StageReport | None = None
+    notes: Callable[[PipelineConfig], list[str]] | None = None
     doc: str = ""
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 

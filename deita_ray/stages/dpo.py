@@ -36,7 +36,7 @@ from deita_ray.data.formats import (
     validate_messages,
 )
 from deita_ray.data.read import file_stem
-from deita_ray.data.rejects import DETAIL, RANGE_END, RANGE_START, RANGE_UNIT, RAW, REASON
+from deita_ray.data.rejects import RANGE_END, RANGE_START, RANGE_UNIT, REASON, RejectMarks
 from deita_ray.preflight import ModelToLoad, same_path
 from deita_ray.stages.base import Stage
 from deita_ray.training.render import (
@@ -318,8 +318,7 @@ class PreparePairs(TokenizingStage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         n = len(rows)
-        reasons: list[str | None] = [None] * n
-        details: list[str | None] = [None] * n
+        marks = RejectMarks(n)
         ids = [""] * n
         work, owners, starts = [], [], []
         for i, row in enumerate(rows):
@@ -342,9 +341,10 @@ class PreparePairs(TokenizingStage):
                 starts.append((start_ids(segs_c, self.tokenizer, self.template), len(resp_c)))
                 owners.append(i)
             except PairError as e:
-                reasons[i], details[i] = e.reason, str(e)[:500]
+                marks.reject(i, e.reason, str(e)[:500], row["record"])
             except (TemplateError, ValueError, TypeError, KeyError) as e:
-                reasons[i], details[i] = "template_error", f"{type(e).__name__}: {e}"[:500]
+                detail = f"{type(e).__name__}: {e}"[:500]
+                marks.reject(i, "template_error", detail, row["record"])
             finally:
                 ids[i] = self._id(record, str(row.get("source")), row.get("index"))
         cols: dict[str, list] = {
@@ -369,8 +369,8 @@ class PreparePairs(TokenizingStage):
             if not any(x != IGNORE_INDEX for x in chosen[1]) or not any(
                 x != IGNORE_INDEX for x in rejected[1]
             ):
-                reasons[i] = "no_target_tokens"
-                details[i] = f"no response token left within max_length={self.max_length}"
+                detail = f"no response token left within max_length={self.max_length}"
+                marks.reject(i, "no_target_tokens", detail, rows[i]["record"])
                 continue
             masked = [IGNORE_INDEX] * len(prompt)
             for side, (r_ids, r_labels) in (("chosen", chosen), ("rejected", rejected)):
@@ -385,19 +385,16 @@ class PreparePairs(TokenizingStage):
         out.update({k: pa.array(v, pa.list_(pa.int32())) for k, v in cols.items()})
         out["num_tokens"] = pa.array(num_tokens, pa.int32())
         out["truncated"] = pa.array(truncated, pa.bool_())
-        out[REASON] = pa.array(reasons, pa.string())
-        out[DETAIL] = pa.array(details, pa.string())
-        out[RAW] = pa.array(
-            [rows[i]["record"] if reasons[i] else None for i in range(n)], pa.large_string()
-        )
+        table = marks.attach(pa.table(out))
         # Where a rejected record sits in its file, as the reader located it.
         for col, field, typ in (
             (RANGE_START, "range_start", pa.int64()),
             (RANGE_END, "range_end", pa.int64()),
             (RANGE_UNIT, "range_unit", pa.string()),
         ):
-            out[col] = pa.array([rows[i].get(field) if reasons[i] else None for i in range(n)], typ)
-        return pa.table(out)
+            located = [rows[i].get(field) if marks.rejected(i) else None for i in range(n)]
+            table = table.append_column(col, pa.array(located, typ))
+        return table
 
 
 class ReferenceLogProbs:
@@ -538,6 +535,7 @@ def prepare_pairs(cfg: PipelineConfig, out_dir: str, model_path: str, pad_id: in
             num_cpus=t.cpus_per_worker,
             num_gpus=1 if t.use_gpu else 0,
             batch_size=64,
+            resources=t.custom_resources,
         ),
     )
     try:
@@ -630,6 +628,7 @@ STAGE = Stage(
     run=run_dpo,
     # The pair files are read with the pool's record-size limit and id field.
     config_keys=("dpo", "input.id_field", "input.max_record_bytes"),
+    hash_ignore=("custom_resources",),  # where the workers run, not what they compute
     reads=("sft",),
     output_columns=tuple(TRAIN_COLUMNS),
     trains=True,

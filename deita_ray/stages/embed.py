@@ -19,8 +19,14 @@ import pyarrow as pa
 
 from deita_ray.accounting import StageResult
 from deita_ray.config import ModelConfig, PipelineConfig
-from deita_ray.data.rejects import DETAIL, RAW, REASON, to_raw
-from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
+from deita_ray.data.rejects import RejectMarks, row_raw
+from deita_ray.data.sink import (
+    in_parts,
+    parquet_files,
+    skip_finished,
+    stage_dir,
+    write_with_rejects,
+)
 from deita_ray.preflight import ModelToLoad
 from deita_ray.stages.base import Stage
 from deita_ray.templates import render_vicuna
@@ -65,13 +71,10 @@ def embed_table(
     n = table.num_rows
     names = table.column_names
     messages = table["messages"].to_pylist() if "messages" in names else [None] * n
-    reasons: list[str | None] = [None] * n
-    details: list[str | None] = [None] * n
-    raws: list[str | None] = [None] * n
+    marks = RejectMarks(n)
 
     def reject(i: int, reason: str, detail: str) -> None:
-        row = table.slice(i, 1).to_pylist()[0]
-        reasons[i], details[i], raws[i] = reason, detail, to_raw(row)
+        marks.reject(i, reason, detail, row_raw(table, i))
 
     texts: list[str] = []
     rows: list[int] = []
@@ -105,14 +108,14 @@ def embed_table(
         else:
             flat[i] = values[pos]
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    valid = np.array([r is None for r in reasons], dtype=bool)
+    valid = np.array([r is None for r in marks.reasons], dtype=bool)
     values_arr = pa.array(flat.astype(np_dtype).reshape(-1), ARROW_DTYPES[dtype])
     emb = pa.FixedSizeListArray.from_arrays(values_arr, dim, mask=pa.array(~valid))
 
     def col(name: str, typ: pa.DataType) -> pa.Array:
         return table[name].cast(typ) if name in names else pa.nulls(n, typ)
 
-    return pa.table(
+    out = pa.table(
         {
             "id": col("id", pa.string()),
             "seq": col("seq", pa.int64()),
@@ -120,11 +123,9 @@ def embed_table(
             EMBEDDING: emb,
             EMBED_TRUNCATED: pa.array(truncated, pa.bool_()),
             **{c: table[c] for c in carry},
-            REASON: pa.array(reasons, pa.string()),
-            DETAIL: pa.array(details, pa.string()),
-            RAW: pa.array(raws, pa.large_string()),
         }
     )
+    return marks.attach(out)
 
 
 class Embedder:
@@ -186,7 +187,7 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     import ray  # noqa: PLC0415
 
     from deita_ray.models.registry import resolve_model_path  # noqa: PLC0415
-    from deita_ray.runtime import actor_pool_kwargs  # noqa: PLC0415
+    from deita_ray.runtime import map_batches_kwargs  # noqa: PLC0415
 
     t0 = time.time()
     src = embed_source(out_dir)
@@ -197,6 +198,7 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     model_cfg = cfg.embed.model
     path = resolve_model_path(model_cfg.path, cfg.cache_dir)
     ds = skip_finished(ray.data.read_parquet(src).select_columns(columns + carry), out_dir, "embed")
+    ds = in_parts(ds, cfg.output.rows_per_part)
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={
@@ -207,7 +209,7 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
             "carry": carry,
         },
         batch_format="pyarrow",
-        **actor_pool_kwargs(cfg.embed.resources, model_cfg),
+        **map_batches_kwargs(cfg.embed.resources, model_cfg),
     )
     counts = write_with_rejects(ds, "embed", out_dir, rows_in=rows_in)
     counts.check("embed")
@@ -242,6 +244,7 @@ STAGE = Stage(
     input_columns=("id", "seq", "messages"),
     output_columns=OUTPUT_COLUMNS,
     resumes_by_shard=True,
+    writes_parts=True,
     models=_models,
     doc="last-token embedding of each row's vicuna_v1.1 rendering",
 )

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.config import EvalSetConfig, ModelConfig, PipelineConfig
 from deita_ray.data.formats import MESSAGE_TYPE, Reject
-from deita_ray.data.rejects import DETAIL, RAW, REASON, REJECTS_SCHEMA, to_raw
+from deita_ray.data.rejects import REJECTS_SCHEMA, RejectMarks, to_raw
 from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir
 from deita_ray.evaluation import (
     EvalRow,
@@ -295,10 +295,6 @@ def _write_table(table: pa.Table, path: str) -> None:
 # Ray Data callables (one model per actor)
 
 
-def _marks(n: int) -> tuple[list, list, list]:
-    return [None] * n, [None] * n, [None] * n
-
-
 def likelihood_table(batch: pa.Table, backend: Any, template: str) -> pa.Table:
     """Per row: prompt and answer token counts, the answer's summed and mean NLL (fp32 log-
     probabilities from the engine, summed in float64), or a reject mark.
@@ -309,7 +305,11 @@ def likelihood_table(batch: pa.Table, backend: Any, template: str) -> pa.Table:
     rows = batch.to_pylist()
     n = len(rows)
     tok = backend.tokenizer
-    reasons, details, raws = _marks(n)
+    marks = RejectMarks(n)
+
+    def reject(i: int, reason: str, detail: str) -> None:
+        marks.reject(i, reason, detail, {"id": rows[i]["id"], "messages": rows[i]["messages"]})
+
     seqs: list[list[int]] = []
     starts: list[int] = []
     live: list[int] = []
@@ -321,15 +321,16 @@ def likelihood_table(batch: pa.Table, backend: Any, template: str) -> pa.Table:
         try:
             p, f = likelihood_texts(row["messages"], template, tok)
         except RenderError as e:
-            reasons[i], details[i] = e.reason, str(e)
+            reject(i, e.reason, str(e))
             continue
         ids, start = likelihood_tokens(p, f, tok)
         prompt_tokens[i], answer_tokens[i] = start, len(ids) - start
         if start >= len(ids):
-            reasons[i], details[i] = "empty_answer", "the answer renders to no token"
+            reject(i, "empty_answer", "the answer renders to no token")
         elif len(ids) > backend.max_prompt_tokens:
-            reasons[i] = "too_long"
-            details[i] = f"{len(ids)} tokens > {backend.max_prompt_tokens} the engine accepts"
+            reject(
+                i, "too_long", f"{len(ids)} tokens > {backend.max_prompt_tokens} the engine accepts"
+            )
         else:
             seqs.append(ids)
             starts.append(start)
@@ -339,17 +340,14 @@ def likelihood_table(batch: pa.Table, backend: Any, template: str) -> pa.Table:
         values, errors = backend.token_logprobs(seqs, starts)
         for k, i in enumerate(live):
             if errors[k] is not None:
-                reasons[i], details[i] = "engine_error", errors[k]
+                reject(i, "engine_error", errors[k])
                 continue
             v = np.asarray(values[k], np.float64)
             if not np.isfinite(v).all():
-                reasons[i], details[i] = "non_finite", "a log-probability is not finite"
+                reject(i, "non_finite", "a log-probability is not finite")
                 continue
             nll_sum[i] = float(-v.sum())
-    for i in range(n):
-        if reasons[i] is not None:
-            raws[i] = to_raw({"id": rows[i]["id"], "messages": rows[i]["messages"]})
-    return pa.table(
+    out = pa.table(
         {
             "id": batch["id"],
             "seq": batch["seq"],
@@ -361,11 +359,9 @@ def likelihood_table(batch: pa.Table, backend: Any, template: str) -> pa.Table:
                 [None if s is None else s / answer_tokens[i] for i, s in enumerate(nll_sum)],
                 pa.float64(),
             ),
-            REASON: pa.array(reasons, pa.string()),
-            DETAIL: pa.array(details, pa.string()),
-            RAW: pa.array(raws, pa.large_string()),
         }
     )
+    return marks.attach(out)
 
 
 class LikelihoodScorer:
@@ -395,7 +391,8 @@ def generate_texts(
 
     n = len(conversations)
     texts: list[str | None] = [None] * n
-    reasons, details, _ = _marks(n)
+    reasons: list[str | None] = [None] * n
+    details: list[str | None] = [None] * n
     prompts, budgets, live = [], [], []
     for i, msgs in enumerate(conversations):
         try:
@@ -454,7 +451,11 @@ class Generator:
         texts, reasons, details = generate_texts(
             self.backend, convs, self.template, self.max_new_tokens
         )
-        return pa.table(
+        marks = RejectMarks(len(rows))
+        for i, reason in enumerate(reasons):
+            if reason is not None:
+                marks.reject(i, reason, details[i], rows[i])
+        out = pa.table(
             {
                 "id": batch["id"],
                 "seq": batch["seq"],
@@ -462,14 +463,9 @@ class Generator:
                 "prompt": [prompt_of(r["messages"]) for r in rows],
                 "reference": [r["messages"][-1]["content"] for r in rows],
                 "output": pa.array(texts, pa.large_string()),
-                REASON: pa.array(reasons, pa.string()),
-                DETAIL: pa.array(details, pa.string()),
-                RAW: pa.array(
-                    [to_raw(r) if reasons[i] else None for i, r in enumerate(rows)],
-                    pa.large_string(),
-                ),
             }
         )
+        return marks.attach(out)
 
 
 class JudgeModel:
@@ -512,14 +508,14 @@ def _run_pass(
     import ray
 
     from deita_ray.data.sink import SplitParquetSink, skip_finished
-    from deita_ray.runtime import actor_pool_kwargs
+    from deita_ray.runtime import map_batches_kwargs
 
     ds = skip_finished(ray.data.from_arrow(table), out_dir, key)
     ds = ds.map_batches(
         fn,
         fn_constructor_kwargs=kwargs,
         batch_format="pyarrow",
-        **actor_pool_kwargs(pool, model_cfg),
+        **map_batches_kwargs(pool, model_cfg),
     )
     ds.write_datasink(SplitParquetSink(NAME, stage_dir(out_dir, key), rejects_dir(out_dir, key)))
 

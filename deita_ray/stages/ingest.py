@@ -2,9 +2,13 @@
 
 Plan (nothing of the pool passes through the driver):
 
-1. :func:`~deita_ray.data.read.read_pool` streams every record as a row (read tasks, one per
-   file); :class:`Canonicalize` (fused into the same tasks) turns each into a canonical row
-   or a marked reject; :func:`~deita_ray.data.sink.write_with_rejects` writes both.
+1. :class:`~deita_ray.data.read.PoolDatasource` streams every record of the files still to
+   read as a row (read tasks, one per file group), each file's rows followed by one
+   :data:`~deita_ray.data.read.FILE_END` row that carries the reader's counts of the file;
+   :class:`Canonicalize` (fused into the same tasks) turns each record into a canonical row or
+   a marked reject; :class:`IngestSink` writes both, one part per input file and piece
+   (``part-r<rank>-i<first index>.parquet``), and each end-of-file row as
+   ``_files/r<rank>.json``.
 2. One Ray task per written part file reads it back (without ``extra``) and returns its
    metrics (rows per format, turns, ...) and its (id, seq) pairs split into hash buckets.
 3. Duplicate ids. Synthesized ids (``<file prefix>:<index>``) are unique by construction
@@ -18,23 +22,35 @@ Plan (nothing of the pool passes through the driver):
    content). The driver holds only object refs and per-file summaries, never ids or rows.
    Ids are therefore stable across runs and never depend on timing.
 
-Accounting: ``rows_in`` = the rows the read tasks report per file to a
-:class:`~deita_ray.data.read.ReadLedger` (one per record or reject piece; each file's ranges
-and syntax bytes add up to its size, checked), counted apart from what the sink writes;
-``rows_out`` + rejected must equal it, checked before returning.
+Resume by input file: a file is *finished* when its end-of-file record is on disk and its
+parts (accepted rows, rejects, duplicate-id rejects) hold exactly the rows the reader counted.
+A re-run in the same folder (the pipeline keeps it after an interrupted run with the same
+settings) keeps the parts of finished files, deletes the rest, and reads only the unfinished
+files, with the ranks and id prefixes of the whole pool, so ``seq`` and ids do not change. The
+duplicate-id pass then runs over every part, kept and new, so its result is that of an
+uninterrupted run.
+
+Accounting: ``rows_in`` = the rows the reader counted per file (one per record or reject
+piece), summed over the end-of-file records of every file, resumed ones included, after
+:func:`~deita_ray.data.read.check_file_counts` checked that each file's ranges and syntax
+bytes add up to its size; counted apart from what the sink writes, ``rows_out`` + rejected
+must equal it, checked before returning.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.data.formats import (
@@ -45,28 +61,47 @@ from deita_ray.data.formats import (
     record_id,
 )
 from deita_ray.data.read import (
+    FILE_END,
+    FILE_FORMATS,
     SEQ_FILE_SHIFT,
-    ReadLedger,
+    PoolDatasource,
+    check_file_counts,
     expand_paths,
+    file_size,
     file_stem,
     id_prefixes,
-    read_pool,
 )
-from deita_ray.data.rejects import DETAIL, RANGE_END, RANGE_START, RANGE_UNIT, RAW, REASON
-from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir, write_with_rejects
+from deita_ray.data.rejects import (
+    DETAIL,
+    INPUT_RANGE,
+    RANGE_END,
+    RANGE_START,
+    RANGE_UNIT,
+    REASON,
+    REJECT_MARKS,
+    RejectMarks,
+)
+from deita_ray.data.sink import (
+    TMP_PREFIX,
+    SplitParquetSink,
+    count_written,
+    parquet_files,
+    rejects_dir,
+    split_block,
+    stage_dir,
+    write_atomic,
+)
 from deita_ray.stages.base import Stage
 from deita_ray.stages.reports.canonical import canonical_report
 
 NAME = "ingest"
 
-MARKED_SCHEMA = (
-    CANONICAL_SCHEMA.append(pa.field(REASON, pa.string()))
-    .append(pa.field(DETAIL, pa.string()))
-    .append(pa.field(RAW, pa.large_string()))
-    .append(pa.field(RANGE_START, pa.int64()))
-    .append(pa.field(RANGE_END, pa.int64()))
-    .append(pa.field(RANGE_UNIT, pa.string()))
+_INPUT_RANGES = dict(
+    zip((RANGE_START, RANGE_END, RANGE_UNIT), (typ for _, typ in INPUT_RANGE), strict=True)
 )
+"""The reader's ``range_*`` columns, as the mark columns that locate a reject in its file."""
+
+MARKED_SCHEMA = pa.schema([*CANONICAL_SCHEMA, *REJECT_MARKS, *_INPUT_RANGES.items()])
 """Output of :class:`Canonicalize`: the canonical columns plus the reject mark columns."""
 
 _INDEX_MASK = (1 << SEQ_FILE_SHIFT) - 1
@@ -126,21 +161,21 @@ class Canonicalize:
         messages: list[Any] = [None] * n
         formats: list[Any] = [None] * n
         extras: list[Any] = [None] * n
-        reasons: list[Any] = [None] * n
-        rdetails: list[Any] = [None] * n
-        raws: list[Any] = [None] * n
+        marks = RejectMarks(n)
         loads = json.loads
         dumps = json.dumps
         for i in range(n):
             fallback = f"{self._prefix(sources[i])}:{indexes[i]}"
             text = records[i]
             if errors[i] is not None:
-                ids[i], reasons[i], rdetails[i], raws[i] = fallback, errors[i], details[i], text
+                ids[i] = fallback
+                marks.reject(i, errors[i], details[i], text)
                 continue
             try:
                 obj = loads(text)
             except (ValueError, RecursionError) as e:  # the reader checked, but stay safe
-                ids[i], reasons[i], rdetails[i], raws[i] = fallback, "invalid_json", str(e), text
+                ids[i] = fallback
+                marks.reject(i, "invalid_json", str(e), text)
                 continue
             res = canonicalize(
                 obj, format=self.format, role_map=self.role_map, id_field=self.id_field
@@ -148,46 +183,42 @@ class Canonicalize:
             if isinstance(res, Reject):
                 own = record_id(obj, self.id_field) if isinstance(obj, dict) else None
                 ids[i] = own or fallback
-                reasons[i], rdetails[i], raws[i] = res.reason, res.detail, text
+                marks.reject(i, res.reason, res.detail, text)
                 continue
             ids[i] = res["id"] or fallback
             messages[i] = res["messages"]
             formats[i] = res["format"]
             extras[i] = dumps(res["extra"], ensure_ascii=False) if res["extra"] else "{}"
-        cols = [
-            ids,
-            batch.column("seq"),
-            messages,
-            sources,
-            formats,
-            extras,
-            reasons,
-            rdetails,
-            raws,
-            batch.column("range_start"),
-            batch.column("range_end"),
-            batch.column("range_unit"),
-        ]
+        cols = [ids, batch.column("seq"), messages, sources, formats, extras]
+        ranges = batch.select([name for name, _ in INPUT_RANGE])
         try:
-            return _table(cols)
+            return _marked(marks, cols, ranges)
         except (pa.ArrowInvalid, UnicodeEncodeError):
             # Some string holds an unpaired surrogate (a JSON "\\ud800" escape): reject those rows.
             for i in range(n):
                 if not _encodable(ids[i], messages[i], extras[i]):
-                    reasons[i] = "invalid_utf8"
-                    rdetails[i] = "a string holds an unpaired surrogate escape"
-                    raws[i] = records[i]
+                    marks.reject(
+                        i, "invalid_utf8", "a string holds an unpaired surrogate escape", records[i]
+                    )
                     ids[i] = _safe(ids[i])
                     messages[i] = formats[i] = extras[i] = None
-                raws[i] = _safe(raws[i]) if raws[i] is not None else None
-            return _table(cols)
+                raw = marks.raws[i]
+                marks.raws[i] = _safe(raw) if raw is not None else None
+            return _marked(marks, cols, ranges)
 
 
-def _table(cols: list) -> pa.Table:
+def _marked(marks: RejectMarks, cols: list, ranges: pa.Table | None = None) -> pa.Table:
+    """Canonical columns + reject marks + input ranges (null without ``ranges``): one table of
+    :data:`MARKED_SCHEMA`."""
     arrays = []
-    for value, field in zip(cols, MARKED_SCHEMA, strict=True):
+    for value, field in zip(cols, CANONICAL_SCHEMA, strict=True):
         arrays.append(value if isinstance(value, pa.ChunkedArray) else pa.array(value, field.type))
-    return pa.Table.from_arrays(arrays, schema=MARKED_SCHEMA)
+    table = marks.attach(pa.Table.from_arrays(arrays, schema=CANONICAL_SCHEMA))
+    n = table.num_rows
+    for k, (name, typ) in enumerate(_INPUT_RANGES.items()):
+        column = ranges.column(k) if ranges is not None else pa.nulls(n, typ)
+        table = table.append_column(name, column)
+    return table
 
 
 def _safe(text: str) -> str:
@@ -206,6 +237,133 @@ def _encodable(*values: Any) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Files, parts and resume
+
+FILES_DIR = "_files"
+"""Folder under ``<out>/ingest`` with one ``r<rank>.json`` per input file read to its end
+(Ray Data and pyarrow skip ``_``-prefixed names when they read the stage folder)."""
+
+_PART = re.compile(r"-r(\d+)-i(\d+)\.parquet$")
+_END = re.compile(r"^r(\d+)\.json$")
+
+
+def part_name(first_seq: int) -> str:
+    """Name of the part whose first row has ``first_seq``: its file rank and record index."""
+    return f"part-r{first_seq >> SEQ_FILE_SHIFT:07d}-i{first_seq & _INDEX_MASK:013d}.parquet"
+
+
+def part_rank(path: str) -> int | None:
+    """File rank of a part (also of its ``dup-`` rejects), None for a name not from
+    :func:`part_name`."""
+    m = _PART.search(os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
+def _end_name(rank: int) -> str:
+    return f"r{rank:07d}.json"
+
+
+def _end_records(out_dir: str) -> list[str]:
+    folder = os.path.join(stage_dir(out_dir, NAME), FILES_DIR)
+    return (
+        sorted(os.path.join(folder, n) for n in os.listdir(folder)) if os.path.isdir(folder) else []
+    )
+
+
+def _write_json_atomic(folder: str, name: str, data: Any) -> None:
+    tmp = os.path.join(folder, TMP_PREFIX + name)
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, os.path.join(folder, name))
+
+
+class IngestSink(SplitParquetSink):
+    """Writes canonical rows split by input file: one part per file and write task, named by
+    its first row (:func:`part_name`; a retried write replaces its part instead of adding
+    one), then each :data:`~deita_ray.data.read.FILE_END` row as ``_files/r<rank>.json``
+    (rank, source, id prefix, the reader's counts of the file)."""
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict:
+        tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        rows_out = 0
+        reasons: Counter = Counter()
+        if not tables:
+            return {"rows_out": 0, "rejected_by_reason": {}}
+        table = pa.concat_tables(tables)
+        is_end = pc.fill_null(pc.equal(table[REASON], FILE_END), False)
+        rows = table.filter(pc.invert(is_end))
+        ranks = pc.shift_right(rows["seq"], SEQ_FILE_SHIFT)
+        for rank in sorted(pc.unique(ranks).to_pylist()):
+            piece = rows.filter(pc.equal(ranks, rank))
+            done = self.write_part([piece], part_name(pc.min(piece["seq"]).as_py()))
+            rows_out += done["rows_out"]
+            reasons.update(done["rejected_by_reason"])
+        ends = table.filter(is_end).to_pylist()
+        if ends:  # after the rows before them: a record never announces rows not yet on disk
+            folder = os.path.join(self.stage_dir, FILES_DIR)
+            os.makedirs(folder, exist_ok=True)
+            for end in ends:
+                rank = end["seq"] >> SEQ_FILE_SHIFT
+                record = {
+                    "rank": rank,
+                    "source": end["source"],
+                    "id_prefix": end["id"].rsplit(":", 1)[0],
+                    "counts": json.loads(end[DETAIL]),
+                }
+                _write_json_atomic(folder, _end_name(rank), record)
+        return {"rows_out": rows_out, "rejected_by_reason": dict(reasons)}
+
+
+def finished_files(out_dir: str, files: list[str], prefixes: Mapping[str, str]) -> dict[int, dict]:
+    """``{rank: the reader's counts}`` of the pool's files whose output is complete in
+    ``out_dir``.
+
+    A file is complete when ``_files/r<rank>.json`` names the same file (its rank and id
+    prefix in this pool, and the size the reader accounted for is still its size on disk)
+    and its parts, in both folders, hold exactly the rows the reader counted.
+    """
+    records: dict[int, dict] = {}
+    for path in _end_records(out_dir):
+        if not _END.match(os.path.basename(path)):
+            continue
+        with open(path) as f:
+            end = json.load(f)
+        rank, counts = end["rank"], end["counts"]
+        same = rank < len(files) and end["id_prefix"] == prefixes[files[rank]]
+        if same and counts["file_bytes"] not in (None, file_size(files[rank])):
+            same = False  # the file changed since: read it again
+        if same:
+            records[rank] = counts
+    written: Counter = Counter()
+    for part in _all_parts(out_dir):
+        written[part_rank(part)] += pq.ParquetFile(part).metadata.num_rows
+    return {rank: c for rank, c in records.items() if written[rank] == c["rows"]}
+
+
+def _all_parts(out_dir: str) -> list[str]:
+    return parquet_files(stage_dir(out_dir, NAME)) + parquet_files(rejects_dir(out_dir, NAME))
+
+
+def keep_finished(out_dir: str, files: list[str], prefixes: Mapping[str, str]) -> dict[int, dict]:
+    """Keep the output of the finished files (:func:`finished_files`), delete everything else
+    an interrupted run left (parts of unfinished files, their end-of-file records, temporary
+    files); returns the finished files' ``{rank: counts}``."""
+    finished = finished_files(out_dir, files, prefixes)
+    for path in _all_parts(out_dir):
+        if part_rank(path) not in finished:
+            os.remove(path)
+    for path in _end_records(out_dir):  # temporary files of an interrupted write included
+        m = _END.match(os.path.basename(path))
+        if m is None or int(m.group(1)) not in finished:
+            os.remove(path)
+    for folder in (stage_dir(out_dir, NAME), rejects_dir(out_dir, NAME)):
+        for stray in glob.glob(os.path.join(folder, TMP_PREFIX + "*")):
+            os.remove(stray)
+    return finished
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +466,6 @@ def _bucket(ids: list[str], num_buckets: int) -> Any:
 
 def _map_part(path: str, part: int, prefixes: dict, num_buckets: int) -> list:
     """One written part file -> [summary, bucket_0 .. bucket_{P-1}] of (id, seq, part)."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path, columns=_SUMMARY_COLUMNS)
     keys = table.select(["id", "seq"]).append_column(
         "part", pa.array([part] * table.num_rows, pa.int32())
@@ -342,41 +498,33 @@ def mark_duplicates(table: pa.Table, dups: pa.Table) -> pa.Table:
     first = pc.take(dups.column(_FIRST), at)
     dup = pc.fill_null(pc.not_equal(table.column("seq"), first), False)
     dup_np = dup.to_numpy(zero_copy_only=False)
-    n = table.num_rows
-    reasons: list[Any] = [None] * n
-    details: list[Any] = [None] * n
-    raws: list[Any] = [None] * n
+    marks = RejectMarks(table.num_rows)
     if dup_np.any():
         firsts = first.to_pylist()
         for i in dup_np.nonzero()[0].tolist():
             r = table.slice(i, 1).to_pylist()[0]
-            reasons[i] = "duplicate_id"
-            details[i] = (
+            raw = {k: r[k] for k in ("id", "source", "format", "messages")}
+            raw["extra"] = json.loads(r["extra"]) if r["extra"] else None
+            detail = (
                 f"id {r['id']!r} first occurs at seq {firsts[i]} (file rank "
                 f"{firsts[i] >> SEQ_FILE_SHIFT}, index {firsts[i] & _INDEX_MASK})"
             )
-            raw = {k: r[k] for k in ("id", "source", "format", "messages")}
-            raw["extra"] = json.loads(r["extra"]) if r["extra"] else None
-            raws[i] = json.dumps(raw, ensure_ascii=False)
-    no_range = [None] * n  # canonical rows do not keep their input range
-    cols = [table.column(f.name) for f in CANONICAL_SCHEMA]
-    return _table([*cols, reasons, details, raws, no_range, no_range, no_range])
+            marks.reject(i, "duplicate_id", detail, json.dumps(raw, ensure_ascii=False))
+    # canonical rows do not keep their input range
+    return _marked(marks, [table.column(f.name) for f in CANONICAL_SCHEMA])
 
 
 def _fix_part(path: str, rejects: str, prefixes: dict, *dup_tables: pa.Table) -> tuple:
-    """Rewrite one part file without its later duplicates; their rejects go to ``rejects``."""
-    import pyarrow.parquet as pq
-
-    from deita_ray.data.sink import split_block
-
+    """Rewrite one part file without its later duplicates; their rejects go to ``rejects``
+    (added to the ``dup-`` file an earlier, interrupted pass may have left for this part)."""
     dups = pa.concat_tables(dup_tables)
     table = pq.read_table(path).select(CANONICAL_SCHEMA.names).cast(CANONICAL_SCHEMA)
     good, bad = split_block(mark_duplicates(table, dups), NAME)
-    name = os.path.basename(path)
-    pq.write_table(bad, os.path.join(rejects, "dup-" + name))
-    tmp = path + ".tmp"
-    pq.write_table(good, tmp)
-    os.replace(tmp, path)  # readers never see a half-written part
+    name = "dup-" + os.path.basename(path)
+    if os.path.exists(os.path.join(rejects, name)):
+        bad = pa.concat_tables([pq.read_table(os.path.join(rejects, name)), bad])
+    write_atomic(bad, rejects, name)
+    write_atomic(good, os.path.dirname(path), os.path.basename(path))
     return bad.num_rows, summarize_rows(good.select(_SUMMARY_COLUMNS), prefixes)
 
 
@@ -424,8 +572,9 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
         out_dir: the job's output directory.
 
     Returns:
-        Counts (rows read = accepted + rejected by reason) and metrics: files read, bytes read,
-        rows per format, turns, multi-turn rows, rows with own ids, duplicate ids, seconds.
+        Counts (rows read = accepted + rejected by reason) and metrics: files, files kept from
+        an interrupted run, bytes read, rows per format, turns, multi-turn rows, rows with own
+        ids, duplicate ids, seconds.
     """
     t0 = time.time()
     inp = cfg.input
@@ -439,19 +588,39 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
         paths = list(inp.paths)
         if not paths:
             raise ValueError("input.paths is empty: give a pool file, directory or glob")
+    if inp.file_format not in FILE_FORMATS:
+        raise ValueError(f"file_format must be one of {FILE_FORMATS}, got {inp.file_format!r}")
     files = expand_paths(paths)
     prefixes = id_prefixes(files)
-    ledger = ReadLedger()
-    try:
-        ds = read_pool(files, inp.file_format, inp.max_record_bytes, ledger=ledger).map_batches(
+    finished = keep_finished(out_dir, files, prefixes)  # a fresh folder: none
+    todo = [f for rank, f in enumerate(files) if rank not in finished]
+    if todo:
+        import ray
+
+        source = PoolDatasource(
+            todo,
+            file_format=inp.file_format,
+            max_record_bytes=inp.max_record_bytes,
+            ranks={f: rank for rank, f in enumerate(files)},
+            file_ends=True,
+        )
+        ds = ray.data.read_datasource(source).map_batches(
             Canonicalize(inp.format, inp.role_map, inp.id_field, prefixes),
             batch_format="pyarrow",
             batch_size=None,
         )
-        counts = write_with_rejects(ds, NAME, out_dir, rows_in=ledger.check)
-        bytes_read = sum(c["file_bytes"] or 0 for c in ledger.counts().values())
-    finally:
-        ledger.close()
+        ds.write_datasink(IngestSink(NAME, stage_dir(out_dir, NAME), rejects_dir(out_dir, NAME)))
+    read = finished_files(out_dir, files, prefixes)
+    unfinished = [f for rank, f in enumerate(files) if rank not in read]
+    if unfinished:
+        raise RuntimeError(
+            f"ingest: {len(unfinished)} input files were not written completely "
+            f"(e.g. {unfinished[0]}): their rows on disk do not match the rows read"
+        )
+    by_path = {files[rank]: c for rank, c in read.items()}
+    counts = count_written(out_dir, NAME)
+    counts.rows_in = check_file_counts(files, by_path)
+    bytes_read = sum(c["file_bytes"] or 0 for c in by_path.values())
     summary, n_dup = _post_write(out_dir, prefixes, counts.rows_out)
     if n_dup:
         counts = StageCounts(
@@ -468,10 +637,12 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
         )
     metrics = {
         "files": len(files),
+        "files_resumed": len(finished),
         "bytes_read": bytes_read,
         "format_declared": inp.format,
         **{k: v for k, v in summary.items() if k != "rows"},
-        "duplicate_ids": n_dup,
+        # from disk: duplicates an interrupted run's pass already moved count too
+        "duplicate_ids": counts.rejected_by_reason.get("duplicate_id", 0),
         "seconds": round(time.time() - t0, 2),
     }
     if cfg.demo_pool:
@@ -484,6 +655,8 @@ STAGE = Stage(
     run=run_ingest,
     config_keys=("input", "demo_pool"),
     output_columns=tuple(f.name for f in CANONICAL_SCHEMA),
+    resumes_by_shard=True,  # by input file: keep_finished
     report=canonical_report(NAME),
+    writes_parts=True,
     doc="pool files -> canonical rows (ids, messages, source, format, extra) and rejects",
 )

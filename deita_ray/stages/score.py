@@ -31,8 +31,14 @@ import pyarrow as pa
 from deita_ray.accounting import StageResult
 from deita_ray.config import ModelConfig, PipelineConfig
 from deita_ray.data.formats import extract_turns
-from deita_ray.data.rejects import DETAIL, MARK_COLUMNS, RAW, REASON, to_raw
-from deita_ray.data.sink import parquet_files, skip_finished, stage_dir, write_with_rejects
+from deita_ray.data.rejects import RejectMarks, row_raw
+from deita_ray.data.sink import (
+    in_parts,
+    parquet_files,
+    skip_finished,
+    stage_dir,
+    write_with_rejects,
+)
 from deita_ray.preflight import ModelToLoad
 from deita_ray.scorers import EVOL, TRUNCATED, get_kind
 from deita_ray.scorers.base import BatchView, BoundScorer, LabelRequest, LogprobRequest
@@ -47,24 +53,10 @@ CPU_TASK_CPUS = 0.25
 """CPUs a cheap-scorer task reserves (it only counts characters and tokens)."""
 
 
-def _marks(table: pa.Table) -> tuple[list, list, list]:
-    n = table.num_rows
-
-    def col(name: str) -> list:
-        return table[name].to_pylist() if name in table.column_names else [None] * n
-
-    return col(REASON), col(DETAIL), col(RAW)
-
-
 def _set(table: pa.Table, name: str, array: pa.Array) -> pa.Table:
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, array)
     return table.append_column(name, array)
-
-
-def _row_raw(table: pa.Table, i: int) -> str:
-    row = table.slice(i, 1).to_pylist()[0]
-    return to_raw({k: v for k, v in row.items() if k not in MARK_COLUMNS})
 
 
 class _Timer:
@@ -133,7 +125,8 @@ def score_batch(
         columns exist), ``truncated`` (bool, OR-ed with an existing one) and the reject marks.
     """
     n = table.num_rows
-    reasons, details, raws = _marks(table)
+    marks = RejectMarks.of(table)
+    reasons = marks.reasons
     messages = table["messages"].to_pylist() if "messages" in table.column_names else [None] * n
     old_trunc = table[TRUNCATED].to_pylist() if TRUNCATED in table.column_names else [False] * n
     truncated = [bool(t) for t in old_trunc]
@@ -141,7 +134,7 @@ def score_batch(
 
     def reject(i: int, reason: str, detail: str) -> None:
         if reasons[i] is None:  # the first reason wins
-            reasons[i], details[i], raws[i] = reason, detail, _row_raw(table, i)
+            marks.reject(i, reason, detail, row_raw(table, i))
 
     # 1. The turns of every row.
     turns: list[list[tuple[str, str]] | None] = [None] * n
@@ -284,11 +277,9 @@ def score_batch(
         evol_values = [None] * n
     out = _set(out, EVOL, pa.array(evol_values, pa.float64()))
     out = _set(out, TRUNCATED, pa.array(truncated, pa.bool_()))
-    out = _set(out, REASON, pa.array(reasons, pa.string()))
-    out = _set(out, DETAIL, pa.array(details, pa.string()))
     if stats is not None:
         stats.update(timer.stats)
-    return _set(out, RAW, pa.array(raws, pa.large_string()))
+    return marks.attach(out)
 
 
 def _deita_specs(digit_ids: list[int], kinds: Sequence[str]) -> list:
@@ -526,7 +517,7 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     import pyarrow.dataset as pds  # noqa: PLC0415
     import ray  # noqa: PLC0415
 
-    from deita_ray.runtime import actor_pool_kwargs  # noqa: PLC0415
+    from deita_ray.runtime import map_batches_kwargs  # noqa: PLC0415
     from deita_ray.scorers import evol_pair, resolve_scorers, row_columns  # noqa: PLC0415
 
     t0 = time.time()
@@ -539,6 +530,7 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     metrics_actor = ray.remote(num_cpus=0)(ScoreMetrics).remote()
     # Rows an interrupted earlier run already wrote are not scored again (resume).
     ds = skip_finished(ray.data.read_parquet(src), out_dir, "score")
+    ds = in_parts(ds, cfg.output.rows_per_part)
     if cpu_specs:
         ds = ds.map_batches(
             cpu_score,
@@ -569,7 +561,7 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
                 "metrics": metrics_actor,
             },
             batch_format="pyarrow",
-            **actor_pool_kwargs(res, model_cfg),
+            **map_batches_kwargs(res, model_cfg),
         )
     counts = write_with_rejects(ds, "score", out_dir, rows_in=rows_in)
     counts.check("score")
@@ -606,6 +598,18 @@ def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
     return out
 
 
+def _notes(cfg: PipelineConfig) -> list[str]:
+    from deita_ray.config import EMBEDDED_MODEL  # noqa: PLC0415
+
+    if EMBEDDED_MODEL not in (cfg.score.complexity_model.path, cfg.score.quality_model.path):
+        return []
+    return [
+        "Scores come from the embedded SmolLM2-135M-Instruct prompted with the DEITA scorer "
+        "templates: a stand-in for the deita-complexity-scorer / deita-quality-scorer models, "
+        "good for exercising the pipeline, not for judging data."
+    ]
+
+
 STAGE = Stage(
     name="score",
     run=run_score,
@@ -615,7 +619,9 @@ STAGE = Stage(
     input_columns=("id", "seq", "messages"),
     output_columns=("complexity_scores", "quality_scores", EVOL, TRUNCATED),
     resumes_by_shard=True,
+    writes_parts=True,
     models=_models,
     report=REPORT,
+    notes=_notes,
     doc="every configured scorer per turn and row (default: DEITA complexity, quality, evol)",
 )

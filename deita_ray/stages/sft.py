@@ -29,7 +29,7 @@ import pyarrow as pa
 from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import Reject, parse_messages, validate_messages
-from deita_ray.data.rejects import DETAIL, RAW, REASON, to_raw
+from deita_ray.data.rejects import RejectMarks
 from deita_ray.preflight import ModelToLoad
 from deita_ray.stages.base import Stage
 from deita_ray.training.render import (
@@ -112,21 +112,24 @@ class TokenizeSFT(TokenizingStage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         segs_ok, idx_ok = [], []
-        reasons: list[str | None] = [None] * len(rows)
-        details: list[str | None] = [None] * len(rows)
+        marks = RejectMarks(len(rows))
+
+        def reject(i: int, reason: str, detail: str) -> None:
+            marks.reject(i, reason, detail, {k: v for k, v in rows[i].items() if k != ORDER})
+
         for i, row in enumerate(rows):
             messages = parse_messages(row.get("messages"))
             bad = messages if isinstance(messages, Reject) else validate_messages(messages)
             if bad is not None:
-                reasons[i], details[i] = bad.reason, bad.detail[:500]
+                reject(i, bad.reason, bad.detail[:500])
                 continue
             try:
                 segs = render_segments(messages, self.template, self.tokenizer)
             except (TemplateError, ValueError) as e:
-                reasons[i], details[i] = "template_error", f"{type(e).__name__}: {e}"[:500]
+                reject(i, "template_error", f"{type(e).__name__}: {e}"[:500])
                 continue
             if not any(t for _, t in segs):
-                reasons[i], details[i] = "no_assistant_message", "nothing to train on"
+                reject(i, "no_assistant_message", "nothing to train on")
                 continue
             segs_ok.append(segs)
             idx_ok.append(i)
@@ -137,11 +140,11 @@ class TokenizeSFT(TokenizingStage):
             strict=True,
         ):
             if enc.num_targets == 0:
-                reasons[i] = "no_target_tokens"
-                details[i] = f"no assistant token left within max_length={self.max_length}"
+                detail = f"no assistant token left within max_length={self.max_length}"
+                reject(i, "no_target_tokens", detail)
             else:
                 encoded[i] = enc
-        return pa.table(
+        out = pa.table(
             {
                 "id": pa.array([str(r.get("id")) for r in rows], pa.string()),
                 ORDER: pa.array([r.get(ORDER) for r in rows], pa.int64()),
@@ -152,17 +155,9 @@ class TokenizeSFT(TokenizingStage):
                 "num_tokens": pa.array([len(e.input_ids) if e else 0 for e in encoded], pa.int32()),
                 "num_targets": pa.array([e.num_targets if e else 0 for e in encoded], pa.int32()),
                 "truncated": pa.array([bool(e and e.truncated) for e in encoded], pa.bool_()),
-                REASON: pa.array(reasons, pa.string()),
-                DETAIL: pa.array(details, pa.string()),
-                RAW: pa.array(
-                    [
-                        to_raw({k: v for k, v in r.items() if k != ORDER}) if reasons[i] else None
-                        for i, r in enumerate(rows)
-                    ],
-                    pa.large_string(),
-                ),
             }
         )
+        return marks.attach(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +302,7 @@ STAGE = Stage(
     name=NAME,
     run=run_sft,
     config_keys=("sft",),
+    hash_ignore=("custom_resources",),  # where the workers run, not what they compute
     extra_hash=_sft_base,
     reads=("select",),
     input_columns=("id", "rank", "messages"),

@@ -8,6 +8,7 @@ transformers, deepspeed, ray.train) is imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,13 @@ DS_STATE_DIR = "deepspeed"
 """Sub-folder of a resumable checkpoint that holds DeepSpeed's engine/optimizer/scheduler state."""
 
 DS_TAG = "state"
+
+CHECKPOINT_PREFIX = "checkpoint_step"
+"""Name of a resumable checkpoint folder: ``checkpoint_stepNNNNNN`` (the optimizer step)."""
+
+UPLOADED_MARK = ".uploaded-rank"
+"""Marker ``<checkpoint>/.uploaded-rank<r>``: worker ``r`` finished uploading its part of that
+checkpoint. A checkpoint with the marks of all its ranks and its trainer state is complete."""
 
 FAIL_AT_STEP_ENV = "DEITA_TRAIN_FAIL_AT_STEP"
 FAIL_FLAG_ENV = "DEITA_TRAIN_FAIL_FLAG"
@@ -70,11 +78,59 @@ def _fail_once(config: dict, step: int, rank: int, world: int) -> None:
     if at and flag and step == int(at) and rank == world - 1 and not os.path.exists(flag):
         with open(flag, "w") as f:
             f.write(json.dumps({"step": step, "rank": rank, "time": time.time()}))
-        # Ray Train's controller collects reported checkpoints on its health-check poll
-        # (every 2 s by default); let it see the last one, as it would in a real failure
-        # that strikes some time after a checkpoint.
-        time.sleep(float(config.get("fail_delay_s", 5.0)))
+        # No grace period: the restarted group finds the last checkpoint on storage even when
+        # Ray Train's controller has not registered it yet (newest_complete_checkpoint).
+        time.sleep(float(config.get("fail_delay_s", 0.0)))
         os._exit(1)
+
+
+def newest_complete_checkpoint(root: str) -> tuple[int, str] | None:
+    """The newest resumable checkpoint under ``root`` that every worker finished uploading.
+
+    Ray Train hands a restarted worker group the last checkpoint its controller *registered*,
+    and the controller registers reports only when it polls the workers (every few seconds):
+    a node lost right after a checkpoint was written would restart from an older one, or from
+    step 0. The checkpoint folders on storage say what was really saved.
+
+    Returns:
+        ``(step, folder)``, or None when no checkpoint under ``root`` is complete.
+    """
+    import glob
+
+    best: tuple[int, str] | None = None
+    for folder in glob.glob(os.path.join(root, f"{CHECKPOINT_PREFIX}*")):
+        try:
+            with open(os.path.join(folder, TRAINER_STATE)) as f:
+                saved = json.load(f)
+            step, world = int(saved["step"]), int(saved["world_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not written to the end (or by an older version): not resumable
+        marks = (os.path.join(folder, f"{UPLOADED_MARK}{r}") for r in range(world))
+        if all(os.path.exists(m) for m in marks) and (best is None or step > best[0]):
+            best = (step, folder)
+    return best
+
+
+def _saved_step(folder: str) -> int:
+    with open(os.path.join(folder, TRAINER_STATE)) as f:
+        return int(json.load(f)["step"])
+
+
+def _resume_folder(handed: str | None, root: str | None, rank: int, world: int) -> str | None:
+    """The checkpoint folder a (re)started worker group resumes from: the newer of the one Ray
+    Train hands back and the newest complete one on storage; rank 0 decides for all ranks."""
+    import torch.distributed as dist
+
+    choice = handed
+    if rank == 0 and root:
+        found = newest_complete_checkpoint(root)
+        if found is not None and (handed is None or found[0] > _saved_step(handed)):
+            choice = found[1]
+    if world > 1 and dist.is_initialized():
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    return choice
 
 
 def train_worker(config: dict) -> None:
@@ -153,29 +209,38 @@ def train_worker(config: dict) -> None:
         "timings": {},
     }
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
+    root = config.get("checkpoint_root")
+    with contextlib.ExitStack() as stack:
+        handed = stack.enter_context(ckpt.as_directory()) if ckpt is not None else None
+        resume = _resume_folder(handed, root, rank, world)
+        if resume is not None:
             engine.load_checkpoint(
-                os.path.join(d, DS_STATE_DIR),
+                os.path.join(resume, DS_STATE_DIR),
                 tag=DS_TAG,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=True,
             )
-            with open(os.path.join(d, TRAINER_STATE)) as f:
+            with open(os.path.join(resume, TRAINER_STATE)) as f:
                 state.update(json.load(f))
-        state["restarts"] += 1
-        state["resumed_from_step"] = state["step"]
+            state["restarts"] += 1
+            state["resumed_from_step"] = state["step"]
 
     def checkpoint(final: bool, metrics: dict) -> None:
         tmp = tempfile.mkdtemp(prefix="deita_ckpt_")
+        name = "final" if final else f"{CHECKPOINT_PREFIX}{state['step']:06d}"
+        # A restarted group re-writes the folders of the steps it redoes: this rank's mark of
+        # the earlier attempt goes first (report() starts with a barrier of all ranks), so a
+        # half-rewritten checkpoint is never taken for a complete one.
+        mark = os.path.join(root, name, f"{UPLOADED_MARK}{rank}") if root else None
+        if mark and os.path.exists(mark):
+            os.remove(mark)
         try:
             _save_hf(engine, tokenizer, tmp, rank, ds_cfg["zero_optimization"]["stage"])
             if not final:
                 engine.save_checkpoint(os.path.join(tmp, DS_STATE_DIR), tag=DS_TAG)
             if rank == 0:
                 with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-                    json.dump({**state, "final": final}, f)
-            name = "final" if final else f"checkpoint_step{state['step']:06d}"
+                    json.dump({**state, "final": final, "world_size": world}, f)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -183,6 +248,10 @@ def train_worker(config: dict) -> None:
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if mark and not final and os.path.isdir(os.path.dirname(mark)):
+            # report() returns once this rank's files are on storage.
+            with open(mark, "w"):
+                pass
 
     shard = ray.train.get_dataset_shard("train")
     every = config["checkpoint_every_steps"]
@@ -320,11 +389,17 @@ def fit(
         "seed": t.seed,
         "trust_remote_code": t.trust_remote_code,
         "checkpoint_every_steps": t.checkpoint_every_steps,
+        # Where Ray Train stores this run's checkpoints (RunConfig below): a restarted worker
+        # group looks there for checkpoints its controller had not registered yet.
+        "checkpoint_root": os.path.join(stage_out, "checkpoints"),
         "shuffle_buffer": 4 * t.micro_batch_size,
         **fault_injection_from_env(),
         **(extra_config or {}),
     }
-    resources = {"CPU": t.cpus_per_worker}
+    # Checkpoints under this folder belong to this run only (a restarted worker group resumes
+    # from the newest complete one there).
+    shutil.rmtree(config["checkpoint_root"], ignore_errors=True)
+    resources = {"CPU": t.cpus_per_worker, **t.custom_resources}
     if t.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(

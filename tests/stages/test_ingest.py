@@ -4,20 +4,34 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from proc_utils import kill_tree
 
-from deita_ray.config import PipelineConfig
+from deita_ray.config import PipelineConfig, load_config
 from deita_ray.data.demo import demo_records, write_demo_pool
 from deita_ray.data.formats import extract_turns
-from deita_ray.data.read import READ_SCHEMA, SEQ_FILE_SHIFT
+from deita_ray.data.read import READ_SCHEMA, SEQ_FILE_SHIFT, expand_paths, id_prefixes
 from deita_ray.data.rejects import REJECTS_SCHEMA
-from deita_ray.stages.ingest import MARKED_SCHEMA, Canonicalize, run_ingest
+from deita_ray.pipeline import read_manifest, run
+from deita_ray.stages.ingest import (
+    FILES_DIR,
+    MARKED_SCHEMA,
+    Canonicalize,
+    finished_files,
+    part_rank,
+    run_ingest,
+)
 
 
 def ingest(paths, out: Path, **input_fields):
@@ -449,3 +463,143 @@ def test_damaged_files_keep_what_decodes_and_count_rows_in_apart(ray_local, tmp_
         (i, i + 1, "rows", {"id": f"p{i}", "input": "", "output": f"answer {i}"})
         for i in range(10, 20)
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume by input file
+
+RESUME_FILES = 6
+RESUME_ROWS = 20_000  # per file: one CPU takes a while on each, so a kill lands between files
+
+
+def write_resume_pool(root: Path) -> list[Path]:
+    """Six JSON-lines files with one bad line each and own ids repeated across files.
+
+    Row 1 of file k has id ``ring-k`` and row 2 repeats ``ring-(k+1)``: every ``ring`` id
+    first occurs in the file before its own, and ``ring-0`` again in the last file, so a
+    duplicate id can have its first occurrence in a kept file and the later one in a file
+    read again after the resume, or both in kept files whose duplicates were never fixed.
+    """
+    root.mkdir(parents=True)
+    paths = []
+    for k in range(RESUME_FILES):
+        rows = [alp(k * RESUME_ROWS + i) for i in range(RESUME_ROWS)]
+        rows[1]["id"] = f"ring-{k}"
+        rows[2]["id"] = f"ring-{(k + 1) % RESUME_FILES}"
+        lines = [json.dumps(r) for r in rows]
+        lines.insert(5, '{"instruction": "broken')
+        path = root / f"part{k}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(path)
+    return paths
+
+
+def _rows_by_seq(folder: Path) -> list[dict]:
+    return sorted(read_dir(folder), key=lambda r: (r["seq"], r.get("reason") or ""))
+
+
+def _part_stats(out: Path, ranks) -> dict[str, tuple[int, int]]:
+    return {
+        str(p): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for folder in (out / "ingest", out / "rejects" / "ingest")
+        for p in folder.glob("*.parquet")
+        if part_rank(str(p)) in ranks
+    }
+
+
+def test_killed_ingest_resumes_by_file_and_equals_an_uninterrupted_run(ray_local, tmp_path):
+    pool = tmp_path / "pool"
+    write_resume_pool(pool)
+    ref_res, ref_good, ref_rej = ingest(pool, tmp_path / "ref")
+    assert ref_res.counts.rejected_by_reason == {
+        "invalid_json": RESUME_FILES,
+        "duplicate_id": RESUME_FILES,
+    }
+
+    out = tmp_path / "cut"
+    job = {
+        "stages": ["ingest"],
+        "input": {"paths": [str(pool)]},
+        "output": {"dir": str(out)},
+        "ray": {"num_cpus": 1},  # one read task at a time: files finish one after the other
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deita_ray.pipeline", "--config", str(tmp_path / "job.yaml")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ends = out / "ingest" / FILES_DIR
+    try:
+        deadline = time.time() + 600
+        while not (ends.is_dir() and any(ends.glob("r*.json"))):
+            assert proc.poll() is None, "the driver ended before any file was finished"
+            assert time.time() < deadline, "no input file was finished in time"
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc)
+    assert read_manifest(str(out))["stages"]["ingest"]["status"] == "running"
+    files = expand_paths([str(pool)])
+    kept = finished_files(str(out), files, id_prefixes(files))
+    assert 1 <= len(kept) < RESUME_FILES, f"killed with {len(kept)} files finished"
+    before = _part_stats(out, kept)
+    # A finished file must not be read again: blanked (same size, no record left), it would
+    # lose its rows if it were.
+    for rank in kept:
+        Path(files[rank]).write_text(" " * Path(files[rank]).stat().st_size)
+
+    report = run(load_config(data=job))
+    entry = report["stages"]["ingest"]
+    assert entry["metrics"]["files_resumed"] == len(kept)
+    assert (entry["rows_in"], entry["rows_out"], entry["rejected_by_reason"]) == (
+        ref_res.counts.rows_in,
+        ref_res.counts.rows_out,
+        ref_res.counts.rejected_by_reason,
+    )
+    assert _rows_by_seq(out / "ingest") == sorted(ref_good, key=lambda r: r["seq"])
+    assert _rows_by_seq(out / "rejects" / "ingest") == sorted(
+        ref_rej, key=lambda r: (r["seq"], r["reason"])
+    )
+    # Kept parts are the same files; only a duplicate-id fix may have rewritten one.
+    after = _part_stats(out, kept)
+    assert set(before) <= set(after)
+    untouched = [
+        p for p in before if not (out / "rejects" / "ingest" / f"dup-{Path(p).name}").exists()
+    ]
+    assert untouched and all(after[p] == before[p] for p in untouched)
+
+
+def test_resume_rereads_files_whose_parts_do_not_add_up(ray_local, tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for k in range(3):
+        rows = [alp(10 * k + i, id=f"k{k}-{i}") for i in range(10)]
+        rows[3]["id"] = "same"  # first in file 0, then in files 1 and 2
+        (pool / f"f{k}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ref, ref_good, ref_rej = ingest(pool, tmp_path / "ref")
+    out = tmp_path / "out"
+    ingest(pool, out)
+    parts = sorted((out / "ingest").glob("*.parquet"))
+    assert {part_rank(str(p)) for p in parts} == {0, 1, 2}
+    # File 1's end-of-file record is missing (killed before it was written); one of file 2's
+    # parts is missing (written by a task that never ran again); a temporary file was left.
+    (out / "ingest" / FILES_DIR / "r0000001.json").unlink()
+    next(p for p in parts if part_rank(str(p)) == 2).unlink()
+    (out / "ingest" / ".tmp-part-r0000002-i0000000000000.parquet").write_bytes(b"half")
+    res, good, rej = ingest(pool, out)
+    assert res.metrics["files_resumed"] == 1
+    assert res.metrics["bytes_read"] == ref.metrics["bytes_read"]
+    assert res.counts.to_dict() == ref.counts.to_dict()
+    assert sorted(good, key=lambda r: r["seq"]) == sorted(ref_good, key=lambda r: r["seq"])
+    assert sorted((r["id"], r["seq"], r["reason"]) for r in rej) == sorted(
+        (r["id"], r["seq"], r["reason"]) for r in ref_rej
+    )
+    assert not list((out / "ingest").glob(".tmp-*"))
+    # A file whose size changed since it was read is read again, the others are kept.
+    with open(pool / "f0.jsonl", "a") as f:
+        f.write(json.dumps(alp(99, id="k0-new")) + "\n")
+    res, good, _ = ingest(pool, out)
+    assert res.metrics["files_resumed"] == 2
+    assert res.counts.rows_out == ref.counts.rows_out + 1 and "k0-new" in {r["id"] for r in good}

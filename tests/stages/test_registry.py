@@ -82,3 +82,24 @@ def test_a_toy_stage_is_one_descriptor(tmp_path, ray_local):
     )
     third = pipeline.run(cfg2, stages=stages, enabled=["toy"])
     assert third["stages"]["toy"]["rows_in"] == 9 and not third["stages"]["toy"].get("skipped")
+
+
+def test_the_pipeline_core_names_no_stage():
+    """Stage-specific behaviour lives in the stage's module: the pipeline, the report, the row
+    accounting, the data layer and the training library reach a stage only through the
+    registry, so no string literal in them is a stage's name (config.py keeps the one list)."""
+    import ast
+    from pathlib import Path
+
+    import deita_ray
+    from deita_ray.config import STAGES
+
+    root = Path(deita_ray.__file__).parent
+    core = [root / n for n in ("pipeline.py", "report.py", "accounting.py", "preflight.py")]
+    core += sorted((root / "data").glob("*.py")) + sorted((root / "training").glob("*.py"))
+    found = []
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in STAGES:
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert found == []

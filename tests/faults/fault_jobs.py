@@ -1,0 +1,66 @@
+"""Helpers of the fault tests and of node_loss_job.py: a small pool in several files, the job
+config of the command-line runs, and the command itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES_TO_SELECT = ["ingest", "score", "embed", "select"]
+
+
+def cli_job(model: Path, pool: Path, out: Path, stages: list[str]) -> dict:
+    """A job on the tiny LLaMA, hf backend, one row per forward pass: every row's numbers are
+    then bit-identical from run to run (batched kernels round differently with other batch
+    shapes), so interrupted and undisturbed runs can be compared exactly."""
+    tiny = {
+        "path": str(model),
+        "backend": "hf",
+        "dtype": "float32",
+        "max_model_len": 512,
+        "hf_batch_size": 1,
+    }
+    pool_cfg = {"concurrency": 1, "num_cpus": 1, "batch_size": 5}
+    return {
+        "stages": stages,
+        "input": {"paths": [str(pool)]},
+        # Parts of 10 rows: score and embed write a dozen parts each, one after the other.
+        "output": {"dir": str(out), "rows_per_part": 10, "progress_every_s": 0.5},
+        "ray": {"num_cpus": 2},
+        "score": {"complexity_model": tiny, "quality_model": tiny, "resources": pool_cfg},
+        "embed": {"model": tiny, "max_length": 256, "resources": pool_cfg},
+        "select": {"method": "deita", "tau": 0.9, "budget": 12, "block_size": 8},
+        "sft": {
+            "max_steps": 1,
+            "global_batch_size": 4,
+            "micro_batch_size": 4,
+            "max_length": 128,
+            "precision": "fp32",
+            "num_workers": 1,
+        },
+    }
+
+
+def pipeline_cmd(job: Path) -> list[str]:
+    return [sys.executable, "-m", "deita_ray.pipeline", "--config", str(job)]
+
+
+def child_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)  # each driver starts its own local cluster
+    return env
+
+
+def write_pool(folder: Path, files: int = 6, rows: int = 72) -> None:
+    """The demo pool's first well-formed records, in several files: ingest writes one part
+    per file and score one part per ingest part, so the score stage writes as it goes."""
+    from deita_ray.data.demo import demo_records
+
+    records = [r for r in demo_records() if isinstance(r, dict)][:rows]
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        lines = [json.dumps(r) for r in records[k::files]]
+        (folder / f"pool{k}.jsonl").write_text("\n".join(lines) + "\n")

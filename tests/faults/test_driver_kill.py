@@ -1,0 +1,109 @@
+"""The driver (``python -m deita_ray.pipeline``) SIGKILLed in the middle of each stage that
+resumes by shard, then the same command again: the outputs equal an undisturbed run's, and the
+parts finished before each kill are kept, not computed again."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from fault_jobs import STAGES_TO_SELECT, child_env, cli_job, pipeline_cmd
+from proc_utils import kill_tree
+
+from deita_ray.data.sink import parquet_files, rejects_dir, stage_dir
+from deita_ray.pipeline import read_manifest
+
+pytestmark = pytest.mark.slow
+
+RESUMED = re.compile(r"stage (\w+): resuming an interrupted run: the (\d+) rows it finished")
+
+
+def finished_parts(out: Path, stage: str) -> dict[str, str]:
+    """The stage's finished parts (accepted and rejected): path -> sha256 of the file."""
+    files = parquet_files(stage_dir(str(out), stage)) + parquet_files(rejects_dir(str(out), stage))
+    return {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
+
+
+def rows(files) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def run_until_killed(job: Path, out: Path, stage: str, log: Path) -> dict[str, str]:
+    """Run the job and SIGKILL it once ``stage`` has written its first part; return the parts
+    it had finished."""
+    with open(log, "w") as console:
+        proc = subprocess.Popen(
+            pipeline_cmd(job), env=child_env(), stdout=console, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.time() + 420
+            while time.time() < deadline:
+                state = read_manifest(str(out))["stages"].get(stage, {}).get("status")
+                if state == "running" and parquet_files(stage_dir(str(out), stage)):
+                    break
+                assert proc.poll() is None, f"the driver ended before {stage} wrote a part"
+                time.sleep(0.05)
+            else:
+                pytest.fail(f"{stage} never wrote a part")
+        finally:
+            kill_tree(proc)
+    assert read_manifest(str(out))["stages"][stage]["status"] == "running", "killed too late"
+    return finished_parts(out, stage)
+
+
+def table(out: Path, stage: str):
+    return pds.dataset(str(out / stage), format="parquet").to_table().sort_by("seq")
+
+
+def test_killed_driver_resumes_score_and_embed_without_redoing_finished_parts(
+    reference_run, tiny_llama, pool_dir, tmp_path
+):
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(cli_job(tiny_llama, pool_dir, out, STAGES_TO_SELECT)))
+
+    # 1. Killed in the middle of score; 2. the re-run finishes score and is killed in the
+    # middle of embed; 3. the re-run finishes the job.
+    kept = {"score": run_until_killed(job, out, "score", tmp_path / "run1.log")}
+    kept["embed"] = run_until_killed(job, out, "embed", tmp_path / "run2.log")
+    done = subprocess.run(
+        pipeline_cmd(job), env=child_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    consoles = (tmp_path / "run2.log").read_text() + done.stderr
+
+    ref = reference_run.out
+    total = read_manifest(str(ref))["stages"]["score"]["result"]["rows_in"]
+    for stage in ("score", "embed"):
+        # The kill struck with rows left to do, after some parts were finished ...
+        assert 0 < rows(kept[stage]) < total, stage
+        # ... and those parts are still there, byte for byte: not computed or written again.
+        now = finished_parts(out, stage)
+        assert {f: now.get(f) for f in kept[stage]} == kept[stage], stage
+        # The re-run said how many rows it kept, and that number is what was on disk.
+        said = [int(n) for s, n in RESUMED.findall(consoles) if s == stage]
+        assert said == [rows(kept[stage])], stage
+        # Every row exactly once (a recomputed row would appear twice), and bit-identical to
+        # the undisturbed run.
+        got, want = table(out, stage), table(ref, stage)
+        assert got.num_rows == total and len(set(got["seq"].to_pylist())) == total, stage
+        assert got.to_pylist() == want.to_pylist(), stage
+
+    manifest = read_manifest(str(out))["stages"]
+    ref_manifest = read_manifest(str(ref))["stages"]
+    for stage in STAGES_TO_SELECT:
+        assert manifest[stage]["status"] == "done", stage
+        counts = ("rows_in", "rows_out", "rejected_by_reason")
+        assert {k: manifest[stage]["result"][k] for k in counts} == {
+            k: ref_manifest[stage]["result"][k] for k in counts
+        }, stage
+    sel = pds.dataset(str(out / "select")).to_table().sort_by("rank")["id"].to_pylist()
+    want_sel = pds.dataset(str(ref / "select")).to_table().sort_by("rank")["id"].to_pylist()
+    assert sel == want_sel and sel
