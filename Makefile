@@ -30,7 +30,7 @@ demo: venv
 	$(PY) -m deita_ray.pipeline --config jobs/quickstart.yaml
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 lint: venv
 	$(VENV)/bin/ruff check deita_ray tests benchmarks testing
