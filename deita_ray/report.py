@@ -100,9 +100,10 @@ class Assembled:
 
     @property
     def row_score(self) -> str | None:
-        """The per-row score column that orders rows (declared by a stage's report)."""
+        """The per-row score column that orders rows (declared by a stage's report; a later
+        stage's wins: the selection's own score over the score stage's default)."""
         rows = self.context.rows
-        for desc in self.descriptors:
+        for desc in reversed(self.descriptors):
             score = desc.report.row_score if desc.report else None
             if score and rows is not None and score in rows.column_names:
                 return score

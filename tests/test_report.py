@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import deita_ray.report as report_module
+from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import CANONICAL_SCHEMA
 from deita_ray.report import write_report
 from deita_ray.reporting import ReportContext, summarize
@@ -318,3 +319,24 @@ def test_a_later_job_in_the_same_dir_reports_every_finished_stage(job, tmp_path)
     assert report["notes"] == ["a note", "dpo note"]
     assert report["selected_ids"] == job["report"]["selected_ids"]
     assert "similarity" in report["statistics"] and "training_loss.png" in str(report["plots"])
+
+
+def test_the_browser_orders_rows_by_the_selections_own_score(job, tmp_path):
+    """With the default select.score the browser's score is evol_score; with another, the
+    decisions' selection_score (the value the selection ordered by, for every pool row)."""
+    from deita_ray.report import assemble
+    from deita_ray.stages.select import run_select
+
+    assert assemble(str(job["out"]), job["stages"]).row_score == "evol_score"
+    out = tmp_path / "negated"
+    shutil.copytree(job["out"], out)
+    cfg = PipelineConfig()
+    cfg.select.tau, cfg.select.budget, cfg.select.score = TAU, BUDGET, "-evol_score"
+    result = run_select(cfg, str(out))
+    stages = dict(job["stages"], select={"metrics": result.metrics})
+    built = assemble(str(out), stages)
+    assert built.row_score == "selection_score"
+    rows = built.context.rows
+    evol = rows["evol_score"].to_numpy(zero_copy_only=False)
+    got = rows["selection_score"].to_numpy(zero_copy_only=False)
+    np.testing.assert_array_equal(got, -evol)

@@ -20,7 +20,8 @@ Decisions: ``<out_dir>/decisions/select/part-00000.parquet`` holds one row per p
 / ``invalid_embedding`` for rows that were no candidate), ``rank`` (selected
 rows), and for a row rejected for similarity ``rejected_by`` (the id of the selected row it was
 too similar to: among the rows selected before it, the one with the largest cosine; ties: the
-earliest selected), ``rejected_by_rank`` and ``cosine`` (that cosine). The same in the
+earliest selected), ``rejected_by_rank`` and ``cosine`` (that cosine), and for every row ``selection_score``,
+the value ``select.score`` gave it (null: none). The same in the
 single-node and the distributed method (docs/report.md, "Why a row was not picked").
 
 Tau calibration (method ``deita`` on one node, ``select.calibrate``): for each tau of
@@ -188,7 +189,7 @@ def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[st
             return res, facts
         plan, _ = plan_shards(files, 1)
         pool = load_pool(plan[0], score=sc.score)
-        facts.update(mode="single_node", ids=pool.ids, seq=pool.seq)
+        facts.update(mode="single_node", ids=pool.ids, seq=pool.seq, scores=pool.scores)
         if sc.method == "kcenter":
             facts["non_candidate"] = ("invalid_embedding", ~valid_rows(pool.embeddings)[0])
             return select_kcenter(
@@ -214,7 +215,7 @@ def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[st
     lengths = _length_columns(cfg) if need_msgs else {}
     files = parquet_files(src)
     pool = _read_text_pool(files, need_msgs, score, lengths)
-    facts.update(mode="single_node", ids=pool["ids"], seq=pool["seq"])
+    facts.update(mode="single_node", ids=pool["ids"], seq=pool["seq"], scores=pool["scores"])
     if need_msgs:
         names = pq.ParquetFile(files[0]).schema_arrow.names
         by_scorer = bool(lengths) and all(c in names for c in lengths.values())
@@ -278,34 +279,40 @@ def calibrate(
     }
 
 
-def _pool_keys(facts: dict[str, Any], out_dir: str, n: int) -> tuple[list[str], np.ndarray]:
-    """Ids and seq of the pool rows by position (the distributed method does not hand them
-    back: they are read from the embed output in the order its positions refer to)."""
+def _pool_keys(
+    facts: dict[str, Any], out_dir: str, n: int, score: str
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Ids, seq and selection score of the pool rows by position (the distributed method
+    does not hand them back: they are read from the embed output in the order its positions
+    refer to)."""
     if "ids" in facts:
-        return list(facts["ids"]), np.asarray(facts["seq"], np.int64)
+        return list(facts["ids"]), np.asarray(facts["seq"], np.int64), facts["scores"]
+    expr = parse_score(score)
     plan, _ = plan_shards(parquet_files(stage_dir(out_dir, "embed")), 1)
     ids: list[str] = []
-    seqs = []
-    for t in iter_pieces(plan[0], ("id", "seq")):
+    seqs, scores = [], []
+    for t in iter_pieces(plan[0], tuple(dict.fromkeys(("id", "seq", *expr.names)))):
         ids.extend(t["id"].to_pylist())
         seqs.append(t["seq"].cast(pa.int64()).to_numpy(zero_copy_only=False))
+        scores.append(expr.evaluate({c: t[c] for c in expr.names}))
     seq = np.concatenate(seqs) if seqs else np.empty(0, np.int64)
     if len(ids) != n:
         raise RuntimeError(f"select: {len(ids)} rows in the embed output, {n} in the selection")
-    return ids, seq
+    return ids, seq, np.concatenate(scores) if scores else np.empty(0, np.float64)
 
 
 def decisions_table(
     res: SelectionResult,
     ids: list[str],
     seq: np.ndarray,
+    scores: np.ndarray,
     non_candidate: tuple[str, np.ndarray] | None = None,
 ) -> pa.Table:
     """One row per pool row: what the selection did with it (see the module docstring).
 
     Args:
         res: the selection.
-        ids, seq: the pool's ids and seq by position.
+        ids, seq, scores: the pool's ids, seq and selection scores (NaN: none) by position.
         non_candidate: for the baselines, (reason, mask) of the rows that were no candidate.
     """
     n = len(ids)
@@ -334,6 +341,7 @@ def decisions_table(
             "rejected_by": pa.array(by_id, pa.string()),
             "rejected_by_rank": pa.array(by, mask=~has_by),
             "cosine": pa.array(np.asarray(sim, np.float64), mask=np.isnan(sim)),
+            "selection_score": pa.array(scores, pa.float64(), mask=~np.isfinite(scores)),
         }
     )
 
@@ -449,10 +457,10 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
     out = stage_dir(out_dir, NAME)
     os.makedirs(out, exist_ok=True)
     pq.write_table(table, os.path.join(out, "part-00000.parquet"))
-    ids, seq = _pool_keys(facts, out_dir, int(res.stats["pool"]))
+    ids, seq, scores = _pool_keys(facts, out_dir, int(res.stats["pool"]), sc.score)
     why = decisions_dir(out_dir, NAME)
     os.makedirs(why, exist_ok=True)
-    decisions = decisions_table(res, ids, seq, facts.get("non_candidate"))
+    decisions = decisions_table(res, ids, seq, scores, facts.get("non_candidate"))
     pq.write_table(decisions, os.path.join(why, "part-00000.parquet"))
     st = res.stats
     reasons = {}

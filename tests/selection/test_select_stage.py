@@ -235,6 +235,8 @@ def test_decisions_say_why_each_row_was_not_picked(pool_dir):
             assert row["cosine"] > tau
         else:
             assert row["rejected_by"] is None and row["cosine"] is None
+        score = p["scores"][i]
+        assert row["selection_score"] == (None if np.isnan(score) else score)
     # The decisions agree with the stage's counts.
     by_status = Counter(r["status"] for r in got.values())
     assert by_status.pop("selected") == res.counts.rows_out
@@ -257,6 +259,12 @@ def test_baseline_decisions(pool_dir):
     got = Counter(r["status"] for r in _decisions(out).values())
     assert got == {"selected": 50, "missing_score": 2, "below_budget_cut": N - 52}
     assert res.metrics["calibration"] is None
+    # The decisions carry the value select.score gave each row (here an expression).
+    run_select(_cfg(method="score", budget=50, score="-2 * evol_score"), str(out))
+    got = _decisions(out)
+    for s, want in zip(p["seq"], p["scores"], strict=True):
+        score = got[f"row-{int(s)}"]["selection_score"]
+        assert score == (None if np.isnan(want) else -2 * want)
 
 
 def test_tau_calibration_in_the_metrics(pool_dir, ray_local):

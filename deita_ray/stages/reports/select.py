@@ -50,6 +50,9 @@ from deita_ray.selection.pool import embedding_matrix
 
 NAME = "select"
 EMBED = "embed"
+SELECTION_SCORE = "selection_score"
+"""The decisions' per-row value of ``select.score``: the report browser's score filter when it
+is not the default ``evol_score`` (which the score stage's part already offers)."""
 TOP_REJECTERS = 10
 """Selected rows listed in ``why_not.top_rejecters`` (those that rejected the most rows)."""
 
@@ -67,7 +70,7 @@ def read_decisions(out_dir: str) -> pa.Table | None:
     decisions existed)."""
     return read_columns(
         decisions_dir(out_dir, NAME),
-        ["id", "status", "rank", "rejected_by", "cosine"],
+        ["id", "status", "rank", "rejected_by", "cosine", SELECTION_SCORE],
         ["id", "status"],
     )
 
@@ -206,6 +209,13 @@ def rows(ctx: ReportContext) -> pa.Table | None:
     if selection is None:
         return None  # decisions without their selection belong to a selection that is gone
     decisions = read_decisions(ctx.out_dir)
+    score = ((ctx.stages.get(NAME) or {}).get("metrics") or {}).get("score", "evol_score")
+    if (
+        decisions is not None
+        and score == "evol_score"
+        and SELECTION_SCORE in decisions.schema.names
+    ):
+        decisions = decisions.drop_columns([SELECTION_SCORE])  # the same values as evol_score
     if decisions is None:
         selection = selection.append_column(
             "status", pa.array([SELECTED] * selection.num_rows, pa.string())
@@ -292,6 +302,7 @@ def build(ctx: ReportContext) -> ReportPart:
 
 REPORT = StageReport(
     rows=rows,
+    row_score=SELECTION_SCORE,
     build=build,
     plots=("rank_vs_evol.png", "nearest_neighbour_similarity.png", "tau_curve.png"),
 )
