@@ -22,7 +22,7 @@ from deita_ray.pipeline import read_manifest
 
 pytestmark = pytest.mark.slow
 
-RESUMED = re.compile(r"stage (\w+): resuming an interrupted run: the (\d+) rows it finished")
+RESUMED = re.compile(r"stage (\w+): resuming an interrupted run \((\d+) rows on disk")
 
 
 def finished_parts(out: Path, stage: str) -> dict[str, str]:
