@@ -84,10 +84,13 @@ def test_losing_the_trainer_node_resumes_from_the_last_checkpoint(tiny_llama, tm
     cut = res["reports"]["cut"]["stages"]["sft"]["metrics"]
     removed = res["removed"]
     assert not removed["after_removal"]["final"], "training had finished before the node died"
-    # The newest checkpoint on storage when the node died: no worker was left to write more.
+    # The group restarted from the newest complete checkpoint: at least the one on storage
+    # when the node was removed (a worker of a SIGKILLed raylet may finish writing the next one
+    # before it notices and dies), never the start and never a step past the last one.
     last_step = removed["after_removal"]["checkpoint"][0]
     assert ref["restarts"] == 0 and ref["resumed_from_step"] is None
-    assert cut["restarts"] == 1 and cut["resumed_from_step"] == last_step >= 1
+    assert cut["restarts"] == 1
+    assert 1 <= last_step <= cut["resumed_from_step"] < ref["steps"]
     assert cut["steps"] == cut["optimizer_steps"] == ref["steps"] == 5
     # Deterministic on CPU: the loss curve, the schedule and the weights are those of the
     # undisturbed run, before and after the resume point.

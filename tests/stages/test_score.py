@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -496,11 +497,18 @@ def deita_reference(rows: pa.Table, backend, digit_ids: list[int]) -> pa.Table:
     return out.append_column("truncated", pa.array(flags, pa.bool_()))
 
 
-def _default_scorers_identical(ray_local, tmp_path: Path, model_cfg) -> None:
+def _default_scorers_identical(
+    ray_local, tmp_path: Path, model_cfg, rows_kept: int | None = None
+) -> None:
     from deita_ray.models.backend import load_backend
     from deita_ray.stages.score import run_score
 
     rows = _demo_ingest(ray_local, tmp_path)
+    if rows_kept is not None:  # every record shape is among the demo pool's first rows
+        rows = rows.slice(0, rows_kept)
+        shutil.rmtree(tmp_path / "ingest")
+        (tmp_path / "ingest").mkdir()
+        pq.write_table(rows, tmp_path / "ingest" / "part-00000.parquet")
     cfg = PipelineConfig()
     cfg.score.complexity_model = cfg.score.quality_model = model_cfg
     cfg.score.resources = ActorPoolConfig(concurrency=1, num_cpus=1, batch_size=64)
@@ -535,7 +543,7 @@ def test_default_scorers_byte_identical_on_the_demo_pool_smollm2(ray_local, smol
     cfg = ModelConfig(
         path=smollm2_path, backend="hf", dtype="float32", max_model_len=64, hf_batch_size=1
     )
-    _default_scorers_identical(ray_local, tmp_path, cfg)
+    _default_scorers_identical(ray_local, tmp_path, cfg, rows_kept=60)
 
 
 def _new_map_workers(before: set) -> list[dict]:
