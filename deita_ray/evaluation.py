@@ -295,6 +295,15 @@ class JudgePrompt:
         return {f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f}
 
 
+METRIC_KEYS = {
+    # metric -> (value key, interval key, lower is better) in the eval stage's per-set summary
+    "likelihood": ("nll_token_mean", "nll_token_mean_ci95", True),
+    "judge_single": ("rating_mean", "rating_mean_ci95", False),
+    "judge_pairwise": ("win_rate", "win_rate_ci95", False),
+}
+"""Each eval metric's headline value and its bootstrap 95% interval (the study's table, the
+report's evaluation part)."""
+
 SINGLE_FIELDS = {"question", "answer", "ref_answer_1"}
 PAIR_FIELDS = {"question", "answer_a", "answer_b", "ref_answer_1"}
 

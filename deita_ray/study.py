@@ -53,6 +53,7 @@ from deita_ray.config import (
     config_hash,
 )
 from deita_ray.data.sink import parquet_files, stage_dir
+from deita_ray.evaluation import METRIC_KEYS
 
 log = logging.getLogger("deita_ray.study")
 
@@ -349,14 +350,6 @@ def _error_text(e: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Summary
-
-
-METRIC_KEYS = {
-    # metric -> (value key, interval key, lower is better)
-    "likelihood": ("nll_token_mean", "nll_token_mean_ci95", True),
-    "judge_single": ("rating_mean", "rating_mean_ci95", False),
-    "judge_pairwise": ("win_rate", "win_rate_ci95", False),
-}
 
 
 def _pool_table(out_dir: str) -> pa.Table | None:

@@ -340,3 +340,44 @@ def test_the_browser_orders_rows_by_the_selections_own_score(job, tmp_path):
     evol = rows["evol_score"].to_numpy(zero_copy_only=False)
     got = rows["selection_score"].to_numpy(zero_copy_only=False)
     np.testing.assert_array_equal(got, -evol)
+
+
+def test_eval_part_shows_each_sets_metrics_with_their_intervals(tmp_path):
+    from deita_ray.stages.reports.eval import build
+
+    lk = {"nll_token_mean": 1.25, "nll_token_mean_ci95": [1.1, 1.4], "rows": 48}
+    judge = {"rating_mean": 6.5, "rating_mean_ci95": [6.0, 7.0]}
+    metrics = {
+        "model": "/m/sft/final",
+        "model_kind": "sft",
+        "sets": {
+            "alpaca_eval": {
+                "rows": 48,
+                "contaminated": 2,
+                "rejected_by_reason": {},
+                "likelihood": lk,
+            },
+            "mt_bench": {
+                "rows": 80,
+                "contaminated": 0,
+                "rejected_by_reason": {},
+                "judge_single": judge,
+            },
+        },
+    }
+    ctx = ReportContext(
+        out_dir=str(tmp_path), stages={"eval": {"metrics": metrics}}, plots_dir=str(tmp_path)
+    )
+    part = build(ctx)
+    sets = part.statistics["evaluation"]["sets"]
+    assert sets["alpaca_eval"]["likelihood"] == {
+        "value": 1.25,
+        "ci95": [1.1, 1.4],
+        "better": "lower",
+    }
+    assert sets["mt_bench"]["judge_single"]["better"] == "higher"
+    assert "likelihood" not in sets["mt_bench"] and sets["alpaca_eval"]["contaminated"] == 2
+    assert part.plots == ["eval_metrics.png"]
+    _check_png(tmp_path / "eval_metrics.png")
+    empty = ReportContext(out_dir=str(tmp_path), stages={}, plots_dir=str(tmp_path))
+    assert build(empty).statistics == {} and build(empty).plots == []

@@ -56,6 +56,7 @@ from deita_ray.evaluation import (
 )
 from deita_ray.preflight import ModelToLoad
 from deita_ray.stages.base import Stage
+from deita_ray.stages.reports.eval import REPORT
 
 NAME = "eval"
 
@@ -853,5 +854,6 @@ STAGE = Stage(
     output_columns=("id", "seq", "prompt_tokens", "answer_tokens", "nll_sum", "nll_mean"),
     resumes_by_shard=True,
     models=_models,
+    report=REPORT,
     doc="the trained model on held-out sets: reference-answer likelihood, local-judge metrics",
 )
