@@ -680,17 +680,16 @@ def plot_study(study: dict, plots_dir: str) -> list[str]:
             ax.grid(alpha=0.3)
         written.append(_save(fig, plots_dir, "study_metrics.png"))
     trained = {n: a for n, a in arms.items() if a.get("selection")}
-    if trained:
-        keys = [
-            ("mean_instruction_chars", "instruction chars"),
-            ("mean_response_chars", "response chars"),
-            ("mean_evol_score", "evol score"),
-            ("mean_complexity_mean", "complexity"),
-            ("mean_quality_mean", "quality"),
-        ]
-        keys = [
-            k for k in keys if any(a["selection"].get(k[0]) is not None for a in trained.values())
-        ]
+    keys = [
+        ("mean_instruction_chars", "instruction chars"),
+        ("mean_response_chars", "response chars"),
+        ("mean_evol_score", "evol score"),
+        ("mean_complexity_mean", "complexity"),
+        ("mean_quality_mean", "quality"),
+    ]
+    # Arms not run yet (a summary written while the study goes on) have no statistics.
+    keys = [k for k in keys if any(a["selection"].get(k[0]) is not None for a in trained.values())]
+    if keys:
         fig = _figure(4 * len(keys), 4)
         axes = np.atleast_1d(fig.subplots(1, len(keys)))
         names = list(trained)

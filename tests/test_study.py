@@ -84,6 +84,23 @@ def test_config_errors_name_the_key(tmp_path):
     assert [a.name for a in expand_arms(cfg)] == ["deita_tau0.9", "deita_tau0.95", "base"]
 
 
+def test_the_summary_written_after_the_first_arm_has_no_empty_plot(tmp_path):
+    """After every arm the study rewrites its summary; when only the untrained base arm has
+    finished, no arm has selection statistics yet and the selection plot is left out."""
+    from deita_ray.study import summarize, write_outputs
+
+    arms_cfg = [{"method": "base"}, {"method": "random", "seeds": [0, 1]}]
+    cfg = load_config(data=_study(tmp_path, tmp_path, tmp_path, tmp_path / "s", arms_cfg))
+    out = tmp_path / "s"
+    out.mkdir()
+    study = summarize(cfg, str(out), expand_arms(cfg), {"base": {"status": "done"}}, {}, {})
+    write_outputs(str(out), study)
+    assert not (out / "plots/study_selection.png").exists()
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["arms"]["random_s0"]["status"] == "not_run"
+    assert "random_s1" in (out / "study.md").read_text()
+
+
 def test_row_score_rule_and_verdict():
     t = pa.table(
         {
