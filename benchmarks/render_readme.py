@@ -34,10 +34,15 @@ ORDER = ("select", "score", "score_kinds", "embed", "train", "ingest", "pipeline
 NOT_BENCHMARKS = ("_common", "render_readme")
 
 
+def table_order(name: str) -> tuple[int, str]:
+    """Sort key of a benchmark (a script stem or a result name) in the table."""
+    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
+
+
 def benchmark_names(bench_dir: Path) -> list[str]:
     """The benchmark scripts of ``bench_dir`` (their stems), in table order."""
     names = [p.stem for p in bench_dir.glob("*.py") if p.stem not in NOT_BENCHMARKS]
-    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    return sorted(names, key=table_order)
 
 
 def load_results(results: Path) -> dict[str, dict[str, Any]]:
@@ -90,7 +95,7 @@ def render_table(results: dict[str, dict[str, Any]], names: list[str]) -> str:
         "|---|---|---|---|",
     ]
     quick, missing = [], []
-    listed = names + sorted(set(results) - set(names))
+    listed = sorted(set(names) | set(results), key=table_order)
     for name in listed:
         doc = results.get(name)
         if doc is None:

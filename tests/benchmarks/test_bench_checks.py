@@ -223,15 +223,18 @@ def test_render_readme_names_a_mode_by_its_script(tmp_path):
     readme.write_text(README)
     _result(results, "score", False, [{"setting": "pair", "result": "r"}])
     _result(results, "score_kinds", False, [{"setting": "ppl", "result": "k"}])
+    _result(results, "embed", False, [{"setting": "emb", "result": "e"}])
     doc = json.loads((results / "score_kinds.json").read_text())
     (results / "score_kinds.json").write_text(json.dumps({**doc, "script": "score.py --kinds"}))
     bench_dir = tmp_path / "bench"
     bench_dir.mkdir()
-    (bench_dir / "score.py").write_text("")
+    for name in ("score", "embed"):
+        (bench_dir / f"{name}.py").write_text("")
     lines = rr.render_readme(readme, results, bench_dir).splitlines()
-    rows = [ln for ln in lines if ln.startswith("| `score")]
+    rows = [ln for ln in lines if ln.startswith("| `")]
     assert rows[0].startswith("| `score.py` | pair |")
     assert rows[1].startswith("| `score.py --kinds` | ppl |")
+    assert rows[2].startswith("| `embed.py` | emb |")
     assert not any("score_kinds.py" in ln for ln in lines)
 
 
