@@ -7,6 +7,9 @@ markers ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in the README. Quick
 (``"quick": true``) are smoke tests of the self-checks, never figures: they are left out and
 named below the table, as are benchmarks with no recorded run.
 
+A result written by one mode of a script (``score.py --kinds`` writes ``score_kinds.json``)
+names the command in its ``script`` key, which the table shows instead of ``<name>.py``.
+
 Usage: ``python benchmarks/render_readme.py [--readme README.md] [--results DIR] [--check]``
 (``--check``: exit 1 if the README is not up to date, change nothing).
 """
@@ -26,15 +29,20 @@ from typing import Any  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
-ORDER = ("select", "score", "embed", "train", "ingest", "pipeline", "gpu_check")
+ORDER = ("select", "score", "score_kinds", "embed", "train", "ingest", "pipeline", "gpu_check")
 """Table order; benchmarks not listed follow in name order."""
 NOT_BENCHMARKS = ("_common", "render_readme")
+
+
+def table_order(name: str) -> tuple[int, str]:
+    """Sort key of a benchmark (a script stem or a result name) in the table."""
+    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
 
 
 def benchmark_names(bench_dir: Path) -> list[str]:
     """The benchmark scripts of ``bench_dir`` (their stems), in table order."""
     names = [p.stem for p in bench_dir.glob("*.py") if p.stem not in NOT_BENCHMARKS]
-    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    return sorted(names, key=table_order)
 
 
 def load_results(results: Path) -> dict[str, dict[str, Any]]:
@@ -70,6 +78,12 @@ def run_label(machine: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def script_label(name: str, doc: dict[str, Any] | None) -> str:
+    """What a result's rows name: its ``script`` (a script run in one of its modes), else
+    ``<name>.py``."""
+    return str((doc or {}).get("script") or f"{name}.py")
+
+
 def render_table(results: dict[str, dict[str, Any]], names: list[str]) -> str:
     """The Markdown between the markers."""
     lines = [
@@ -81,7 +95,7 @@ def render_table(results: dict[str, dict[str, Any]], names: list[str]) -> str:
         "|---|---|---|---|",
     ]
     quick, missing = [], []
-    listed = names + sorted(set(results) - set(names))
+    listed = sorted(set(names) | set(results), key=table_order)
     for name in listed:
         doc = results.get(name)
         if doc is None:
@@ -98,14 +112,14 @@ def render_table(results: dict[str, dict[str, Any]], names: list[str]) -> str:
             # A row may come from an earlier run than the file (a benchmark run in parts).
             label = run_label(row.get("run") or doc.get("machine") or {})
             lines.append(
-                f"| `{name}.py` | {_cell(row.get('setting', ''))} | "
+                f"| `{script_label(name, doc)}` | {_cell(row.get('setting', ''))} | "
                 f"{_cell(row.get('result', ''))} | {_cell(label)} |"
             )
     if quick:
         lines += [
             "",
             "Quick runs only (self-check smoke tests, not figures): "
-            + ", ".join(f"`{n}.py`" for n in quick)
+            + ", ".join(f"`{script_label(n, results.get(n))}`" for n in quick)
             + ".",
         ]
     if missing:

@@ -214,6 +214,30 @@ def test_render_readme_builds_the_table_from_results(tmp_path):
     assert "No full run recorded yet: `embed.py` (run it" in text  # not _common, render_readme
 
 
+def test_render_readme_names_a_mode_by_its_script(tmp_path):
+    """``score.py --kinds`` writes ``score_kinds.json``: its rows name the command, right after
+    ``score.py``'s, and no ``score_kinds.py`` appears."""
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    _result(results, "score", False, [{"setting": "pair", "result": "r"}])
+    _result(results, "score_kinds", False, [{"setting": "ppl", "result": "k"}])
+    _result(results, "embed", False, [{"setting": "emb", "result": "e"}])
+    doc = json.loads((results / "score_kinds.json").read_text())
+    (results / "score_kinds.json").write_text(json.dumps({**doc, "script": "score.py --kinds"}))
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    for name in ("score", "embed"):
+        (bench_dir / f"{name}.py").write_text("")
+    lines = rr.render_readme(readme, results, bench_dir).splitlines()
+    rows = [ln for ln in lines if ln.startswith("| `")]
+    assert rows[0].startswith("| `score.py` | pair |")
+    assert rows[1].startswith("| `score.py --kinds` | ppl |")
+    assert rows[2].startswith("| `embed.py` | emb |")
+    assert not any("score_kinds.py" in ln for ln in lines)
+
+
 def test_render_readme_cli_check_and_write(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
