@@ -495,7 +495,7 @@ def summarize(
             "seed": arm.seed,
             "status": res.get("status", "not_run"),
             "error": res.get("error"),
-            "selection": selection_statistics(pool, ids) if arm.trains else None,
+            "selection": selection_statistics(pool, ids) if arm.trains and ids else None,
             "training": training or None,
             "eval": evals,
             "seconds": {"wall": res.get("seconds"), **seconds},

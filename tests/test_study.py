@@ -86,7 +86,8 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_the_summary_written_after_the_first_arm_has_no_empty_plot(tmp_path):
     """After every arm the study rewrites its summary; when only the untrained base arm has
-    finished, no arm has selection statistics yet and the selection plot is left out."""
+        finished, no arm has selection statistics yet: the table says so and the selection plot is
+    left out."""
     from deita_ray.study import summarize, write_outputs
 
     arms_cfg = [{"method": "base"}, {"method": "random", "seeds": [0, 1]}]
@@ -98,6 +99,7 @@ def test_the_summary_written_after_the_first_arm_has_no_empty_plot(tmp_path):
     assert not (out / "plots/study_selection.png").exists()
     saved = json.loads((out / "study.json").read_text())
     assert saved["arms"]["random_s0"]["status"] == "not_run"
+    assert saved["arms"]["random_s0"]["selection"] is None  # not "0 selected": not run yet
     assert "random_s1" in (out / "study.md").read_text()
 
 
