@@ -20,8 +20,8 @@ Decisions: ``<out_dir>/decisions/select/part-00000.parquet`` holds one row per p
 / ``invalid_embedding`` for rows that were no candidate), ``rank`` (selected
 rows), and for a row rejected for similarity ``rejected_by`` (the id of the selected row it was
 too similar to: among the rows selected before it, the one with the largest cosine; ties: the
-earliest selected), ``rejected_by_rank`` and ``cosine`` (that cosine), and for every row ``selection_score``,
-the value ``select.score`` gave it (null: none). The same in the
+earliest selected), ``rejected_by_rank`` and ``cosine`` (that cosine), and for every row
+``selection_score``, the value ``select.score`` gave it (null: none). The same in the
 single-node and the distributed method (docs/report.md, "Why a row was not picked").
 
 Tau calibration (method ``deita`` on one node, ``select.calibrate``): for each tau of
@@ -71,7 +71,7 @@ from deita_ray.selection.pool import iter_pieces, load_pool, plan_shards
 from deita_ray.selection.score_expr import ScoreExpression
 from deita_ray.selection.score_expr import parse as parse_score
 from deita_ray.stages.base import Stage
-from deita_ray.stages.reports.select import REPORT
+from deita_ray.stages.reports.select import REPORT, SELECTION_SCORE
 
 NAME = "select"
 REASONS = (
@@ -341,7 +341,7 @@ def decisions_table(
             "rejected_by": pa.array(by_id, pa.string()),
             "rejected_by_rank": pa.array(by, mask=~has_by),
             "cosine": pa.array(np.asarray(sim, np.float64), mask=np.isnan(sim)),
-            "selection_score": pa.array(scores, pa.float64(), mask=~np.isfinite(scores)),
+            SELECTION_SCORE: pa.array(scores, pa.float64(), mask=~np.isfinite(scores)),
         }
     )
 
