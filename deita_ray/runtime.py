@@ -137,6 +137,21 @@ def _logs_dir() -> str | None:
         return None
 
 
+def driver_side_actor(cls: type, *args: Any) -> Any:
+    """Start ``cls`` as a CPU-free Ray actor on the node this code runs on (the driver's).
+
+    For the small bookkeeping actors a stage's workers report to (row ledgers, counters):
+    left to the scheduler, a zero-CPU actor may land on any worker node and die with it,
+    taking the counts with it and failing a job that Ray Data would otherwise have carried
+    through the node loss. The driver's node lives as long as the job does.
+    """
+    import ray  # noqa: PLC0415
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(cls).remote(*args)
+
+
 PoolSize = int | tuple[int, int]
 """An actor pool's size: a fixed number of actors, or (min, max) for an autoscaling pool."""
 

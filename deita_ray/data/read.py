@@ -1231,9 +1231,9 @@ class ReadLedger:
     """
 
     def __init__(self) -> None:
-        import ray
+        from deita_ray.runtime import driver_side_actor
 
-        self.actor = ray.remote(num_cpus=0)(_LedgerActor).remote()
+        self.actor = driver_side_actor(_LedgerActor)
         self.files: list[str] = []  # set by read_pool
 
     def counts(self) -> dict[str, dict]:

@@ -517,7 +517,7 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     import pyarrow.dataset as pds  # noqa: PLC0415
     import ray  # noqa: PLC0415
 
-    from deita_ray.runtime import map_batches_kwargs  # noqa: PLC0415
+    from deita_ray.runtime import driver_side_actor, map_batches_kwargs  # noqa: PLC0415
     from deita_ray.scorers import evol_pair, resolve_scorers, row_columns  # noqa: PLC0415
 
     t0 = time.time()
@@ -527,7 +527,7 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     all_specs = resolve_scorers(cfg)
     evol = evol_pair(all_specs)
     res = cfg.score.resources
-    metrics_actor = ray.remote(num_cpus=0)(ScoreMetrics).remote()
+    metrics_actor = driver_side_actor(ScoreMetrics)
     # Rows an interrupted earlier run already wrote are not scored again (resume).
     ds = skip_finished(ray.data.read_parquet(src), out_dir, "score")
     ds = in_parts(ds, cfg.output.rows_per_part)

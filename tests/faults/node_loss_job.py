@@ -44,7 +44,7 @@ NODE_STORE = 96 * 1024 * 1024  # object store bytes per node: the jobs move a fe
 
 def model(path: str) -> dict:
     # One row per forward pass: a row's scores do not depend on which rows share its batch,
-    # so the two runs can be compared bit for bit.
+    # so the two runs agree to float rounding.
     return {
         "path": path,
         "backend": "hf",

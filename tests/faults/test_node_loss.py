@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pds
 import pytest
+from fault_jobs import assert_same_rows
 from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.slow
@@ -68,10 +69,10 @@ def test_losing_the_scorer_node_mid_stage_gives_the_same_scores(tiny_llama, tmp_
             r["rows_out"],
             r["rejected_by_reason"],
         ), stage
-    # Every row once, with bit-identical scores (one row per forward pass in both runs).
+    # Every row once, with the undisturbed run's scores (one row per forward pass in both).
     want, got = _table(ref / "score"), _table(cut / "score")
     assert got.num_rows == want.num_rows == total
-    assert got.to_pylist() == want.to_pylist()
+    assert_same_rows(got.to_pylist(), want.to_pylist(), where="score")
     assert len(set(got["seq"].to_pylist())) == total
     assert _table(cut / "select", "rank")["id"].to_pylist() == (
         _table(ref / "select", "rank")["id"].to_pylist()
@@ -92,11 +93,13 @@ def test_losing_the_trainer_node_resumes_from_the_last_checkpoint(tiny_llama, tm
     assert cut["restarts"] == 1
     assert 1 <= last_step <= cut["resumed_from_step"] < ref["steps"]
     assert cut["steps"] == cut["optimizer_steps"] == ref["steps"] == 5
-    # Deterministic on CPU: the loss curve, the schedule and the weights are those of the
-    # undisturbed run, before and after the resume point.
-    assert cut["loss"] == ref["loss"] and cut["lr"] == ref["lr"]
-    assert cut["examples"] == ref["examples"]
+    # The loss curve, the schedule and the weights are those of the undisturbed run, before
+    # and after the resume point, to float rounding (a resume from the wrong step or with a
+    # fresh optimizer state is off by orders of magnitude more).
+    assert_same_rows(cut["loss"], ref["loss"], where="loss")
+    assert cut["lr"] == ref["lr"] and cut["examples"] == ref["examples"]
     a = load_file(str(tmp_path / "ref" / "sft" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "sft" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
