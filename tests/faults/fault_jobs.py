@@ -70,7 +70,7 @@ def assert_same_rows(got: list, want: list, rel: float = 1e-6, where: str = "row
             assert_same_rows(got[k], want[k], rel, f"{where}.{k}")
     elif isinstance(want, (list, tuple)):
         assert isinstance(got, (list, tuple)) and len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_same_rows(g, w, rel, f"{where}[{i}]")
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
