@@ -37,8 +37,9 @@ from deita_ray.pipeline import run
 from deita_ray.training.loop import newest_complete_checkpoint
 
 MODEL_NODE = "model_node"
-# The GCS declares a SIGKILLed node dead after about 2 s instead of 15 s (Ray's defaults).
-HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+# The GCS declares a SIGKILLed node dead after about 5 s instead of 15 s (Ray's defaults); not
+# shorter, or a live node stalled by a loaded 2-core CI machine may be declared dead too.
+HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
 NODE_STORE = 96 * 1024 * 1024  # object store bytes per node: the jobs move a few hundred KiB
 
 
