@@ -457,6 +457,13 @@ def _arm_metrics(report: dict | None) -> tuple[dict, dict, dict]:
     return training, evals, seconds
 
 
+def _own_stage_seconds(seconds: dict) -> float | None:
+    """An arm's work time: the sum of its own stages' seconds (not the shared ones it links),
+    as recorded by whichever run computed them, so a resumed study keeps the real figure."""
+    own = [v for s, v in seconds.items() if s not in SHARED_STAGES and isinstance(v, int | float)]
+    return round(sum(own), 3) if own else None
+
+
 def verdict(value_ci: list | None, spread: list[float] | None, lower_better: bool) -> str:
     """An arm against the random arms: ``better`` / ``worse`` only when its interval lies
     entirely outside the spread (min..max) of the random arms' values, else ``within``."""
@@ -498,7 +505,11 @@ def summarize(
             "selection": selection_statistics(pool, ids) if arm.trains and ids else None,
             "training": training or None,
             "eval": evals,
-            "seconds": {"wall": res.get("seconds"), **seconds},
+            "seconds": {
+                "wall": _own_stage_seconds(seconds),
+                "this_run": res.get("seconds"),
+                **seconds,
+            },
         }
     for name, entry in per_arm.items():
         if entry["selection"] is not None:
@@ -540,6 +551,8 @@ def summarize(
     shared_seconds = {
         s: r.get("seconds") for s, r in (shared_stages or {}).items() if isinstance(r, dict)
     }
+    arm_walls = [a["seconds"]["wall"] for a in per_arm.values() if a["seconds"]["wall"]]
+    timing = {**timing, "arms_stages_s": round(sum(arm_walls), 3) if arm_walls else None}
     return {
         "output_dir": out_dir,
         "budget": cfg.select.budget,
@@ -633,11 +646,13 @@ def render_markdown(study: dict) -> str:
         lines += ["", "Failed arms:", ""]
         lines += [f"- {_cell(n)}: {_cell(e)}" for n, e in failed.items()]
     s = study["seconds"]
+    shared = s.get("shared_stages", {})
     lines += [
         "",
-        f"Wall time: shared stages {_fmt(s.get('shared_s'), 0)} s "
-        f"({', '.join(f'{k} {_fmt(v, 0)} s' for k, v in s.get('shared_stages', {}).items())}), "
-        f"arms {_fmt(s.get('arms_s'), 0)} s, total {_fmt(s.get('total_s'), 0)} s.",
+        "Stage time (as recorded by the run that computed each stage): shared stages "
+        f"{', '.join(f'{k} {_fmt(v, 0)} s' for k, v in shared.items()) or '–'}; arms "
+        f"{_fmt(s.get('arms_stages_s'), 0)} s (each arm's own stages: `wall s` above). "
+        f"This run: {_fmt(s.get('total_s'), 0)} s (what earlier runs finished is not run again).",
         "",
     ]
     return "\n".join(lines)
@@ -753,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
         old = _read_json(os.path.join(out_dir, STUDY_JSON)) or {}
         results = {
-            n: {k: a.get(k) for k in ("status", "error")} | {"seconds": a["seconds"].get("wall")}
+            n: {k: a.get(k) for k in ("status", "error")}
+            | {"seconds": a["seconds"].get("this_run")}
             for n, a in (old.get("arms") or {}).items()
         }
         report = _read_json(os.path.join(out_dir, "report.json")) or {}

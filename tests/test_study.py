@@ -103,6 +103,32 @@ def test_the_summary_written_after_the_first_arm_has_no_empty_plot(tmp_path):
     assert "random_s1" in (out / "study.md").read_text()
 
 
+def test_an_arm_finished_by_an_earlier_run_keeps_its_wall_time(tmp_path):
+    """A resumed study skips finished arms in about a second; the table's `wall s` is still the
+    time the arm's own stages took when they ran (the shared stages it links are not counted),
+    and this run's time is kept apart."""
+    from deita_ray.study import ARMS_DIR, summarize, write_outputs
+
+    cfg = load_config(
+        data=_study(tmp_path, tmp_path, tmp_path, tmp_path / "s", [{"method": "base"}])
+    )
+    out = tmp_path / "s"
+    arm_dir = out / ARMS_DIR / "base"
+    arm_dir.mkdir(parents=True)
+    stages = {"ingest": 3.0, "score": 1097.0, "embed": 599.0, "eval": 41.5}
+    report = {"stages": {k: {"seconds": v} for k, v in stages.items()}}
+    (arm_dir / "report.json").write_text(json.dumps(report))
+    results = {"base": {"status": "done", "seconds": 1.2}}
+    timing = {"shared_s": 0.5, "arms_s": 1.3, "total_s": 1.9}
+    study = summarize(cfg, str(out), expand_arms(cfg), results, {}, timing)
+    write_outputs(str(out), study)
+    seconds = study["arms"]["base"]["seconds"]
+    assert (seconds["wall"], seconds["this_run"], seconds["score"]) == (41.5, 1.2, 1097.0)
+    assert study["seconds"]["arms_stages_s"] == 41.5 and study["seconds"]["total_s"] == 1.9
+    row = next(line for line in (out / "study.md").read_text().splitlines() if "| base |" in line)
+    assert row.endswith("| 42 |")  # 41.5 s, not this run's 1 s
+
+
 def test_row_score_rule_and_verdict():
     t = pa.table(
         {
