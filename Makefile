@@ -29,11 +29,8 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(PY) -m deita_ray.pipeline --config jobs/quickstart.yaml
 
-# Two workers, one test module each at a time (--dist loadfile keeps a module's fixtures in one
-# worker): much of a test's time is a new process importing torch/vLLM or waiting on Ray, so two
-# at once use a 2-core machine better than one.
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=40 tests
+	$(PY) -m pytest -q --durations=40 tests
 
 lint: venv
 	$(VENV)/bin/ruff check deita_ray tests benchmarks testing

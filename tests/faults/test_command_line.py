@@ -7,9 +7,6 @@ reference run (conftest.py):
 - the driver SIGKILLed in the middle of each stage that resumes by shard, then the same command
   again: the outputs equal the undisturbed run's, and the parts finished before each kill are
   kept, not computed again.
-
-One module, so that a parallel test run (``pytest -n``, one module per worker) makes the
-reference run once.
 """
 
 from __future__ import annotations
