@@ -186,8 +186,33 @@ def main() -> int:
         "ours_vs_hf_loop (goal >= 1.5)": round(hf_s / ours_s, 3),
     }
     report["quick"] = bool(args.quick)
+    report["readme"] = readme_rows(report)
     finish("eval", report, args.out)
     return 0
+
+
+def readme_rows(report: dict) -> list[dict]:
+    """The README table's row, composed from the run's own numbers."""
+    sec, ratios = report["seconds"], report["ratios"]
+    diffs = report["max_abs_nll_mean_diff"]
+    return [
+        {
+            "setting": (
+                f"eval likelihood: {report['rows']} AlpacaEval GPT-4 Turbo answers "
+                f"({report['tokens']} tokens), {report['model']} {report['dtype']}"
+            ),
+            "result": (
+                f"stage {sec['ours_stage']} s: "
+                f"{ratios['ours_vs_bare_cold (goal >= 0.9)']}x the bare vLLM engine cold "
+                f"(import {sec['bare_fresh_vllm_import']} s + start {sec['bare_engine_start']} s"
+                f" + generate {sec['bare_generate']} s; goal >= 0.9x), "
+                f"{ratios['ours_vs_hf_loop (goal >= 1.5)']}x a per-row transformers loop "
+                f"({sec['hf_loop']} s, model load excluded; goal >= 1.5x); largest per-row "
+                f"NLL difference {diffs['ours_and_bare']:.1g} vs bare, "
+                f"{diffs['ours_and_hf_loop']:.1g} vs the loop"
+            ),
+        }
+    ]
 
 
 if __name__ == "__main__":
