@@ -14,6 +14,9 @@ instead; this backend never builds such an engine.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -83,6 +86,43 @@ def prompt_token_logprobs(output: Any, sequence: list[int], start: int) -> np.nd
     return out
 
 
+def runs_inline(cfg: ModelConfig) -> bool:
+    """Whether the engine runs in the loading process (``model.engine_process``; 'auto':
+    on CPU with one tensor-parallel worker)."""
+    if cfg.engine_process != "auto":
+        return cfg.engine_process == "inline"
+    import torch  # noqa: PLC0415 - heavy, only on workers
+
+    return cfg.tensor_parallel_size == 1 and not torch.cuda.is_available()
+
+
+@contextmanager
+def engine_multiprocessing(enabled: bool) -> Iterator[None]:
+    """Build a vLLM engine with (or without) its own engine-core process.
+
+    vLLM decides at engine construction from ``VLLM_ENABLE_V1_MULTIPROCESSING``; without it
+    (and one worker) the engine core and the model run in this process (its CPU platform then
+    keeps the in-process executor). The variable is set for the construction only. An engine
+    built in this process freezes vLLM's env reads (``enable_envs_cache``), so the cache is
+    reset before (this engine reads the value set here) and after (a later engine reads the
+    environment, not this engine's value).
+    """
+    import vllm.envs as envs  # noqa: PLC0415
+
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    old = os.environ.get(key)
+    os.environ[key] = "1" if enabled else "0"
+    envs.disable_envs_cache()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+        envs.disable_envs_cache()
+
+
 class VLLMBackend(Backend):
     """A vLLM ``LLM`` engine for one task (see :class:`deita_ray.models.backend.Backend`)."""
 
@@ -117,7 +157,9 @@ class VLLMBackend(Backend):
                 convert="embed",
                 pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False),
             )
-        self.llm = LLM(**kwargs)
+        self.inline = runs_inline(cfg)
+        with engine_multiprocessing(not self.inline):
+            self.llm = LLM(**kwargs)
         self.hidden_size = int(self.llm.llm_engine.model_config.get_hidden_size())
         self._sampling = None
         self._prompt_lp = None

@@ -236,6 +236,8 @@ class ScorerKind(ABC):
         kind: registered name.
         default_name: column name / prefix when the entry sets none.
         uses_model: loads an engine (runs in a model actor pool); False: a CPU task.
+        has_labels: its label token ids come from the model's tokenizer
+            (:meth:`resolve_labels`, on the driver, so a bad label fails before any actor).
         outputs: the columns it can write.
         options: the kind-specific entry fields it accepts (see :data:`OPTION_FIELDS`).
         template_fields / required_fields: placeholders its template may / must contain;
@@ -246,6 +248,7 @@ class ScorerKind(ABC):
     kind: str = ""
     default_name: str = ""
     uses_model: bool = True
+    has_labels: bool = False
     outputs: tuple[Output, ...] = ()
     options: tuple[str, ...] = ()
     template_fields: tuple[str, ...] = ()

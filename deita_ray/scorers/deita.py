@@ -102,6 +102,7 @@ class LabelScorer(BoundScorer):
 class LabelKind(ScorerKind):
     """A kind scored by the expected value over label tokens (DEITA, rating)."""
 
+    has_labels = True
     labels: tuple[str, ...] = ("1", "2", "3", "4", "5", "6")
 
     def label_strings(self, spec: ScorerSpec) -> tuple[str, ...]:

@@ -418,7 +418,8 @@ def cpu_score(
 def score_plan(cfg: PipelineConfig) -> tuple[list, list[tuple[ModelConfig, str, list]]]:
     """(CPU scorer specs, [(model config, resolved path, specs)] per model actor pool), with
     model paths resolved and label token ids checked on the driver, so a bad scorer fails
-    before any actor starts."""
+    before any actor starts. A pool without label kinds loads no tokenizer here (importing
+    transformers costs the driver seconds; preflight checked that the folder has one)."""
     from deita_ray.models.backend import load_tokenizer  # noqa: PLC0415
     from deita_ray.scorers import cpu_scorers, model_groups, resolve_scorers  # noqa: PLC0415
 
@@ -429,8 +430,10 @@ def score_plan(cfg: PipelineConfig) -> tuple[list, list[tuple[ModelConfig, str, 
     pools = []
     for group in model_groups(specs):
         model, path = group[0].model, group[0].model_path
-        tok = load_tokenizer(path, model.trust_remote_code)
-        pools.append((model, path, [get_kind(s.kind).resolve_labels(s, tok) for s in group]))
+        if any(get_kind(s.kind).has_labels for s in group):
+            tok = load_tokenizer(path, model.trust_remote_code)
+            group = [get_kind(s.kind).resolve_labels(s, tok) for s in group]
+        pools.append((model, path, group))
     return cpu_scorers(specs), pools
 
 

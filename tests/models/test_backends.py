@@ -300,3 +300,50 @@ def test_smollm2_vllm_and_hf_embeddings_agree_fp32(smollm2_path, shared_data: Pa
     assert ev.shape == (40, 576)
     cos = (ev * eh).sum(1) / np.linalg.norm(ev, axis=1) / np.linalg.norm(eh, axis=1)
     assert cos.min() >= 0.9999
+
+
+def test_vllm_engine_inline_and_separate_give_the_same_values(tiny_llama):
+    """``engine_process``: 'inline' runs the engine in this process (no child process), 'separate'
+    in vLLM's own processes; both return the same label and token log-probabilities, and 'auto'
+    is inline on this CPU machine (one tensor-parallel worker)."""
+    import psutil
+
+    from deita_ray.models.vllm_backend import runs_inline
+    from deita_ray.scoring import resolve_digit_ids
+
+    def cfg(where: str, tp: int = 1) -> ModelConfig:
+        return ModelConfig(
+            path=str(tiny_llama),
+            dtype="float32",
+            max_model_len=128,
+            enforce_eager=True,
+            kv_cache_memory_bytes=32 << 20,
+            tensor_parallel_size=tp,
+            engine_process=where,
+        )
+
+    assert runs_inline(cfg("auto")) and runs_inline(cfg("inline"))
+    assert not runs_inline(cfg("separate")) and not runs_inline(cfg("auto", tp=2))
+    env_before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    got = {}
+    for where in ("inline", "separate"):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        backend = load_backend(cfg(where), str(tiny_llama), "score")
+        try:
+            started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            assert backend.inline is (where == "inline")
+            assert (started == []) is (where == "inline"), [p.name() for p in started]
+            tok = backend.tokenizer
+            seqs, starts = _logprob_inputs(tok)
+            seqs, starts = seqs[:4], starts[:4]
+            labels, errors = backend.digit_logits(seqs, resolve_digit_ids(tok))
+            assert errors == [None] * len(seqs)
+            vals, errors = backend.token_logprobs(seqs, starts)
+            assert errors == [None] * len(seqs)
+            got[where] = (labels, vals)
+        finally:
+            backend.close()
+    np.testing.assert_array_equal(got["inline"][0], got["separate"][0])
+    for a, b in zip(got["inline"][1], got["separate"][1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == env_before  # left as found
