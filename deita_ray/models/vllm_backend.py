@@ -225,7 +225,18 @@ class VLLMBackend(Backend):
             from vllm.v1.engine.exceptions import EngineDeadError  # noqa: PLC0415
         except ImportError:  # pragma: no cover - other vLLM layouts
             EngineDeadError = ()  # noqa: N806
-        return super()._fatal(exc) or isinstance(exc, EngineDeadError)
+        if super()._fatal(exc) or isinstance(exc, EngineDeadError):
+            return True
+        try:
+            from vllm.exceptions import VLLMClientError  # noqa: PLC0415
+        except ImportError:  # pragma: no cover - older vLLM
+            VLLMClientError = ValueError  # noqa: N806
+        # vLLM refuses a bad request (VLLMClientError, ValueError, TypeError) before it runs
+        # anything and drops the requests it had added, so bisecting is safe. Any other error
+        # of an inline engine came from a model step, which may leave requests inside the
+        # engine: what a separate engine reports as EngineDeadError.
+        refused = isinstance(exc, (VLLMClientError, ValueError, TypeError))
+        return getattr(self, "inline", False) and not refused
 
     def close(self) -> None:
         llm = self.__dict__.pop("llm", None)

@@ -347,3 +347,21 @@ def test_vllm_engine_inline_and_separate_give_the_same_values(tiny_llama):
     for a, b in zip(got["inline"][1], got["separate"][1], strict=True):
         np.testing.assert_array_equal(a, b)
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == env_before  # left as found
+
+
+def test_an_inline_vllm_engine_error_outside_prompt_validation_is_fatal():
+    """A refused request (vLLM's client errors, ValueError, TypeError) is isolated by bisection
+    in both layouts; any other error of an inline engine fails the stage, as EngineDeadError
+    does for a separate one (a failed model step may leave requests inside the engine)."""
+    from vllm.exceptions import VLLMValidationError
+
+    from deita_ray.models.vllm_backend import VLLMBackend
+
+    backend = object.__new__(VLLMBackend)
+    for inline in (True, False):
+        backend.inline = inline
+        assert not backend._fatal(ValueError("prompt too long"))
+        assert not backend._fatal(TypeError("bad prompt"))
+        assert not backend._fatal(VLLMValidationError("Token id 1000000 is out of vocabulary"))
+        assert backend._fatal(BackendContractError("x")) and backend._fatal(MemoryError())
+        assert backend._fatal(RuntimeError("model step failed")) is inline
