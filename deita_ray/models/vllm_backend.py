@@ -2,7 +2,9 @@
 digit tokens, their processed log-probabilities read back), token log-probabilities from the
 same engine's prompt log-probabilities (``prompt_logprobs=0``: the log-probability of each
 actual prompt token), embedding with the pooling runner (LAST pooling, no activation /
-normalisation). vLLM is imported only when a backend is built.
+normalisation). vLLM is imported only when a backend is built. The engine runs inside the
+loading process (the stage's actor) or in vLLM's own processes, per ``model.engine_process``
+(:func:`runs_inline`; docs/scoring.md, "Where the vLLM engine runs").
 
 Prompt log-probabilities and ``logprobs_mode``: the engine's mode (``processed_logprobs`` for
 scoring) only changes what the *sampled* token's log-probabilities are; prompt tokens go
