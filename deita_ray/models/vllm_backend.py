@@ -238,7 +238,7 @@ class VLLMBackend(Backend):
         # of an inline engine came from a model step, which may leave requests inside the
         # engine: what a separate engine reports as EngineDeadError.
         refused = isinstance(exc, (VLLMClientError, ValueError, TypeError))
-        return getattr(self, "inline", False) and not refused
+        return self.inline and not refused
 
     def close(self) -> None:
         llm = self.__dict__.pop("llm", None)
