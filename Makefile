@@ -29,8 +29,12 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(PY) -m deita_ray.pipeline --config jobs/quickstart.yaml
 
+# Two pytest-xdist workers, whole files each (a file's session fixtures, e.g. the fault tests'
+# reference run, are built once); tests/conftest.py gives each worker its share of the cores.
+TEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest -q --durations=40 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=40 tests
 
 lint: venv
 	$(VENV)/bin/ruff check deita_ray tests benchmarks testing

@@ -23,6 +23,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+# Under pytest-xdist (`make test` runs two workers) the cores are shared between the workers:
+# each one's torch / vLLM threads get its share. OpenMP threads that outnumber the free cores
+# spin at their barriers while a peer is descheduled, which slows every model test severalfold.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+TEST_THREADS = max(1, (os.cpu_count() or 2) // _WORKERS) if _WORKERS > 1 else 2
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
+
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -76,7 +84,7 @@ def ray_local():
             num_gpus=0,
             include_dashboard=False,
             object_store_memory=512 * 1024 * 1024,
-            runtime_env={"env_vars": worker_env(num_threads=2)},
+            runtime_env={"env_vars": worker_env(num_threads=TEST_THREADS)},
         )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
