@@ -23,7 +23,7 @@ def worker_env(ray_cfg: RayConfig | None = None, num_threads: int | None = None)
     env = dict(DEFAULT_WORKER_ENV)
     if num_threads:
         env["OMP_NUM_THREADS"] = str(num_threads)
-    if _has_cuda():
+    if has_cuda():
         env.pop("DS_ACCELERATOR")
     if ray_cfg is not None:
         env.update(ray_cfg.env_vars)
@@ -46,7 +46,8 @@ def apply_driver_env(ray_cfg: RayConfig | None = None) -> None:
         os.environ.setdefault(key, value)
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
+    """Whether this process sees a CUDA GPU (False where torch is not installed)."""
     try:
         import torch  # noqa: PLC0415 - heavy, only when asked
 

@@ -40,9 +40,9 @@ def resolve_dtype(dtype: str) -> str:
     """'auto' -> 'bfloat16' on a CUDA machine, 'float32' on CPU; other values unchanged."""
     if dtype != "auto":
         return dtype
-    import torch  # noqa: PLC0415 - heavy, only on workers
+    from deita_ray.runtime import has_cuda  # noqa: PLC0415
 
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+    return "bfloat16" if has_cuda() else "float32"
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:

@@ -93,9 +93,9 @@ def runs_inline(cfg: ModelConfig) -> bool:
     on CPU with one tensor-parallel worker)."""
     if cfg.engine_process != "auto":
         return cfg.engine_process == "inline"
-    import torch  # noqa: PLC0415 - heavy, only on workers
+    from deita_ray.runtime import has_cuda  # noqa: PLC0415
 
-    return cfg.tensor_parallel_size == 1 and not torch.cuda.is_available()
+    return cfg.tensor_parallel_size == 1 and not has_cuda()
 
 
 @contextmanager
