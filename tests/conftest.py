@@ -27,8 +27,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # each one's torch / vLLM threads get its share. OpenMP threads that outnumber the free cores
 # spin at their barriers while a peer is descheduled, which slows every model test severalfold.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-TEST_THREADS = max(1, (os.cpu_count() or 2) // _WORKERS) if _WORKERS > 1 else 2
+TEST_THREADS = 2
 if _WORKERS > 1:
+    TEST_THREADS = max(1, (os.cpu_count() or 2) // _WORKERS)
     os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 
 

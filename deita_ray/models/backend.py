@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from deita_ray.config import ModelConfig
+from deita_ray.runtime import has_cuda
 
 TASKS = ("score", "embed", "generate")
 
@@ -40,8 +41,6 @@ def resolve_dtype(dtype: str) -> str:
     """'auto' -> 'bfloat16' on a CUDA machine, 'float32' on CPU; other values unchanged."""
     if dtype != "auto":
         return dtype
-    from deita_ray.runtime import has_cuda  # noqa: PLC0415
-
     return "bfloat16" if has_cuda() else "float32"
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from deita_ray.config import ModelConfig
 from deita_ray.models.backend import Backend, BackendContractError
+from deita_ray.runtime import has_cuda
 
 
 def digit_logprobs(outputs: list, digit_ids: list[int]) -> np.ndarray:
@@ -93,8 +94,6 @@ def runs_inline(cfg: ModelConfig) -> bool:
     on CPU with one tensor-parallel worker)."""
     if cfg.engine_process != "auto":
         return cfg.engine_process == "inline"
-    from deita_ray.runtime import has_cuda  # noqa: PLC0415
-
     return cfg.tensor_parallel_size == 1 and not has_cuda()
 
 
