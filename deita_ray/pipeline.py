@@ -25,6 +25,7 @@ import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
+from deita_ray.accounting import current_entry, done_line
 from deita_ray.config import (
     STAGES,
     ConfigError,
@@ -130,13 +131,32 @@ def example_reject(out_dir: str, stage: str, reason: str | None) -> str | None:
 
 
 class StageProgress:
-    """While a stage that writes its output part by part runs, log every ``every_s`` seconds
-    how many rows it has written (accepted and rejected) out of its input rows, e.g.
-    ``stage score: 1200/5000 rows (24.0%), 9.5 rows/s``: a console under ``ray job submit``
-    or in a log file shows where a long job is."""
+    """While a stage runs, log where it is (docs/README.md#the-console), in the ``deita_ray``
+    log, so a console under ``ray job submit`` or a log file shows where a long job is.
 
-    def __init__(self, stage: Stage, out_dir: str, every_s: float):
+    - A stage whose batch callables count their batches (``Stage.counts_batches``: score,
+      embed, eval) gets a :class:`deita_ray.progress.ProgressCounter` actor for its run
+      (:func:`deita_ray.progress.current_counter`): ``stage score: loading model (45 s)``
+      until the first batch is done, then ``stage score: 1200/5000 rows (24.0%), 9.5 rows/s,
+      ETA 6.7 min`` every ``every_s`` seconds (rows an interrupted run wrote count as done).
+    - A training stage (``Stage.trains``) gets one too: ``loading model`` until the first
+      optimizer step, then ``stage sft: step 10/24 (41.7%), loss 1.2345, lr 4.50e-05,
+      812 tokens/s, ETA 3.2 min`` for step 1, every ``every_steps``-th step and the last.
+    - Other stages that write part by part (ingest) count the rows of their finished parts:
+      ``stage ingest: 1200 rows, 9.5 rows/s``.
+    """
+
+    POLL_S = 1.0
+    """Seconds between two polls of a training stage's counter for its step lines."""
+
+    POLL_TIMEOUT_S = 120.0
+    """A counter that does not answer a poll in this long ends the progress lines (the stage
+    runs on; its actor starts in seconds even on a busy node)."""
+
+    def __init__(self, stage: Stage, out_dir: str, every_s: float, every_steps: int = 0):
         self.stage, self.out_dir, self.every_s = stage, out_dir, every_s
+        self.every_steps = every_steps if stage.trains else 0
+        self.counter: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -153,26 +173,74 @@ class StageProgress:
         return None
 
     def __enter__(self) -> StageProgress:
-        if self.every_s > 0:
-            self._thread = threading.Thread(
-                target=self._run, name=f"progress-{self.stage.name}", daemon=True
-            )
-            self._thread.start()
+        self._t_enter = time.monotonic()
+        if self.every_s <= 0 and self.every_steps <= 0:
+            return self
+        if self.stage.counts_batches or self.stage.trains:
+            self.counter = _start_counter(self.every_steps)
+            if self.counter is not None:
+                from deita_ray import progress
+
+                progress.set_current(self.counter)
+        self._thread = threading.Thread(
+            target=self._run, name=f"progress-{self.stage.name}", daemon=True
+        )
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self.counter is None:
+            return
+        from deita_ray import progress
+
+        progress.set_current(None)
+        try:
+            import ray
+
+            # The steps since the last poll.
+            self._log_steps(ray.get(self.counter.poll.remote(), timeout=self.POLL_TIMEOUT_S))
+            ray.kill(self.counter)
+        except Exception as e:  # noqa: BLE001 - progress lines must never stop a job
+            log.debug("stage %s: progress counter: %s", self.stage.name, e)
+        self.counter = None
+
+    def _log_steps(self, snap: dict) -> None:
+        from deita_ray.progress import step_line
+
+        for rec in snap["steps"]:
+            log.info("%s", step_line(self.stage.name, rec))
 
     def _run(self) -> None:
         from deita_ray.data.sink import WrittenRows
+        from deita_ray.progress import rows_line
 
         try:
-            total = self.input_rows()
+            total = self.input_rows() if not self.stage.trains else None
             written = WrittenRows(self.out_dir, self.stage.name)
             start, t0 = written.count(), time.monotonic()
-            while not self._stop.wait(self.every_s):
+            tick = self.every_s
+            if self.counter is not None and self.every_steps > 0:
+                tick = min(tick, self.POLL_S) if tick > 0 else self.POLL_S
+            next_line = t0 + self.every_s
+            while not self._stop.wait(tick):
+                snap = None
+                if self.counter is not None:
+                    import ray
+
+                    snap = ray.get(self.counter.poll.remote(), timeout=self.POLL_TIMEOUT_S)
+                    self._log_steps(snap)
+                    if snap["label"] is None:  # waiting since the stage began, not the actor
+                        snap["waited_s"] = time.monotonic() - self._t_enter
+                if self.every_s <= 0 or time.monotonic() < next_line - 1e-3:
+                    continue
+                next_line += self.every_s
+                if snap is not None:
+                    if not (self.stage.trains and snap["started"]):  # steps have their lines
+                        log.info("%s", rows_line(self.stage.name, snap, total, start))
+                    continue
                 n = written.count()
                 rate = (n - start) / max(time.monotonic() - t0, 1e-9)
                 if total:
@@ -188,6 +256,23 @@ class StageProgress:
                     log.info("stage %s: %d rows, %.1f rows/s", self.stage.name, n, rate)
         except Exception as e:  # noqa: BLE001 - progress lines must never stop a job
             log.debug("stage %s: progress lines stopped: %s", self.stage.name, e)
+
+
+def _start_counter(every_steps: int) -> Any:
+    """A :class:`deita_ray.progress.ProgressCounter` actor on the driver's node, or None when
+    Ray is not running here (a stage run outside the pipeline) or the actor cannot start."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from deita_ray.progress import ProgressCounter
+        from deita_ray.runtime import driver_side_actor
+
+        return driver_side_actor(ProgressCounter, every_steps)
+    except Exception as e:  # noqa: BLE001 - progress lines must never stop a job
+        log.debug("no progress counter: %s", e)
+        return None
 
 
 def plan(
@@ -244,21 +329,53 @@ def run(
     """Run a validated job. Returns the report dict (also written to ``report.json``).
 
     ``stages`` / ``enabled`` default to the registry and ``cfg.stages`` (see :func:`plan`).
+
+    Before Ray starts: ``output.dir`` must be writable, no other run may hold it
+    (:mod:`deita_ray.data.lock`), and the input files and models of the stages that will run
+    must be there (:mod:`deita_ray.preflight`); otherwise it raises without touching
+    ``manifest.json``.
+
+    Raises:
+        ConfigError: an input, the output folder or a model is not usable (named with its key).
+        OutputDirInUse: another running job holds ``output.dir``.
     """
+    from deita_ray.data.lock import OutputLock
+    from deita_ray.preflight import check_output_dir
+
     out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
-    os.makedirs(out_dir, exist_ok=True)
+    check_output_dir(out_dir)
+    # One run per output folder: a second one refuses here (OutputDirInUse) instead of
+    # overwriting the first one's files.
+    with OutputLock(out_dir):
+        return _run(cfg, out_dir, stages, enabled)
+
+
+def _run(
+    cfg: PipelineConfig,
+    out_dir: str,
+    stages: Sequence[Stage] | None,
+    enabled: Collection[str] | None,
+) -> dict:
     manifest = read_manifest(out_dir)
     manifest["version"] = MANIFEST_VERSION
     manifest["config"] = to_dict(cfg)
     stages = registry() if stages is None else stages
     by_name = {desc.name: desc for desc in stages}
     steps = plan(cfg, manifest, stages, enabled)
-    # Every model a stage that will run loads must be reachable now, not hours in.
-    from deita_ray.preflight import check_models_reachable
+    # Every input file a stage that will run reads, and every model it loads, must be there
+    # now, before a Ray cluster starts, not minutes or hours in.
+    from deita_ray.preflight import (
+        check_inputs_readable,
+        check_models_fit,
+        check_models_reachable,
+    )
 
     pending = [name for name, _, must_run in steps if must_run and name in by_name]
     registered = {desc.name for desc in registry()}
-    check_models_reachable(dataclasses.replace(cfg, stages=[n for n in pending if n in registered]))
+    pending_cfg = dataclasses.replace(cfg, stages=[n for n in pending if n in registered])
+    check_inputs_readable(pending_cfg)
+    check_models_reachable(pending_cfg)
+    check_models_fit(pending_cfg, out_dir)
 
     from deita_ray.runtime import init_ray
 
@@ -275,7 +392,9 @@ def run(
         desc = by_name[stage]
         if not must_run:
             log.info("stage %s: finished earlier with the same config, skipped", stage)
-            results[stage] = dict(manifest["stages"][stage]["result"], skipped=True)
+            results[stage] = dict(
+                current_entry(manifest["stages"][stage]["result"], desc.selects), skipped=True
+            )
             continue
         previous = manifest["stages"].get(stage, {})
         # Resume or clear, decided here only: a shard-resumable stage interrupted with the
@@ -284,7 +403,7 @@ def run(
         if (
             desc.resumes_by_shard
             and previous.get("hash") == h
-            and previous.get("status") == "running"
+            and previous.get("status") in ("running", "failed")
         ):
             from deita_ray.data.sink import WrittenRows
 
@@ -298,15 +417,29 @@ def run(
             clear_stage_outputs(out_dir, stage)
         manifest["stages"][stage] = {"status": "running", "hash": h}
         _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+        if desc.models is not None:
+            _note_actor_restart_line()
         t0 = time.perf_counter()
-        every_s = cfg.output.progress_every_s if desc.writes_parts else 0.0
-        with StageProgress(desc, out_dir, every_s):
-            result = desc.run(cfg, out_dir)
-        seconds = time.perf_counter() - t0
-        result.counts.check(stage)
-        if desc.rejects_are_failures:
-            # The manifest still says "running": what the stage wrote stays for a resume.
-            check_failure_budget(cfg, stage, result.counts, out_dir)
+        live = desc.writes_parts or desc.counts_batches or desc.trains
+        every_s = cfg.output.progress_every_s if live else 0.0
+        try:
+            with StageProgress(desc, out_dir, every_s, cfg.output.progress_every_steps):
+                result = desc.run(cfg, out_dir)
+            seconds = time.perf_counter() - t0
+            result.counts.check(stage)
+            if desc.rejects_are_failures:
+                check_failure_budget(cfg, stage, result.counts, out_dir)
+        except BaseException as e:
+            # Say so in the manifest: the stage did not finish (what it wrote stays for a
+            # resume); a killed driver leaves "running", which says the same.
+            manifest["stages"][stage] = {
+                "status": "failed",
+                "hash": h,
+                "failed_at": time.time(),
+                "error": f"{type(e).__name__}: {e}"[:1000],
+            }
+            _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+            raise
         entry = dict(
             result.counts.to_dict(),
             seconds=round(seconds, 3),
@@ -321,19 +454,36 @@ def run(
             "result": entry,
         }
         _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
-        log.info(
-            "stage %s: done in %.1fs: in=%d out=%d rejected=%d %s",
-            stage,
-            seconds,
-            entry["rows_in"],
-            entry["rows_out"],
-            entry["rows_rejected"],
-            entry["rejected_by_reason"] or "",
-        )
+        log.info("%s", done_line(stage, seconds, entry))
 
     from deita_ray.report import write_report
 
     return write_report(out_dir, results, notes=_notes(cfg, stages))
+
+
+_ACTOR_LINE_NOTED = False
+
+
+def _note_actor_restart_line() -> None:
+    """Say once per process what the ``E`` line Ray prints as the first actor pool starts is.
+
+    Ray's core worker logs, at level E and once per process, ``... has constructor arguments in
+    the object store and max_restarts > 0`` whenever an actor that may restart gets an object
+    reference as a constructor argument (ray-project/ray#53727). Ray Data's pool workers always
+    do: ``_MapWorker`` receives the DataContext and the map transform by ``ObjectRef``, whatever
+    the stage passes (ray-project/ray#57733: a trivial ``map_batches`` class prints it too).
+    Only ``max_restarts=0`` would silence it, and that would stop Ray from recreating model
+    actors lost with a node; so the line stays, explained here.
+    """
+    global _ACTOR_LINE_NOTED
+    if _ACTOR_LINE_NOTED:
+        return
+    _ACTOR_LINE_NOTED = True
+    log.info(
+        "Ray may now print one 'E ... core_worker.cc ... has constructor arguments in the object "
+        "store and max_restarts > 0' line: not an error of this job (Ray Data passes its actor "
+        "pools' setup by object reference, ray-project/ray#57733; actor restarts stay on)"
+    )
 
 
 def _notes(cfg: PipelineConfig, stages: Sequence[Stage]) -> list[str]:
@@ -411,11 +561,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         return 0
+    from deita_ray.data.lock import OutputDirInUse
+
     try:
         report = run(cfg)
-    except ConfigError as e:  # e.g. a model the job needs is not reachable (preflight)
+    except ConfigError as e:  # e.g. an input file or a model the job needs is missing (preflight)
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except OutputDirInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
     print(
         json.dumps(

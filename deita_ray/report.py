@@ -184,7 +184,9 @@ def merge_earlier_stages(out_dir: str, stages: dict[str, dict]) -> dict[str, dic
     """``stages`` plus every stage an earlier job finished in ``out_dir`` (``manifest.json``),
     marked ``earlier_run``, in pipeline order: a job that runs only some stages into the
     output directory of another (DPO after SFT) still reports all of them."""
+    from deita_ray.accounting import current_entry
     from deita_ray.config import STAGES
+    from deita_ray.stages import registry
 
     manifest = read_json(os.path.join(out_dir, MANIFEST_FILE)) or {}
     merged = {
@@ -194,7 +196,12 @@ def merge_earlier_stages(out_dir: str, stages: dict[str, dict]) -> dict[str, dic
     }
     merged.update(stages)
     rank = {name: i for i, name in enumerate(STAGES)}
-    return dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+    # Entries an earlier version wrote call the rows a selecting stage did not pick "rejected".
+    selects = {desc.name for desc in registry() if desc.selects}
+    return {
+        name: current_entry(entry, name in selects)
+        for name, entry in sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+    }
 
 
 def write_report(out_dir: str, stages: dict[str, dict], notes: list[str] | None = None) -> dict:
@@ -204,7 +211,8 @@ def write_report(out_dir: str, stages: dict[str, dict], notes: list[str] | None 
     Args:
         out_dir: the job's output directory.
         stages: per stage ``{rows_in, rows_out, rows_rejected, rejected_by_reason, seconds,
-            rows_per_s, metrics}`` as the pipeline records them (copied into the report as is);
+            rows_per_s, metrics}`` (the select stage also ``rows_not_selected``,
+            ``not_selected_by_reason``) as the pipeline records them (copied into the report as is);
             stages that earlier jobs finished there are added (:func:`merge_earlier_stages`).
         notes: free-text remarks for the reader (e.g. which models stood in for which); those
             of the existing report are kept.

@@ -339,7 +339,8 @@ def source_table(rows: pa.Table | None, rejects_by_source: Counter) -> list[dict
     if rows is not None and "source" in rows.column_names:
         status = pa.array(row_status(rows).tolist(), pa.string())
         t = pa.table({"source": pc.fill_null(rows["source"], ""), "status": status})
-        g = t.group_by(["source", "status"]).aggregate([("status", "count")])
+        # use_threads=False: see ingest._reduce_bucket (Ray Data resizes Arrow's CPU pool)
+        g = t.group_by(["source", "status"], use_threads=False).aggregate([("status", "count")])
         for src, st, n in zip(
             g["source"].to_pylist(),
             g["status"].to_pylist(),
@@ -397,6 +398,8 @@ def stage_table(out_dir: str, report: dict, built: Assembled) -> tuple[list[dict
                 "rows_out",
                 "rows_rejected",
                 "rejected_by_reason",
+                "rows_not_selected",
+                "not_selected_by_reason",
                 "seconds",
                 "rows_per_s",
             ):

@@ -81,7 +81,7 @@ details > summary { cursor: pointer; color: #0b57d0; }
 </nav>
 <main>
 <section id="summary"></section>
-<section id="stages"><h2>Stages: rows in, out, rejected</h2></section>
+<section id="stages"><h2>Stages: rows in, out, rejected, not selected</h2></section>
 <section id="plots"><h2>Plots</h2></section>
 <section id="study"></section>
 <section id="sources"><h2>Rows per source file</h2></section>
@@ -174,7 +174,7 @@ details > summary { cursor: pointer; color: #0b57d0; }
   const rejTotal = (D.reject_summary || []).reduce((a, r) => a + r.total, 0);
   summary.append(h("p", {},
     totalPool ? `${fmt(totalPool)} rows reached the pool` : "No row facts found",
-    sel ? `; ${fmt(sel.total)} selected` : "",
+    sel ? `; ${fmt(sel.total)} selected, ${fmt(totalPool - sel.total)} not selected` : "",
     `; ${fmt(rejTotal)} rejected by a stage.`,
     D.tau !== null && D.tau !== undefined ? ` Selection threshold tau = ${fmt(D.tau)}.` : ""));
   if (D.missing && D.missing.length) {
@@ -184,12 +184,18 @@ details > summary { cursor: pointer; color: #0b57d0; }
   if (D.notes && D.notes.length) {
     summary.append(h("ul", {}, D.notes.map((n) => h("li", {text: n}))));
   }
+  const reasons = (r) => Object.entries(r || {}).map(([k, n]) =>
+    `${k}: ${fmt(n)}`).join(", ") || "\u2013";
+  // Rows a stage rejected (written to rejects/) and rows the select stage did not pick (not
+  // rejects) are separate columns; "\u2013" where a stage does not select.
   const stageRows = D.stages.map((s) => [s.name, s.state, s.rows_in, s.rows_out,
-    s.rows_rejected, Object.entries(s.rejected_by_reason || {}).map(([k, n]) =>
-      `${k}: ${fmt(n)}`).join(", ") || "\u2013", s.seconds, s.rows_per_s, s.doc]);
-  byId("stages").append(table(["stage", "state", "rows in", "rows out", "rejected / not selected",
-    "by reason", "seconds", "rows/s", "what it does"], stageRows,
-    [0, 0, 1, 1, 1, 0, 1, 1, 0]));
+    s.rows_rejected, reasons(s.rejected_by_reason),
+    s.rows_not_selected === undefined || s.rows_not_selected === null ? "\u2013" : s.rows_not_selected,
+    s.not_selected_by_reason ? reasons(s.not_selected_by_reason) : "\u2013",
+    s.seconds, s.rows_per_s, s.doc]);
+  byId("stages").append(table(["stage", "state", "rows in", "rows out", "rejected",
+    "rejected by reason", "not selected", "not selected by reason", "seconds", "rows/s",
+    "what it does"], stageRows, [0, 0, 1, 1, 1, 0, 1, 0, 1, 1, 0]));
 
   // ---- plots
   const plots = byId("plots");
@@ -259,7 +265,8 @@ details > summary { cursor: pointer; color: #0b57d0; }
   for (const s of D.sources) sourceSel.append(h("option", {value: s.source, text: s.source || "(unknown)"}));
   const sortSel = byId("f-sort");
   const sorts = [["default", "rank, then input order"], ["score_desc", "score, high to low"],
-    ["score_asc", "score, low to high"], ["cosine_desc", "cosine to the rejecting row, high to low"]];
+    ["score_asc", "score, low to high"], ["cosine_desc", "cosine to the rejecting row, high to low"],
+    ["cosine_asc", "cosine to the rejecting row, low to high (borderline first)"]];
   for (const [v, label] of sorts) sortSel.append(h("option", {value: v, text: label}));
   if (!scoreName) {
     byId("l-min").style.display = "none";
@@ -310,6 +317,7 @@ details > summary { cursor: pointer; color: #0b57d0; }
     if (F.sort === "score_desc") return nullsLast(score(a), score(b), -1) || a - b;
     if (F.sort === "score_asc") return nullsLast(score(a), score(b), 1) || a - b;
     if (F.sort === "cosine_desc") return nullsLast(R.cosine[a], R.cosine[b], -1) || a - b;
+    if (F.sort === "cosine_asc") return nullsLast(R.cosine[a], R.cosine[b], 1) || a - b;
     return nullsLast(R.rank[a], R.rank[b], 1) || a - b;
   }
   function messages(i) {
@@ -395,6 +403,7 @@ details > summary { cursor: pointer; color: #0b57d0; }
   for (const id of ["next", "next2"]) byId(id).addEventListener("click", () => { F.page++; render(); });
   const presets = [["Selected, in rank order", {status: "selected"}],
     ["Near-duplicates: why not picked", {status: "similar_to_selected", sort: "cosine_desc"}],
+    ["Near-duplicates: borderline first", {status: "similar_to_selected", sort: "cosine_asc"}],
     ["Top scored", {sort: "score_desc"}], ["Bottom scored", {sort: "score_asc"}],
     ["Rejects", {status: "rejected"}], ["Everything", {}]];
   for (const [label, v] of presets) {

@@ -10,10 +10,12 @@ from deita_ray.config import ActorPoolConfig, ModelConfig, RayConfig
 # vLLM's CPU engine reserves a core for itself and drops torch to one thread unless told
 # otherwise; on small machines that halves throughput (measured on 2 cores: 1.6x faster with
 # both). Users can override any of these through ray.env_vars.
+# No DS_ACCELERATOR here: this env reaches every worker of the job, GPU training workers
+# included, and the driver (on KubeRay a CPU-only head) cannot tell what they see. Each training
+# worker sets its own from its use_gpu (deita_ray/training/loop.py, select_accelerator).
 DEFAULT_WORKER_ENV = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "TOKENIZERS_PARALLELISM": "false",
-    "DS_ACCELERATOR": "cpu",
     "HF_HUB_DISABLE_TELEMETRY": "1",
 }
 
@@ -23,11 +25,39 @@ def worker_env(ray_cfg: RayConfig | None = None, num_threads: int | None = None)
     env = dict(DEFAULT_WORKER_ENV)
     if num_threads:
         env["OMP_NUM_THREADS"] = str(num_threads)
-    if has_cuda():
-        env.pop("DS_ACCELERATOR")
     if ray_cfg is not None:
         env.update(ray_cfg.env_vars)
     return env
+
+
+REQUIRE_AUTH_ENV = "DEITA_REQUIRE_RAY_AUTH"
+"""Set to 1 in the pods of cluster/*.yaml: the job refuses to run on a cluster without Ray token
+authentication (see :func:`check_required_auth`)."""
+
+
+def check_required_auth(environ: dict[str, str] | None = None) -> None:
+    """Stop the job when ``$DEITA_REQUIRE_RAY_AUTH`` is 1 and Ray token auth is not on.
+
+    The manifests of cluster/ ask for token auth with ``spec.authOptions``, which KubeRay knows
+    since 1.5.1. An older operator, with kubectl's field validation turned off, drops the field
+    and starts the cluster without auth; the operator then injects no ``RAY_AUTH_MODE=token``
+    into the Ray containers, and the driver (a process of the head's Ray container) sees that.
+
+    Raises:
+        RuntimeError: naming the variable, what it found, and the operator version needed.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(REQUIRE_AUTH_ENV, "").strip() not in ("1", "true", "yes"):
+        return
+    mode = env.get("RAY_AUTH_MODE", "")
+    if mode.strip().lower() != "token":
+        raise RuntimeError(
+            f"{REQUIRE_AUTH_ENV}=1 but this Ray cluster runs without token authentication "
+            f"(RAY_AUTH_MODE={mode or 'unset'}): the KubeRay operator did not apply "
+            "spec.authOptions. It needs KubeRay >= 1.5.1 (>= 1.6.0 for "
+            "authOptions.secretName); see cluster/README.md. Refusing to run a job on a cluster "
+            "anyone who reaches its dashboard could submit jobs to."
+        )
 
 
 # Read by Ray Data in the driver process when a dataset is planned. Ray Data 2.60 starts 32
@@ -66,6 +96,7 @@ def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
     """
     import ray
 
+    check_required_auth()
     apply_driver_env(ray_cfg)
     # Datasets created by this driver inherit it (model actors can be slow to show progress).
     ray.data.DataContext.get_current().execution_no_progress_timeout_s = ray_cfg.stall_timeout_s

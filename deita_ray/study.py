@@ -1,28 +1,34 @@
-"""``python -m deita_ray.study``: a controlled study, one fine-tuned model per selection method.
+"""``python -m deita_ray.study``: a controlled study, one fine-tuned model per selection method
+and training seed, each compared with random selection.
 
 The job's config is a pipeline config (validated the same way) with a ``study`` section:
 
 1. **Shared phase.** ``ingest``, ``score`` and ``embed`` (those of ``stages``) run once in
    ``<output.dir>`` through :func:`deita_ray.pipeline.run`, resumable as any job.
-2. **Arms.** Each arm (``study.arms``, expanded over ``taus`` / ``seeds``) is a pipeline job of
-   its own in ``<output.dir>/arms/<arm>`` running ``select`` -> ``sft`` (-> ``dpo``) -> ``eval``
-   (the ``base`` arm: ``eval`` only, on the untrained model) with the study's budget, base model,
-   recipe and seeds; only the selection settings differ. The arm folder reads the shared
-   outputs through relative symlinks (``ingest``, ``score``, ``embed`` -> ``../../<stage>``), so
-   the stage functions never know about arms; the complexity-only, quality-only and
+2. **Runs.** Each arm (``study.arms``, expanded over ``taus`` / ``seeds``) is trained once per
+   training seed (``study.train_seeds``; the base arm: once, untrained): a pipeline job of its
+   own in ``<output.dir>/arms/<run>`` (``<arm>`` at ``sft.seed``, else ``<arm>_t<seed>``)
+   running ``select`` -> ``sft`` (-> ``dpo``) -> ``eval`` with the study's budget, base model
+   and recipe; only the selection and the seed differ. The run folder reads the shared outputs
+   through relative symlinks (``ingest``, ``score``, ``embed`` -> ``../../<stage>``), so the
+   stage functions never know about arms; the complexity-only, quality-only and
    diversity-only arms instead get a derived copy of ``score`` / ``embed`` whose
-   ``evol_score`` holds their own row score (:func:`arm_row_scores`, the one place that defines
-   it). The shared stages' manifest entries are copied into the arm's manifest, so a change
-   upstream re-runs the arm, and nothing else does: a finished arm is skipped, an interrupted
-   one resumes where it stopped, and adding an arm never recomputes the others.
-   Arms run as Ray tasks, ``study.max_concurrent_arms`` at a time; an arm that fails is
-   reported as failed with its error and the others go on.
-3. **Summary.** ``<output.dir>/study.json`` (per arm: selection statistics, overlaps, training
-   loss, each eval metric with its interval, wall time per phase; the random arms' spread and
-   each arm's verdict against it), ``study.md`` (the table) and ``plots/study_*.png``.
+   ``evol_score`` holds their own row score (:func:`arm_row_scores`, the one place that
+   defines it). The shared stages' manifest entries are copied into the run's manifest, so a
+   change upstream re-runs the run, and nothing else does: a finished run is skipped, an
+   interrupted one resumes where it stopped, and adding an arm, a draw or a seed never
+   recomputes the others. Runs are Ray tasks, ``study.max_concurrent_arms`` at a time; one
+   that fails is reported with its error, left out of the statistics, and the others go on.
+3. **Summary.** ``<output.dir>/study.json`` (per run: selection statistics, overlaps, training
+   loss, each eval metric, the folder of its per-row values, wall time per phase; per eval set
+   the paired comparison of every arm with random, its verdict and MDE
+   (:func:`deita_ray.evaluation.paired_comparison`), the length-adjusted difference; the
+   style flags across sets), ``study.md`` and ``plots/study_*.png``.
+4. **Planning.** ``--plan DIR`` reads a study's study.json and prints the designs (eval rows,
+   random draws, training seeds) that resolve a given difference, with their time.
 
 Works on a laptop and under ``ray job submit -- python -m deita_ray.study --config ...``.
-See docs/evaluation.md for how to read the table.
+See docs/evaluation.md for the statistics and how to read the table.
 """
 
 from __future__ import annotations
@@ -53,7 +59,13 @@ from deita_ray.config import (
     config_hash,
 )
 from deita_ray.data.sink import parquet_files, stage_dir
-from deita_ray.evaluation import METRIC_KEYS
+from deita_ray.evaluation import (
+    METRIC_KEYS,
+    design_mde,
+    length_adjusted,
+    paired_comparison,
+    style_effects,
+)
 
 log = logging.getLogger("deita_ray.study")
 
@@ -64,6 +76,8 @@ ARM_STAGES = ("select", "sft", "dpo", "eval")
 ARMS_DIR = "arms"
 STUDY_JSON = "study.json"
 STUDY_MD = "study.md"
+POWER = 0.8
+"""Power at which a study states its minimal detectable effect (MDE)."""
 DERIVED_MARKER = ".derived.json"
 
 DERIVED_SCORE_METHODS = {"complexity": "score", "quality": "score", "diversity": "embed"}
@@ -167,18 +181,76 @@ def expand_arms(cfg: PipelineConfig) -> list[Arm]:
     return arms
 
 
-def arm_config(cfg: PipelineConfig, arm: Arm, arm_dir: str) -> PipelineConfig:
-    """The pipeline config of one arm: the study's, with the arm's selection and folder."""
+# ---------------------------------------------------------------------------------------------
+# Runs: an arm at a training seed
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model of the study: a trained arm at one training seed, or the untrained base."""
+
+    name: str
+    """Its folder, ``arms/<name>``: the arm's name at ``sft.seed``, else ``<arm>_t<seed>``."""
+    arm: Arm
+    train_seed: int | None
+    """``sft.seed`` of the run; None for the base model."""
+
+
+def train_seeds(cfg: PipelineConfig) -> list[int]:
+    """The study's training seeds: ``study.train_seeds``, or ``[sft.seed]``."""
+    return [int(s) for s in cfg.study.train_seeds] or [int(cfg.sft.seed)]
+
+
+def expand_runs(cfg: PipelineConfig, arms: list[Arm]) -> list[Run]:
+    """Every run of the study, seed by seed (all arms at the first seed, then all at the next:
+    an interrupted study has whole seeds first); the base model once.
+
+    Raises:
+        ConfigError: a repeated training seed, or two runs with one folder name.
+    """
+    seeds = train_seeds(cfg)
+    for s in seeds:
+        if seeds.count(s) > 1:
+            raise ConfigError(f"study.train_seeds: seed {s} appears twice")
+    runs: list[Run] = []
+    for i, k in enumerate(seeds):
+        for arm in arms:
+            if not arm.trains:
+                if i == 0:
+                    runs.append(Run(arm.name, arm, None))
+                continue
+            name = arm.name if k == cfg.sft.seed else f"{arm.name}_t{k}"
+            runs.append(Run(name, arm, k))
+    names = [r.name for r in runs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(
+                f"study.arms: two runs would share the folder arms/{name} (an arm named like "
+                "another arm's run at a training seed, <arm>_t<seed>); rename the arm"
+            )
+    return runs
+
+
+def arm_config(cfg: PipelineConfig, run: Run, arm_dir: str) -> PipelineConfig:
+    """The pipeline config of one run: the study's, with the arm's selection, the run's
+    training seed and folder (sft.seed = the seed; dpo.seed moves by as much)."""
+    arm = run.arm
     select = dataclasses.replace(cfg.select, method=SELECT_METHOD.get(arm.method, "random"))
     if arm.tau is not None:
         select = dataclasses.replace(select, tau=arm.tau)
     if arm.seed is not None:
         select = dataclasses.replace(select, seed=arm.seed)
+    sft, dpo = cfg.sft, cfg.dpo
+    if run.train_seed is not None and run.train_seed != cfg.sft.seed:
+        sft = dataclasses.replace(cfg.sft, seed=run.train_seed)
+        dpo = dataclasses.replace(cfg.dpo, seed=cfg.dpo.seed + run.train_seed - cfg.sft.seed)
     stages = [s for s in cfg.stages if s in ARM_STAGES] if arm.trains else ["eval"]
     return dataclasses.replace(
         cfg,
         stages=stages,
         select=select,
+        sft=sft,
+        dpo=dpo,
         output=dataclasses.replace(cfg.output, dir=arm_dir),
         demo_pool=False,
     )
@@ -239,12 +311,13 @@ def _write_derived(src: str, dst: str, method: str, source_hash: str) -> None:
     os.replace(tmp, dst)
 
 
-def prepare_arm(out_dir: str, arm: Arm, shared_manifest: dict) -> str:
-    """Create ``<out_dir>/arms/<arm>``: links to the shared outputs (or derived copies) and
-    the shared stages' manifest entries. Returns the arm's folder."""
+def prepare_arm(out_dir: str, run: Run, shared_manifest: dict) -> str:
+    """Create ``<out_dir>/arms/<run>``: links to the shared outputs (or derived copies) and
+    the shared stages' manifest entries. Returns the run's folder."""
     from deita_ray.pipeline import MANIFEST, _write_json_atomic, read_manifest
 
-    arm_dir = os.path.join(out_dir, ARMS_DIR, arm.name)
+    arm = run.arm
+    arm_dir = os.path.join(out_dir, ARMS_DIR, run.name)
     os.makedirs(arm_dir, exist_ok=True)
     derived = DERIVED_SCORE_METHODS.get(arm.method)
     done = shared_manifest.get("stages", {})
@@ -284,15 +357,19 @@ def _run_arm(cfg: PipelineConfig) -> dict:
 
 
 def run_study(cfg: PipelineConfig) -> dict:
-    """Run the shared stages, then every arm, then write the summary. Returns study.json."""
+    """Run the shared stages, then every run (arm x training seed), then write the summary.
+    Returns study.json."""
     import ray
 
+    from deita_ray.data.lock import hold_output_lock
     from deita_ray.pipeline import read_manifest, run
     from deita_ray.runtime import init_ray
 
     arms = expand_arms(cfg)
+    runs = expand_runs(cfg, arms)
     out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
     os.makedirs(out_dir, exist_ok=True)
+    hold_output_lock(out_dir)  # one run per folder; refuses while another holds it
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     shared = [s for s in cfg.stages if s in SHARED_STAGES]
@@ -301,26 +378,26 @@ def run_study(cfg: PipelineConfig) -> dict:
     manifest = read_manifest(out_dir)
 
     task = ray.remote(num_cpus=0, max_retries=0)(_run_arm)
-    pending = deque(arms)
-    running: dict[Any, Arm] = {}
+    pending = deque(runs)
+    running: dict[Any, Run] = {}
     results: dict[str, dict] = {}
     t_arms = time.perf_counter()
     while pending or running:
         while pending and len(running) < cfg.study.max_concurrent_arms:
-            arm = pending.popleft()
-            arm_dir = prepare_arm(out_dir, arm, manifest)
-            log.info("arm %s (%s): starting in %s", arm.name, arm.method, arm_dir)
-            running[task.remote(arm_config(cfg, arm, arm_dir))] = arm
+            r = pending.popleft()
+            arm_dir = prepare_arm(out_dir, r, manifest)
+            log.info("run %s (%s): starting in %s", r.name, r.arm.method, arm_dir)
+            running[task.remote(arm_config(cfg, r, arm_dir))] = r
         ready, _ = ray.wait(list(running), num_returns=1)
         for ref in ready:
-            arm = running.pop(ref)
+            r = running.pop(ref)
             try:
-                results[arm.name] = {"status": "done", **ray.get(ref)}
-                log.info("arm %s: done", arm.name)
-            except Exception as e:  # noqa: BLE001 - one arm's failure must not end the study
-                results[arm.name] = {"status": "failed", "error": _error_text(e)}
-                log.error("arm %s: failed: %s", arm.name, results[arm.name]["error"])
-            # The summary so far, after every arm: a long study shows its table as it goes.
+                results[r.name] = {"status": "done", **ray.get(ref)}
+                log.info("run %s: done", r.name)
+            except Exception as e:  # noqa: BLE001 - one run's failure must not end the study
+                results[r.name] = {"status": "failed", "error": _error_text(e)}
+                log.error("run %s: failed: %s", r.name, results[r.name]["error"])
+            # The summary so far, after every run: a long study shows its table as it goes.
             partial = {
                 "shared_s": shared_seconds,
                 "arms_s": round(time.perf_counter() - t_arms, 3),
@@ -434,7 +511,7 @@ def _read_json(path: str) -> dict | None:
 
 
 def _arm_metrics(report: dict | None) -> tuple[dict, dict, dict]:
-    """(training, eval metrics per set/metric, seconds per stage) of an arm's report.json."""
+    """(training, eval metrics per set/metric, seconds per stage) of a run's report.json."""
     stages = (report or {}).get("stages", {})
     training = {}
     sft = (stages.get("sft") or {}).get("metrics") or {}
@@ -453,29 +530,166 @@ def _arm_metrics(report: dict | None) -> tuple[dict, dict, dict]:
                     **{k: v for k, v in m.items() if k not in (vkey, ckey)},
                 }
         evals.setdefault(sname, {})["contaminated"] = entry.get("contaminated")
+        evals[sname]["seconds"] = entry.get("seconds")
     seconds = {s: r.get("seconds") for s, r in stages.items() if isinstance(r, dict)}
     return training, evals, seconds
 
 
 def _own_stage_seconds(seconds: dict) -> float | None:
-    """An arm's work time: the sum of its own stages' seconds (not the shared ones it links),
-    as recorded by whichever run computed them, so a resumed study keeps the real figure."""
+    """A run's work time: the sum of its own stages' seconds (not the shared ones it links),
+    as recorded by whichever invocation computed them, so a resumed study keeps the real
+    figure."""
     own = [v for s, v in seconds.items() if s not in SHARED_STAGES and isinstance(v, int | float)]
     return round(sum(own), 3) if own else None
 
 
-def verdict(value_ci: list | None, spread: list[float] | None, lower_better: bool) -> str:
-    """An arm against the random arms: ``better`` / ``worse`` only when its interval lies
-    entirely outside the spread (min..max) of the random arms' values, else ``within``."""
-    if not spread or not value_ci or None in value_ci:
-        return "n/a"
-    lo, hi = value_ci
-    smin, smax = spread
-    if hi < smin:
-        return "better" if lower_better else "worse"
-    if lo > smax:
-        return "worse" if lower_better else "better"
-    return "within"
+def _rows_dir(run_name: str, sname: str) -> str:
+    """Where a run's per-row likelihood values of a set are, relative to the study folder."""
+    return os.path.join(ARMS_DIR, run_name, "eval", sname, "likelihood")
+
+
+def _read_rows(out_dir: str, run_name: str, sname: str) -> pa.Table | None:
+    """``id``, ``answer_tokens``, ``nll_sum`` of a run on a set, sorted by id (None: none)."""
+    files = parquet_files(os.path.join(out_dir, _rows_dir(run_name, sname)))
+    if not files:
+        return None
+    cols = ["id", "answer_tokens", "nll_sum"]
+    t = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+    t = t.filter(pc.is_valid(t["nll_sum"]))
+    return t.sort_by("id") if t.num_rows else None
+
+
+def _arm_lengths(runs: list[Run], per_run: dict[str, dict]) -> dict[str, float | None]:
+    """Mean response characters of each arm's selection (the same for all its runs)."""
+    out: dict[str, float | None] = {}
+    for r in runs:
+        sel = per_run[r.name].get("selection") or {}
+        if out.get(r.arm.name) is None:
+            out[r.arm.name] = sel.get("mean_response_chars")
+    return out
+
+
+def _left_out(entry: dict, has_rows: bool) -> str:
+    """Why a run is not among those a comparison rests on."""
+    if entry["status"] == "failed":
+        return f"failed: {entry['error']}"
+    if entry["status"] != "done":
+        return "not run"
+    if not has_rows:
+        return "no per-row likelihood values"
+    return "finished, but no random draw finished at its training seed (or its draw misses one)"
+
+
+def likelihood_comparison(
+    cfg: PipelineConfig,
+    out_dir: str,
+    arms: list[Arm],
+    runs: list[Run],
+    per_run: dict[str, dict],
+    sname: str,
+) -> dict[str, Any]:
+    """Every compared arm against random on one set, from the runs' per-row values.
+
+    The rows are those every finished run scored (a row one run could not score leaves the
+    comparison for all, and is counted); a run that failed or has not run is left out and
+    named. The statistics are :func:`deita_ray.evaluation.paired_comparison`'s; the length
+    line is :func:`deita_ray.evaluation.length_adjusted`'s.
+    """
+    seeds = train_seeds(cfg)
+    pos = {k: j for j, k in enumerate(seeds)}
+    random_arms = [a for a in arms if a.method == "random"]
+    compared = [a for a in arms if a.trains and a.method != "random"]
+    base = next((a for a in arms if a.method == "base"), None)
+    wanted = {a.name for a in (*random_arms, *compared)} | ({base.name} if base else set())
+    tables: dict[str, pa.Table] = {}
+    for r in runs:
+        if r.arm.name in wanted and per_run[r.name]["status"] == "done":
+            t = _read_rows(out_dir, r.name, sname)
+            if t is not None:
+                tables[r.name] = t
+    out: dict[str, Any] = {"lower_is_better": True, "metric": "nll_token_mean"}
+    if not tables:
+        return {**out, "reason": "no finished run has per-row likelihood values", "verdicts": {}}
+    common = set.intersection(*(set(t["id"].to_pylist()) for t in tables.values()))
+    ids = pa.array(sorted(common), pa.string())
+    aligned = {
+        name: t.filter(pc.is_in(t["id"], value_set=ids)).sort_by("id") for name, t in tables.items()
+    }
+    tok = None
+    for name, t in aligned.items():
+        got = t["answer_tokens"].to_numpy().astype(np.float64)
+        if tok is None:
+            tok, first = got, name
+        elif not np.array_equal(tok, got):
+            return {
+                **out,
+                "reason": f"answer tokens differ between runs {first} and {name} (another "
+                "tokenizer or template?): the rows are not the same",
+                "verdicts": {},
+            }
+    n = len(ids)
+    nan = np.full(n, np.nan)
+    arm_vals = {a.name: np.tile(nan, (len(seeds), 1)) for a in compared}
+    rnd = np.tile(nan, (len(random_arms), len(seeds), 1))
+    base_vals = None
+    for r in runs:
+        t = aligned.get(r.name)
+        if t is None:
+            continue
+        v = t["nll_sum"].to_numpy().astype(np.float64)
+        if r.arm.method == "random":
+            rnd[random_arms.index(r.arm), pos[r.train_seed]] = v
+        elif r.arm.method == "base":
+            base_vals = v
+        else:
+            arm_vals[r.arm.name][pos[r.train_seed]] = v
+    res = paired_comparison(
+        arm_vals,
+        rnd,
+        tok,
+        base_vals,
+        alpha=cfg.study.alpha,
+        power=POWER,
+        resamples=cfg.study.bootstrap_resamples,
+        seed=cfg.eval.seed,
+    )
+    res.update(out)
+    res["reference_tokens"] = float(tok.mean()) if n else None
+    res["rows_dropped"] = max(t.num_rows for t in tables.values()) - n
+    res["verdicts"] = {nm: a["verdict"] for nm, a in res["arms"].items()}
+    runs_of = {a.name: [r for r in runs if r.arm.name == a.name] for a in arms}
+    for a in compared:
+        entry = res["arms"][a.name]
+        used = {seeds[k] for k in entry.get("seed_index", [])}
+        entry["runs"] = [r.name for r in runs_of[a.name] if r.train_seed in used]
+        entry["runs_left_out"] = {
+            r.name: _left_out(per_run[r.name], r.name in tables)
+            for r in runs_of[a.name]
+            if r.name not in entry["runs"]
+        }
+    rand = res["random"]
+    used_draws = [random_arms[i] for i in rand["draw_index"]]
+    used_seeds = {seeds[k] for k in rand["seed_index"]}
+    rand["runs_used"] = [
+        r.name for a in used_draws for r in runs_of[a.name] if r.train_seed in used_seeds
+    ]
+    rand["runs_left_out"] = {
+        r.name: _left_out(per_run[r.name], r.name in tables)
+        for a in random_arms
+        for r in runs_of[a.name]
+        if r.name not in rand["runs_used"]
+    }
+    rand["draw_names"] = [a.name for a in used_draws]
+    lengths = _arm_lengths(runs, per_run)
+    res["length"] = length_adjusted(
+        res["arms"],
+        {a.name: lengths.get(a.name) for a in compared},
+        rand["draw_deltas"],
+        [lengths.get(a.name) for a in used_draws],
+    )
+    if base is not None:
+        res["base_arm"] = base.name
+    return res
 
 
 def summarize(
@@ -486,81 +700,97 @@ def summarize(
     shared_stages: dict,
     timing: dict,
 ) -> dict:
-    """study.json: per arm selection statistics, overlaps, training, eval metrics, phases."""
+    """study.json: per run (arm x training seed) its selection statistics, overlaps, training,
+    eval metrics, per-row value folders and seconds; per eval set the paired comparison of
+    every arm with random; the style flags; the design and the primary comparison."""
+    runs = expand_runs(cfg, arms)
     pool = _pool_table(out_dir)
-    per_arm: dict[str, dict] = {}
+    per_run: dict[str, dict] = {}
     selections: dict[str, set[str]] = {}
-    for arm in arms:
-        arm_dir = os.path.join(out_dir, ARMS_DIR, arm.name)
+    for r in runs:
+        arm, arm_dir = r.arm, os.path.join(out_dir, ARMS_DIR, r.name)
         ids = _read_ids(arm_dir) if arm.trains else []
-        selections[arm.name] = set(ids)
+        if ids and arm.name not in selections:
+            selections[arm.name] = set(ids)
         training, evals, seconds = _arm_metrics(_read_json(os.path.join(arm_dir, "report.json")))
-        res = results.get(arm.name, {})
-        per_arm[arm.name] = {
+        res = results.get(r.name, {})
+        per_run[r.name] = {
+            "arm": arm.name,
             "method": arm.method,
             "tau": arm.tau,
             "seed": arm.seed,
+            "train_seed": r.train_seed,
             "status": res.get("status", "not_run"),
             "error": res.get("error"),
+            "dir": os.path.join(ARMS_DIR, r.name),
             "selection": selection_statistics(pool, ids) if arm.trains and ids else None,
             "training": training or None,
             "eval": evals,
+            "eval_rows": {
+                s: _rows_dir(r.name, s)
+                for s in evals
+                if parquet_files(os.path.join(out_dir, _rows_dir(r.name, s)))
+            },
             "seconds": {
                 "wall": _own_stage_seconds(seconds),
                 "this_run": res.get("seconds"),
+                "eval_sets": {s: e.get("seconds") for s, e in evals.items()},
                 **seconds,
             },
         }
-    for name, entry in per_arm.items():
+    for entry in per_run.values():
         if entry["selection"] is not None:
+            mine = selections.get(entry["arm"], set())
             entry["selection"]["overlap"] = {
-                other: len(selections[name] & ids)
-                for other, ids in selections.items()
-                if other != name and per_arm[other]["selection"] is not None
+                other: len(mine & ids) for other, ids in selections.items() if other != entry["arm"]
             }
-    # Random spread and verdicts, per set and metric.
-    random_arms = [
-        a.name for a in arms if a.method == "random" and per_arm[a.name]["status"] == "done"
-    ]
     comparisons: dict[str, dict] = {}
-    for arm in arms:
-        for sname, metrics in per_arm[arm.name]["eval"].items():
-            for metric in METRIC_KEYS:
-                if metric in metrics:
-                    comparisons.setdefault(sname, {}).setdefault(metric, {})
-    for sname, metrics in comparisons.items():
-        for metric in metrics:
-            lower = METRIC_KEYS[metric][2]
-            values = [
-                per_arm[n]["eval"].get(sname, {}).get(metric, {}).get("value") for n in random_arms
-            ]
-            values = [v for v in values if v is not None]
-            spread = [min(values), max(values)] if values else None
-            verdicts = {}
-            for arm in arms:
-                m = per_arm[arm.name]["eval"].get(sname, {}).get(metric)
-                if arm.method == "random" or m is None:
-                    continue
-                verdicts[arm.name] = verdict(m.get("ci95"), spread, lower)
-            metrics[metric] = {
-                "lower_is_better": lower,
-                "random_arms": len(values),
-                "random_spread": spread,
-                "verdicts": verdicts,
+    if "likelihood" in cfg.eval.metrics:
+        for s in cfg.eval.sets:
+            comparisons[s.name] = {
+                "likelihood": likelihood_comparison(cfg, out_dir, arms, runs, per_run, s.name)
             }
+    per_set = {
+        s: c["likelihood"]["arms"] for s, c in comparisons.items() if "arms" in c["likelihood"]
+    }
+    ref_tokens = {s: comparisons[s]["likelihood"]["reference_tokens"] for s in per_set}
+    style = style_effects(per_set, ref_tokens) if len(per_set) > 1 else {}
+    deita = next((a for a in arms if a.method == "deita"), None)
+    primary = (
+        {"arm": deita.name, "set": cfg.eval.sets[0].name}
+        if deita is not None and cfg.eval.sets and comparisons
+        else None
+    )
+    if primary is not None:
+        got = comparisons[primary["set"]]["likelihood"].get("arms", {}).get(deita.name, {})
+        primary.update({k: got.get(k) for k in ("verdict", "delta", "ci", "mde", "reason")})
     shared_seconds = {
         s: r.get("seconds") for s, r in (shared_stages or {}).items() if isinstance(r, dict)
     }
-    arm_walls = [a["seconds"]["wall"] for a in per_arm.values() if a["seconds"]["wall"]]
-    timing = {**timing, "arms_stages_s": round(sum(arm_walls), 3) if arm_walls else None}
+    walls = [a["seconds"]["wall"] for a in per_run.values() if a["seconds"]["wall"]]
+    timing = {**timing, "arms_stages_s": round(sum(walls), 3) if walls else None}
     return {
         "output_dir": out_dir,
         "budget": cfg.select.budget,
         "base_model": cfg.sft.model or cfg.embed.model.path,
         "eval_sets": [s.name for s in cfg.eval.sets],
         "metrics": list(cfg.eval.metrics),
-        "arms": per_arm,
+        "design": {
+            "train_seeds": train_seeds(cfg),
+            "random_draws": [a.name for a in arms if a.method == "random"],
+            "compared_arms": [a.name for a in arms if a.trains and a.method != "random"],
+            "base_arm": next((a.name for a in arms if a.method == "base"), None),
+            "runs": {a.name: [r.name for r in runs if r.arm.name == a.name] for a in arms},
+            "alpha": cfg.study.alpha,
+            "power": POWER,
+            "bootstrap_resamples": cfg.study.bootstrap_resamples,
+            "bootstrap_seed": cfg.eval.seed,
+            "max_concurrent_arms": cfg.study.max_concurrent_arms,
+        },
+        "primary": primary,
+        "arms": per_run,
         "comparisons": comparisons,
+        "style": style,
         "seconds": {"shared_stages": shared_seconds, **timing},
     }
 
@@ -573,37 +803,193 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _sgn(v: Any, digits: int = 4) -> str:
+    """A signed difference (``+0.0123``), or ``–``."""
+    if not isinstance(v, int | float) or not math.isfinite(v):
+        return "–"
+    return f"{v:+.{digits}f}"
+
+
+def _ci(ci: Any, digits: int = 4) -> str:
+    if not isinstance(ci, list | tuple) or len(ci) != 2:
+        return "–"
+    return f"[{_sgn(ci[0], digits)}, {_sgn(ci[1], digits)}]"
+
+
 def _cell(text: str) -> str:
     """Escape a table cell (Markdown pipes, HTML)."""
     return html.escape(str(text), quote=False).replace("|", "\\|")
 
 
-def render_markdown(study: dict) -> str:
-    """study.md: one row per arm; each eval metric with its interval and its verdict."""
-    arms = study["arms"]
-    cols = [
-        (sname, metric) for sname, metrics in study["comparisons"].items() for metric in metrics
-    ]
-    head = ["arm", "method", "status", "selected", "instr. chars", "resp. chars", "evol", "loss"]
-    for sname, metric in cols:
-        unit = {
-            "likelihood": "NLL/token ↓",
-            "judge_single": "rating ↑",
-            "judge_pairwise": "win rate ↑",
-        }
-        head += [f"{sname} {unit[metric]} [95% CI]", "vs random"]
-    head.append("wall s")
+def _sqrt(v: Any) -> float | None:
+    return math.sqrt(v) if isinstance(v, int | float) and v >= 0 else None
+
+
+def _design_lines(study: dict) -> list[str]:
+    d = study.get("design") or {}
+    seeds, draws = d.get("train_seeds") or [], d.get("random_draws") or []
+    compared = d.get("compared_arms") or []
     lines = [
-        f"# Study: budget {study['budget']}, base model {_cell(study['base_model'])}",
+        f"Design: {len(compared)} arm(s) compared with random selection; {len(seeds)} training "
+        f"seed(s) ({', '.join(map(str, seeds))}) and {len(draws)} random draw(s) "
+        f"({', '.join(map(_cell, draws)) or 'none'}); every trained arm, random included, is "
+        f"trained once per seed and compared with random seed by seed. α = "
+        f"{_fmt(d.get('alpha'), 2)} family-wise per eval set (Holm across the compared arms), "
+        f"MDE at {round(100 * (d.get('power') or POWER))}% power; two-level bootstrap "
+        f"{d.get('bootstrap_resamples')} resamples (seed {d.get('bootstrap_seed')}).",
+        "",
+    ]
+    pr = study.get("primary")
+    if pr:
+        lines.append(
+            f"**Primary comparison: {_cell(pr['arm'])} vs random on {_cell(pr['set'])}: "
+            f"{pr.get('verdict') or 'not computed'}**"
+            + (
+                f" (Δ {_sgn(pr.get('delta'))} NLL/token, Holm-corrected interval "
+                f"{_ci(pr.get('ci'))}, MDE {_fmt(pr.get('mde'), 4)})"
+                if pr.get("delta") is not None
+                else ""
+            )
+            + (f"; {_cell(pr['reason'])}" if pr.get("reason") else "")
+            + ". The other arms and sets are exploratory."
+        )
+    else:
+        lines.append("No deita arm: every comparison is exploratory.")
+    return lines
+
+
+def _set_lines(sname: str, lk: dict) -> list[str]:
+    lines = ["", f"## {_cell(sname)}", ""]
+    if "arms" not in lk:
+        return [*lines, f"No comparison: {_cell(lk.get('reason'))}."]
+    rand, var = lk["random"], lk["variance"]
+    seed_sd = _sqrt(var.get("seed"))
+    lines.append(
+        f"{lk['rows']} eval rows in common ({lk.get('rows_dropped', 0)} left out: a run could "
+        f"not score them), references of {_fmt(lk.get('reference_tokens'), 0)} answer tokens on "
+        f"average. Random: {rand['draws']} draw(s) x {rand['seeds']} seed(s) = {rand['runs']} "
+        f"runs, {_fmt(rand.get('nll_token_mean'), 4)} NLL/token; SD of a draw's mean "
+        f"{_fmt(_sqrt(var.get('draw')), 4)}; SD of a training run about its selection's mean "
+        f"{_fmt(seed_sd, 4)} "
+        + (
+            "(assumed: with one training seed it cannot be measured; taken as a whole random "
+            "run's)."
+            if var.get("seed_assumed")
+            else f"(pooled over {var.get('selections_pooled')} selections, {var.get('seed_df')} df)."
+        )
+    )
+    base = lk.get("base")
+    if base and "delta" in base:
+        lines.append(
+            f"The untrained base model: {_fmt(base.get('nll_token_mean'), 4)} NLL/token, "
+            f"{_sgn(base['delta'])} {_ci(base.get('ci95'))} against random: the gap that "
+            "training on a random selection closes."
+        )
+    lines += [
+        "",
+        "| arm | Δ NLL/token vs random [Holm-corrected CI] | verdict | MDE | P(arm < random) "
+        "| share of base→random gap | length-adjusted Δ [95% CI] | runs (arm + random) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    adj = (lk.get("length") or {}).get("arms", {})
+    for nm, a in lk["arms"].items():
+        verdict = a.get("verdict", "–")
+        if verdict == "inconclusive" and a.get("reason") and "delta" not in a:
+            verdict = f"inconclusive: {a['reason']}"
+        gap = a.get("gap_fraction")
+        la = adj.get(nm) or {}
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    _cell(nm),
+                    f"{_sgn(a.get('delta'))} {_ci(a.get('ci'))}" if "delta" in a else "–",
+                    _cell(verdict),
+                    _fmt(a.get("mde"), 4),
+                    _fmt(a.get("p_better"), 2),
+                    f"{100 * gap:+.0f}%" if isinstance(gap, float) else "–",
+                    f"{_sgn(la.get('delta'))} {_ci(la.get('ci95'))}" if la else "–",
+                    f"{a.get('seeds', 0)} + {rand['runs']}",
+                ]
+            )
+            + " |"
+        )
+    length = lk.get("length") or {}
+    if "slope_per_1k_chars" in length:
+        lines += [
+            "",
+            f"Length: across the {length['points']} selections (arms and random draws), Δ "
+            f"changes by {_sgn(length['slope_per_1k_chars'])} ± "
+            f"{_fmt(length['slope_se'], 4)} NLL/token per 1,000 characters of the selection's "
+            f"mean response (R² {_fmt(length.get('r2'), 2)}); the length-adjusted Δ removes "
+            "that part (it also removes any quality effect that goes with length here).",
+        ]
+    elif length.get("reason"):
+        lines += ["", f"Length-adjusted Δ: not computed ({_cell(length['reason'])})."]
+    left = {**rand.get("runs_left_out", {})}
+    for a in lk["arms"].values():
+        left.update(a.get("runs_left_out") or {})
+    if left:
+        lines += ["", "Runs left out of these statistics:", ""]
+        lines += [f"- {_cell(n)}: {_cell(why)}" for n, why in left.items()]
+    return lines
+
+
+def _style_lines(study: dict) -> list[str]:
+    style = study.get("style") or {}
+    sets = [s for s, c in study["comparisons"].items() if "arms" in (c.get("likelihood") or {})]
+    if not style or len(sets) < 2:
+        return []
+    toks = {s: study["comparisons"][s]["likelihood"].get("reference_tokens") for s in sets}
+    head = ["arm", *[f"{_cell(s)} ({_fmt(toks[s], 0)} tok.)" for s in sets], "style"]
+    lines = [
+        "",
+        "## Reference styles",
+        "",
+        "Δ per eval set (the same prompts answered in different styles where the sets share "
+        "them); ↓ its 95% interval lies below 0 (wins), ↑ above (loses).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    for name, a in arms.items():
+    for nm, st in style.items():
+        cells = [_cell(nm)]
+        for s in sets:
+            d = st["delta"].get(s)
+            mark = " ↓" if s in st["wins"] else " ↑" if s in st["loses"] else ""
+            cells.append(_sgn(d) + mark)
+        if st["style_effect"]:
+            note = f"style effect: favours {st['direction']}"
+        elif st["sign_flip"]:
+            note = "sign differs across sets (not resolved)"
+        else:
+            note = "–"
+        cells.append(note)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _runs_lines(study: dict) -> list[str]:
+    runs = study["arms"]
+    sets = list(study["comparisons"]) or list(study.get("eval_sets") or [])
+    head = ["run", "arm", "train seed", "status", "selected", "instr. chars", "resp. chars"]
+    head += ["evol", "loss", *[f"{_cell(s)} NLL/token" for s in sets], "eval s", "wall s"]
+    lines = [
+        "",
+        "## Runs",
+        "",
+        "One row per trained model (arm x training seed); NLL/token over the set's rows with "
+        "the 95% bootstrap interval over rows (a fixed model measured, not seed noise).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, a in runs.items():
         sel = a.get("selection") or {}
         row = [
             _cell(name),
-            _cell(a["method"]),
+            _cell(a.get("arm", name)),
+            _fmt(a.get("train_seed")),
             _cell(a["status"]),
             _fmt(sel.get("selected")),
             _fmt(sel.get("mean_instruction_chars"), 0),
@@ -611,90 +997,104 @@ def render_markdown(study: dict) -> str:
             _fmt(sel.get("mean_evol_score"), 2),
             _fmt((a.get("training") or {}).get("loss_last")),
         ]
-        for sname, metric in cols:
-            m = a["eval"].get(sname, {}).get(metric)
-            if m is None:
-                row += ["–", "–"]
-                continue
-            ci = m.get("ci95") or [None, None]
-            row.append(f"{_fmt(m.get('value'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]")
-            v = study["comparisons"][sname][metric]["verdicts"].get(name)
-            row.append("(random)" if a["method"] == "random" else _cell(v or "–"))
-        row.append(_fmt(a["seconds"].get("wall"), 0))
+        for s in sets:
+            m = (a["eval"].get(s) or {}).get("likelihood")
+            ci = (m or {}).get("ci95") or [None, None]
+            row.append(f"{_fmt(m.get('value'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if m else "–")
+        row += [_fmt(a["seconds"].get("eval"), 0), _fmt(a["seconds"].get("wall"), 0)]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "How to read it:", ""]
-    for sname, metrics in study["comparisons"].items():
-        for metric, c in metrics.items():
-            spread = c["random_spread"]
-            lines.append(
-                f"- {_cell(sname)} {metric}: the {c['random_arms']} random arm(s) span "
-                + (
-                    f"{_fmt(spread[0])} .. {_fmt(spread[1])}"
-                    if spread
-                    else "nothing (no random arm)"
-                )
-                + ". An arm is `better` / `worse` only when its whole 95% interval lies outside "
-                "that spread; `within` means its difference from random is not larger than the "
-                "seed noise."
-            )
-            if c["random_arms"] < 2:
-                lines.append(
-                    "  With fewer than 2 random seeds the spread does not measure seed noise."
-                )
-    failed = {n: a["error"] for n, a in arms.items() if a["status"] == "failed"}
+    failed = {n: a["error"] for n, a in runs.items() if a["status"] == "failed"}
     if failed:
-        lines += ["", "Failed arms:", ""]
+        lines += ["", "Failed runs (left out of the statistics):", ""]
         lines += [f"- {_cell(n)}: {_cell(e)}" for n, e in failed.items()]
+    return lines
+
+
+def render_markdown(study: dict) -> str:
+    """study.md: the design and the primary comparison; per eval set every arm's paired
+    difference from random with its verdict, MDE and length-adjusted value; the reference
+    styles side by side; one row per run; the time."""
+    lines = [
+        f"# Study: budget {study['budget']}, base model {_cell(study['base_model'])}",
+        "",
+        *_design_lines(study),
+    ]
+    for sname, c in study["comparisons"].items():
+        if "likelihood" in c:
+            lines += _set_lines(sname, c["likelihood"])
+    lines += _style_lines(study)
+    lines += _runs_lines(study)
     s = study["seconds"]
     shared = s.get("shared_stages", {})
     lines += [
         "",
         "Stage time (as recorded by the run that computed each stage): shared stages "
-        f"{', '.join(f'{k} {_fmt(v, 0)} s' for k, v in shared.items()) or '–'}; arms "
-        f"{_fmt(s.get('arms_stages_s'), 0)} s (each arm's own stages: `wall s` above). "
-        f"This run: {_fmt(s.get('total_s'), 0)} s (what earlier runs finished is not run again).",
+        f"{', '.join(f'{k} {_fmt(v, 0)} s' for k, v in shared.items()) or '–'}; runs "
+        f"{_fmt(s.get('arms_stages_s'), 0)} s (each run's own stages: `wall s` above). "
+        f"This invocation: {_fmt(s.get('total_s'), 0)} s (what earlier ones finished is not "
+        "run again).",
+        "",
+        "How to read it: Δ < 0 means the arm's model gives the reference answers a lower NLL "
+        "than random selection's models at the same seeds. `better` / `worse`: the "
+        "Holm-corrected interval excludes 0; `equivalent`: it lies inside ±MDE (no difference "
+        "as large as the study can detect); `inconclusive`: neither — more rows, draws or "
+        "seeds would tell (`python -m deita_ray.study --plan <output dir>`). "
+        "docs/evaluation.md has the formulas.",
         "",
     ]
     return "\n".join(lines)
 
 
+_VERDICT_COLORS = {
+    "better": "#2ca02c",
+    "worse": "#d62728",
+    "equivalent": "#1f77b4",
+    "inconclusive": "#7f7f7f",
+}
+
+
 def plot_study(study: dict, plots_dir: str) -> list[str]:
-    """plots/study_metrics.png (each metric per arm with its interval, the random spread
-    shaded) and plots/study_selection.png (selection statistics per arm)."""
+    """plots/study_metrics.png (per eval set, each arm's Δ vs random with its Holm-corrected
+    interval and its ±MDE band) and plots/study_selection.png (selection statistics per
+    arm)."""
     from deita_ray.report import _figure, _save
 
     written = []
-    arms = study["arms"]
-    panels = [(s, m) for s, ms in study["comparisons"].items() for m in ms]
+    panels = [
+        (s, c["likelihood"])
+        for s, c in study["comparisons"].items()
+        if any("delta" in a for a in (c.get("likelihood") or {}).get("arms", {}).values())
+    ]
     if panels:
-        fig = _figure(max(6, 0.6 * len(arms) + 3) * len(panels), 4.5)
+        width = max(6, 0.7 * max(len(lk["arms"]) for _, lk in panels) + 3)
+        fig = _figure(width * len(panels), 4.5)
         axes = np.atleast_1d(fig.subplots(1, len(panels)))
-        for ax, (sname, metric) in zip(axes, panels, strict=True):
-            names, vals, los, his, colors = [], [], [], [], []
-            for name, a in arms.items():
-                m = a["eval"].get(sname, {}).get(metric)
-                if not m or m.get("value") is None:
-                    continue
-                ci = m.get("ci95") or [m["value"], m["value"]]
-                names.append(name)
-                vals.append(m["value"])
-                los.append(m["value"] - (ci[0] if ci[0] is not None else m["value"]))
-                his.append((ci[1] if ci[1] is not None else m["value"]) - m["value"])
-                colors.append("#9e9e9e" if a["method"] == "random" else "#1f77b4")
+        for ax, (sname, lk) in zip(axes, panels, strict=True):
+            names = [n for n, a in lk["arms"].items() if "delta" in a]
             x = np.arange(len(names))
-            ax.errorbar(x, vals, yerr=[los, his], fmt="none", ecolor="#444444", capsize=3)
-            ax.scatter(x, vals, c=colors, zorder=3)
-            spread = study["comparisons"][sname][metric]["random_spread"]
-            if spread:
-                ax.axhspan(spread[0], spread[1], color="#d62728", alpha=0.15, label="random spread")
-                ax.legend(loc="best")
+            for j, nm in enumerate(names):
+                a = lk["arms"][nm]
+                if a.get("mde"):
+                    ax.bar(j, 2 * a["mde"], bottom=-a["mde"], width=0.6, color="#cccccc")
+                lo, hi = a.get("ci") or [a["delta"], a["delta"]]
+                color = _VERDICT_COLORS.get(a.get("verdict"), "#444444")
+                ax.errorbar(
+                    j,
+                    a["delta"],
+                    yerr=[[a["delta"] - lo], [hi - a["delta"]]],
+                    fmt="o",
+                    color=color,
+                    capsize=4,
+                )
+            ax.axhline(0, color="#444444", lw=0.8)
             ax.set_xticks(x, names, rotation=45, ha="right")
-            ax.set_title(
-                f"{sname}: {metric} ({'lower' if METRIC_KEYS[metric][2] else 'higher'} is better)"
-            )
-            ax.grid(alpha=0.3)
+            ax.set_title(f"{sname}: Δ NLL/token vs random (grey: ±MDE)")
+            ax.grid(alpha=0.3, axis="y")
         written.append(_save(fig, plots_dir, "study_metrics.png"))
-    trained = {n: a for n, a in arms.items() if a.get("selection")}
+    selections: dict[str, dict] = {}
+    for a in study["arms"].values():
+        if a.get("selection") and a.get("arm", "") not in selections:
+            selections[a.get("arm")] = a["selection"]
     keys = [
         ("mean_instruction_chars", "instruction chars"),
         ("mean_response_chars", "response chars"),
@@ -703,13 +1103,13 @@ def plot_study(study: dict, plots_dir: str) -> list[str]:
         ("mean_quality_mean", "quality"),
     ]
     # Arms not run yet (a summary written while the study goes on) have no statistics.
-    keys = [k for k in keys if any(a["selection"].get(k[0]) is not None for a in trained.values())]
+    keys = [k for k in keys if any(sel.get(k[0]) is not None for sel in selections.values())]
     if keys:
         fig = _figure(4 * len(keys), 4)
         axes = np.atleast_1d(fig.subplots(1, len(keys)))
-        names = list(trained)
+        names = list(selections)
         for ax, (key, label) in zip(axes, keys, strict=True):
-            v = [trained[n]["selection"].get(key) or 0.0 for n in names]
+            v = [selections[n].get(key) or 0.0 for n in names]
             ax.bar(np.arange(len(names)), v, color="#1f77b4")
             ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right")
             ax.set_title(f"selection: mean {label}")
@@ -732,6 +1132,223 @@ def write_outputs(out_dir: str, study: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Planning: what resolves a given difference, and what it costs
+
+
+def _phase_seconds(study: dict, sname: str) -> dict[str, float | None]:
+    """Measured seconds per phase: training a run (select + sft (+ dpo)), evaluating one row
+    of ``sname`` (the set's eval seconds over its rows, engine start included) and the other
+    sets' eval per run, as means over the finished runs."""
+    train, row, other = [], [], []
+    for a in study["arms"].values():
+        if a.get("status") != "done":
+            continue
+        sec = a.get("seconds") or {}
+        sets = sec.get("eval_sets") or {}
+        if a.get("train_seed") is not None and isinstance(sec.get("wall"), int | float):
+            train.append(sec["wall"] - (sec.get("eval") or 0.0))
+        rows = ((a.get("eval") or {}).get(sname, {}).get("likelihood") or {}).get("rows")
+        if isinstance(sets.get(sname), int | float) and rows:
+            row.append(sets[sname] / rows)
+        others = [v for s, v in sets.items() if s != sname and isinstance(v, int | float)]
+        if others:
+            other.append(sum(others))
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    return {"train_s": mean(train), "row_s": mean(row), "other_sets_s": mean(other) or 0.0}
+
+
+def plan_study(
+    study: dict,
+    target: float,
+    set_name: str | None = None,
+    *,
+    max_rows: int | None = None,
+    max_draws: int = 32,
+    max_seeds: int = 16,
+    top: int = 8,
+) -> dict[str, Any]:
+    """Designs (eval rows n, random draws R, training seeds K) whose MDE is at most ``target``
+    on one set, from a finished (or pilot) study's measured variances and phase seconds.
+
+    For each (R, K) the smallest n with :func:`deita_ray.evaluation.design_mde` <= target
+    (the MDE falls as n grows, down to the floor the draws and seeds leave); its cost in stage
+    seconds is runs x (training + eval of every set), with the number of compared arms and
+    the phase seconds measured here. A pilot with one training seed cannot split a run's
+    variance into draw and training parts: both extremes are evaluated and the larger MDE
+    kept. Returns the current design's MDE, the cheapest designs that resolve ``target`` and,
+    when none does within the limits, the smallest MDE within them.
+    """
+    comps = study.get("comparisons") or {}
+    primary = study.get("primary") or {}
+    if set_name is None:
+        set_name = primary.get("set") or next(iter(comps), None)
+    lk = (comps.get(set_name) or {}).get("likelihood") or {}
+    if "variance" not in lk or lk["variance"].get("draw") is None:
+        raise ValueError(
+            f"set {set_name!r}: the study has no measured variances (it needs finished runs "
+            "of at least 2 random draws)"
+        )
+    var = lk["variance"]
+    arms = {n: a for n, a in lk["arms"].items() if "row_var" in a}
+    if not arms:
+        raise ValueError(f"set {set_name!r}: no compared arm has finished runs")
+    basis = (
+        primary.get("arm")
+        if primary.get("arm") in arms and primary.get("set") == set_name
+        else None
+    )
+    row_var = (
+        arms[basis]["row_var"] if basis else float(np.median([a["row_var"] for a in arms.values()]))
+    )
+    design = study.get("design") or {}
+    n_arms = len(design.get("compared_arms") or arms)
+    family = max(1, lk.get("family") or n_arms)
+    alpha = design.get("alpha", 0.05)
+    power = design.get("power", POWER)
+    splits = (
+        [(var["draw"], 0.0), (0.0, var["draw"])]
+        if var.get("seed_assumed")
+        else [(var["draw_component"], var["seed"])]
+    )
+
+    def mde(n: Any, R: Any, K: Any) -> np.ndarray:
+        return np.max(
+            [
+                design_mde(
+                    row_var, a, e, n, R, K, n_arms + R, family=family, alpha=alpha, power=power
+                )
+                for a, e in splits
+            ],
+            axis=0,
+        )
+
+    n_now, R_now, K_now = lk["rows"], lk["random"]["draws"], lk["random"]["seeds"]
+    cap = int(max_rows) if max_rows else max(100_000, n_now)
+    R, K = np.meshgrid(np.arange(2, max_draws + 1), np.arange(1, max_seeds + 1), indexing="ij")
+    R, K = R.ravel(), K.ravel()
+    ok = mde(cap, R, K) <= target
+    lo, hi = np.full(len(R), 2), np.full(len(R), cap)
+    for _ in range(int(math.ceil(math.log2(cap))) + 1):  # smallest n with MDE <= target
+        mid = (lo + hi) // 2
+        good = mde(mid, R, K) <= target
+        hi, lo = np.where(good, mid, hi), np.where(good, lo, mid + 1)
+    n_need = np.where(ok, hi, -1)
+    phases = _phase_seconds(study, set_name)
+    has_base = bool(design.get("base_arm"))
+    concurrency = max(1, int(design.get("max_concurrent_arms") or 1))
+
+    def cost(n: int, r: int, k: int) -> float | None:
+        if phases["train_s"] is None or phases["row_s"] is None:
+            return None
+        per_eval = phases["other_sets_s"] + n * phases["row_s"]
+        return (n_arms + r) * k * (phases["train_s"] + per_eval) + has_base * per_eval
+
+    designs = [
+        {
+            "rows": int(n),
+            "draws": int(r),
+            "seeds": int(k),
+            "runs": int((n_arms + r) * k + has_base),
+            "mde": float(mde(n, r, k)),
+            "stage_s": cost(int(n), int(r), int(k)),
+        }
+        for n, r, k in zip(n_need, R, K, strict=True)
+        if n > 0
+    ]
+    designs.sort(key=lambda d: (d["stage_s"] if d["stage_s"] is not None else d["runs"], d["runs"]))
+    for d in designs:
+        d["wall_s"] = None if d["stage_s"] is None else d["stage_s"] / concurrency
+    best = None
+    if not designs:
+        floor = mde(cap, R, K)
+        j = int(np.argmin(floor))
+        best = {"rows": cap, "draws": int(R[j]), "seeds": int(K[j]), "mde": float(floor[j])}
+    return {
+        "set": set_name,
+        "target": target,
+        "basis": basis or "median over arms",
+        "row_var": row_var,
+        "draw_var": var.get("draw_component"),
+        "seed_var": var.get("seed"),
+        "seed_assumed": bool(var.get("seed_assumed")),
+        "family": family,
+        "compared_arms": n_arms,
+        "alpha": alpha,
+        "power": power,
+        "current": {
+            "rows": n_now,
+            "draws": R_now,
+            "seeds": K_now,
+            "mde_design": float(mde(n_now, R_now, K_now)),
+            "mde_measured": arms[basis]["mde"] if basis and "mde" in arms[basis] else None,
+            "stage_s": cost(n_now, R_now, K_now),
+        },
+        "phases": phases,
+        "concurrency": concurrency,
+        "max_rows": cap,
+        "designs": designs[:top],
+        "resolvable": len(designs),
+        "best_within_limits": best,
+    }
+
+
+def _hours(s: float | None) -> str:
+    return "–" if s is None else f"{s / 3600:.1f} h"
+
+
+def render_plan(plan: dict) -> str:
+    """The plan as text (what ``--plan`` prints)."""
+    cur, ph = plan["current"], plan["phases"]
+    lines = [
+        f"Plan for eval set {plan['set']}: resolve |Δ| >= {plan['target']:g} NLL/token "
+        f"(MDE at {round(100 * plan['power'])}% power, α {plan['alpha']:g} over "
+        f"{plan['family']} arm(s), Holm's first step).",
+        f"Measured: per-row variance {plan['row_var']:.3g} ({plan['basis']}), draw variance "
+        f"{_fmt(plan['draw_var'], 6)}, training-seed variance {_fmt(plan['seed_var'], 6)}"
+        + (
+            " (one training seed: draw and seed parts not separable; the worse split is used)"
+            if plan["seed_assumed"]
+            else ""
+        )
+        + ".",
+        f"Phases (mean per run, measured here): training {_fmt(ph['train_s'], 0)} s, eval "
+        f"{_fmt(ph['row_s'], 2)} s per row of this set, other sets {_fmt(ph['other_sets_s'], 0)} "
+        f"s; {plan['compared_arms']} compared arm(s); {plan['concurrency']} run(s) at a time.",
+        f"This study: {cur['rows']} rows, {cur['draws']} draws, {cur['seeds']} seed(s): MDE "
+        f"{cur['mde_design']:.4f}"
+        + (f" (measured {cur['mde_measured']:.4f})" if cur.get("mde_measured") else "")
+        + f", {_hours(cur['stage_s'])} of run stages.",
+        "",
+    ]
+    if plan["designs"]:
+        lines += [
+            f"Cheapest designs that resolve {plan['target']:g} ({plan['resolvable']} found; rows "
+            f"at most {plan['max_rows']}):",
+            "",
+            f"{'rows':>7} {'draws':>6} {'seeds':>6} {'runs':>6} {'MDE':>8} {'stage time':>11} "
+            f"{'wall':>8}",
+        ]
+        for d in plan["designs"]:
+            lines.append(
+                f"{d['rows']:>7} {d['draws']:>6} {d['seeds']:>6} {d['runs']:>6} "
+                f"{d['mde']:>8.4f} {_hours(d['stage_s']):>11} {_hours(d['wall_s']):>8}"
+            )
+        lines += [
+            "",
+            "Runs this study already has are reused when the rows stay the same (adding seeds "
+            "or draws runs only the new ones); more rows re-evaluate every run. Times are "
+            "estimates from the measured phases, not measurements.",
+        ]
+    else:
+        b = plan["best_within_limits"]
+        lines.append(
+            f"No design within the limits resolves {plan['target']:g}: the smallest MDE is "
+            f"{b['mde']:.4f} ({b['rows']} rows, {b['draws']} draws, {b['seeds']} seeds)."
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -749,6 +1366,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rebuild study.json / study.md / plots from the arms' reports without running",
     )
+    p.add_argument(
+        "--plan",
+        metavar="OUTPUT_DIR",
+        help="read a finished (or pilot) study's study.json and print how many eval rows, "
+        "random draws and training seeds resolve --resolve, and what that costs; runs nothing",
+    )
+    p.add_argument(
+        "--resolve",
+        type=float,
+        default=0.02,
+        metavar="DELTA",
+        help="--plan: the difference in NLL/token to resolve (default 0.02)",
+    )
+    p.add_argument("--plan-set", metavar="SET", help="--plan: the eval set (default: primary)")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        help="--plan: the most eval rows the set offers (e.g. 805 for AlpacaEval)",
+    )
+    p.add_argument("--max-draws", type=int, default=32, help="--plan: most random draws")
+    p.add_argument("--max-seeds", type=int, default=16, help="--plan: most training seeds")
     return p
 
 
@@ -756,6 +1394,25 @@ def main(argv: list[str] | None = None) -> int:
     from deita_ray.pipeline import start_job  # noqa: PLC0415
 
     args = build_parser().parse_args(argv)
+    if args.plan:
+        study = _read_json(os.path.join(os.path.expanduser(args.plan), STUDY_JSON))
+        if study is None:
+            print(f"--plan: no readable {STUDY_JSON} in {args.plan}", file=sys.stderr)
+            return 2
+        try:
+            plan = plan_study(
+                study,
+                args.resolve,
+                args.plan_set,
+                max_rows=args.max_rows,
+                max_draws=args.max_draws,
+                max_seeds=args.max_seeds,
+            )
+        except ValueError as e:
+            print(f"--plan: {e}", file=sys.stderr)
+            return 2
+        print(render_plan(plan))
+        return 0
     cfg = start_job(args)
     if isinstance(cfg, int):
         return cfg
@@ -786,7 +1443,8 @@ def main(argv: list[str] | None = None) -> int:
                 "output_dir": study["output_dir"],
                 "study": os.path.join(study["output_dir"], STUDY_JSON),
                 "table": os.path.join(study["output_dir"], STUDY_MD),
-                "failed_arms": failed,
+                "primary": study.get("primary"),
+                "failed_runs": failed,
             },
             indent=2,
         )

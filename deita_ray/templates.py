@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 COMPLEXITY_PIECES: tuple[str, str] = (
     "You are a helpful assistant. Please identify the complexity score of the following user "
@@ -75,6 +76,29 @@ def _role(msg: Mapping) -> str:
     return msg["role"]
 
 
+def _turn_messages(messages: Sequence[Mapping], rendering: str) -> list[tuple[str, Any]]:
+    """``(role, content)`` of the user and assistant messages a rendering shows: system
+    messages left out, assistant messages before the first user message dropped (they answer
+    nothing; DEITA's embedder drops them too).
+
+    Raises:
+        ValueError: a role other than system/user/assistant.
+    """
+    out: list[tuple[str, Any]] = []
+    seen_user = False
+    for msg in messages:
+        role = _role(msg)
+        if role == "system":
+            continue
+        if role not in VICUNA_ROLES:
+            raise ValueError(f"{rendering} cannot render role {role!r}")
+        if role == "assistant" and not seen_user:
+            continue
+        seen_user = seen_user or role == "user"
+        out.append((role, msg["content"]))
+    return out
+
+
 def vicuna_segments(messages: Sequence[Mapping]) -> list[tuple[str, bool]]:
     """The vicuna_v1.1 rendering as pieces ``(text, is_assistant_target)``.
 
@@ -100,19 +124,9 @@ def vicuna_segments(messages: Sequence[Mapping]) -> list[tuple[str, bool]]:
     systems = [m["content"] for m in messages if _role(m) == "system"]
     system = "\n".join(systems) if systems else VICUNA_SYSTEM
     segments: list[tuple[str, bool]] = [(system + VICUNA_SEP, False)]
-    seen_user = False
-    for msg in messages:
-        role = _role(msg)
-        if role == "system":
-            continue
-        if role not in VICUNA_ROLES:
-            raise ValueError(f"vicuna_v1.1 cannot render role {role!r}")
-        if role == "assistant" and not seen_user:
-            continue
-        content = msg["content"]
+    for role, content in _turn_messages(messages, "vicuna_v1.1"):
         name = VICUNA_ROLES[role]
         if role == "user":
-            seen_user = True
             segments.append((f"{name}: {content}{VICUNA_SEP}" if content else f"{name}:", False))
         elif content:
             segments.append((f"{name}: ", False))
@@ -160,3 +174,59 @@ def render_vicuna(messages: Sequence[Mapping]) -> str:
         ``SYSTEM + " " + "USER: u1 ASSISTANT: a1</s>USER: u2 ..."``.
     """
     return "".join(text for text, _ in vicuna_segments(messages))
+
+
+PLAIN_SEP = "\n\n"
+
+
+def render_plain(messages: Sequence[Mapping]) -> str:
+    """The text a sentence embedder reads: the user and assistant contents in order, joined by
+    a blank line (docs/embedding.md).
+
+    No role names and no template: sentence embedders were trained on plain sentences and
+    paragraphs. System messages are left out (a system prompt shared by many rows would pull
+    unrelated rows together and spend the model's short input window); assistant messages
+    before the first user message are dropped, as in :func:`vicuna_segments`; empty messages
+    add nothing.
+
+    Raises:
+        ValueError: a role other than system/user/assistant.
+    """
+    return PLAIN_SEP.join(content for _, content in _turn_messages(messages, "plain") if content)
+
+
+def _chat_template(user: str, assistant: str) -> str:
+    """A Jinja chat template that renders exactly as :func:`vicuna_segments` (role names
+    ``user`` / ``assistant`` as given), with ``add_generation_prompt`` adding ``assistant + ":"``
+    (FastChat's prompt for the next reply)."""
+    system = VICUNA_SYSTEM.replace("'", "\\'")
+    return (
+        "{%- set ns = namespace(system='', has_system=false, seen_user=false) -%}"
+        "{%- for m in messages if m['role'] == 'system' -%}"
+        "{%- set ns.system = (ns.system + '\\n' + m['content']) if ns.has_system "
+        "else m['content'] -%}{%- set ns.has_system = true -%}"
+        "{%- endfor -%}"
+        f"{{{{- (ns.system if ns.has_system else '{system}') + ' ' -}}}}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}{%- set ns.seen_user = true -%}"
+        f"{{{{- ('{user}: ' + m['content'] + ' ') if m['content'] else '{user}:' -}}}}"
+        "{%- elif m['role'] == 'assistant' -%}{%- if ns.seen_user -%}"
+        f"{{{{- ('{assistant}: ' + m['content'] + '</s>') if m['content'] else '{assistant}:' -}}}}"
+        "{%- endif -%}"
+        "{%- elif m['role'] != 'system' -%}"
+        "{{- raise_exception('cannot render role ' + m['role']) -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- '{assistant}:' -}}}}{{%- endif -%}}"
+    )
+
+
+VICUNA_CHAT_TEMPLATE = _chat_template("USER", "ASSISTANT")
+"""vicuna_v1.1 as a Jinja chat template: ``apply_chat_template`` gives :func:`render_vicuna`'s
+text. SFT with ``template: vicuna_v1.1`` saves it as the trained model's chat template."""
+
+DEITA_DPO_CHAT_TEMPLATE = _chat_template("user", "assistant")
+"""DEITA's DPO rendering (:func:`deita_dpo_segments`) as a Jinja chat template."""
+
+CHAT_TEMPLATES = {"vicuna_v1.1": VICUNA_CHAT_TEMPLATE, "deita_dpo": DEITA_DPO_CHAT_TEMPLATE}
+"""The chat template a model trained with each rendering ships (``chat_template``: its own)."""

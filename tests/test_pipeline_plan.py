@@ -127,8 +127,10 @@ def test_cli_help_config_lists_keys():
 
 
 def test_progress_lines_count_the_rows_on_disk(tmp_path, caplog):
-    """While a stage that writes part by part runs, the driver logs its rows on disk (accepted
-    and rejected) out of its input's rows."""
+    """While a stage that writes part by part and has no batch counter runs (ingest; here the
+    score stage without its counter), the driver logs its rows on disk (accepted and rejected)
+    out of its input's rows."""
+    import dataclasses
     import logging
     import time
 
@@ -139,6 +141,7 @@ def test_progress_lines_count_the_rows_on_disk(tmp_path, caplog):
     from deita_ray.stages import registry
 
     score = next(s for s in registry() if s.name == "score")
+    score = dataclasses.replace(score, counts_batches=False)
     (tmp_path / "ingest").mkdir()
     pq.write_table(pa.table({"seq": list(range(40))}), tmp_path / "ingest" / "part-0.parquet")
     for folder in (tmp_path / "score", tmp_path / "rejects" / "score"):
@@ -157,3 +160,17 @@ def test_progress_lines_count_the_rows_on_disk(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="deita_ray"), StageProgress(score, str(tmp_path), 0):
         time.sleep(0.1)
     assert not caplog.records  # progress_every_s: 0 turns the lines off
+
+
+def test_the_ray_actor_restart_line_is_explained_once_per_process(monkeypatch, caplog):
+    import logging
+
+    from deita_ray import pipeline
+
+    monkeypatch.setattr(pipeline, "_ACTOR_LINE_NOTED", False)
+    with caplog.at_level(logging.INFO, logger="deita_ray"):
+        pipeline._note_actor_restart_line()
+        pipeline._note_actor_restart_line()
+    lines = [r.getMessage() for r in caplog.records if "core_worker.cc" in r.getMessage()]
+    assert len(lines) == 1 and "not an error of this job" in lines[0]
+    assert "ray-project/ray#57733" in lines[0]

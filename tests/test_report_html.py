@@ -94,7 +94,9 @@ def test_page_holds_every_selected_row_and_the_rows_that_explain_rejections(job)
     facts = data["status_facts"]
     select = job["stages"]["select"]
     assert facts[SELECTED]["total"] == select["rows_out"]
-    for reason, n in select["rejected_by_reason"].items():
+    assert select["rows_rejected"] == 0 and select["rejected_by_reason"] == {}
+    assert select["rows_not_selected"] == select["rows_in"] - select["rows_out"]
+    for reason, n in select["not_selected_by_reason"].items():
         assert facts[reason]["total"] == n
     assert list(facts)[0] == SELECTED
     # Counts per source file cover every row, rejects included.
@@ -271,6 +273,19 @@ def test_page_in_headless_chromium(browser, job, tmp_path):
     data = page_data(job["out"] / "report.html")
     facts = data["status_facts"]
 
+    # The stage table: rows the selector did not pick are "not selected", not rejected.
+    heads = b.eval("[...document.querySelectorAll('#stages th')].map(t => t.innerText)")
+    cells = b.eval(
+        "[...document.querySelectorAll('#stages tbody tr')].map(r => [...r.cells]"
+        ".map(c => c.innerText)).find(r => r[0] === 'select')"
+    )
+    select = dict(zip(heads, cells, strict=True))
+    not_selected = job["stages"]["select"]["rows_not_selected"]
+    assert not_selected > 0
+    assert (select["rejected"], select["not selected"]) == ("0", f"{not_selected:,}")
+    assert "similar_to_selected" in select["not selected by reason"]
+    assert select["rejected by reason"] == "\u2013"
+
     # Opens on the selection, in rank order.
     cards = _visible(b)
     assert _matched(b) == facts[SELECTED]["shown"] and len(cards) == 25
@@ -286,6 +301,20 @@ def test_page_in_headless_chromium(browser, job, tmp_path):
     assert all("Not picked: cosine" in c["text"] for c in cards)
     assert b.eval("document.querySelectorAll('#rows .pair').length") == len(cards)
     shot = _shot(b, tmp_path / "near_duplicates.png")
+
+    # Borderline first: the lowest cosines above tau, the pairs to check before trusting tau.
+    def shown_cosines() -> list[float]:
+        return [
+            float(re.search(r"Not picked: cosine ([0-9.]+)", c["text"]).group(1))
+            for c in _visible(b)
+        ]
+
+    _set(b, "f-sort", "cosine_asc")
+    low_first = shown_cosines()
+    assert low_first and low_first == sorted(low_first)
+    _set(b, "f-sort", "cosine_desc")
+    assert shown_cosines()[0] >= low_first[-1]
+    _set(b, "f-sort", "default")
 
     # Source filter narrows further.
     source = data["sources"][0]["source"]

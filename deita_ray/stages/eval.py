@@ -54,7 +54,8 @@ from deita_ray.evaluation import (
     reference_turns,
     user_keys,
 )
-from deita_ray.preflight import ModelToLoad
+from deita_ray.preflight import InputToRead, ModelToLoad
+from deita_ray.progress import begin_phase, count_rows, current_counter
 from deita_ray.stages.base import Stage
 from deita_ray.stages.reports.eval import REPORT
 
@@ -366,16 +367,25 @@ def likelihood_table(batch: pa.Table, backend: Any, template: str) -> pa.Table:
 
 
 class LikelihoodScorer:
-    """Ray Data callable: :func:`likelihood_table` with one model (loaded for prefill)."""
+    """Ray Data callable: :func:`likelihood_table` with one model (loaded for prefill).
 
-    def __init__(self, model_cfg: ModelConfig, model_path: str, template: str):
+    ``progress`` (here and in :class:`Generator`, :class:`JudgeModel`): the stage's progress
+    counter (:mod:`deita_ray.progress`), told the rows of each finished batch, or None.
+    """
+
+    def __init__(
+        self, model_cfg: ModelConfig, model_path: str, template: str, progress: Any = None
+    ):
         from deita_ray.models.backend import load_backend
 
         self.backend = load_backend(model_cfg, model_path, "score")
         self.template = template
+        self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return likelihood_table(batch, self.backend, self.template)
+        out = likelihood_table(batch, self.backend, self.template)
+        count_rows(self.progress, batch.num_rows)
+        return out
 
 
 def _prompt_ids(text: str, tokenizer: Any) -> list[int]:
@@ -437,12 +447,20 @@ class Generator:
     ``reference`` (the reference answer), ``output`` and the reject marks.
     """
 
-    def __init__(self, model_cfg: ModelConfig, model_path: str, template: str, max_new_tokens: int):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        model_path: str,
+        template: str,
+        max_new_tokens: int,
+        progress: Any = None,
+    ):
         from deita_ray.models.backend import load_backend
 
         self.backend = load_backend(model_cfg, model_path, "generate")
         self.template = template
         self.max_new_tokens = max_new_tokens
+        self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from deita_ray.evaluation import prompt_of
@@ -466,6 +484,7 @@ class Generator:
                 "output": pa.array(texts, pa.large_string()),
             }
         )
+        count_rows(self.progress, batch.num_rows)
         return marks.attach(out)
 
 
@@ -476,16 +495,20 @@ class JudgeModel:
     ``judge_output`` and ``judge_error`` (an engine or template failure; never a verdict).
     """
 
-    def __init__(self, model_cfg: ModelConfig, model_path: str, max_tokens: int):
+    def __init__(
+        self, model_cfg: ModelConfig, model_path: str, max_tokens: int, progress: Any = None
+    ):
         from deita_ray.models.backend import load_backend
 
         self.backend = load_backend(model_cfg, model_path, "generate")
         self.max_tokens = max_tokens
+        self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         convs = [json.loads(x) for x in batch["judge_messages"].to_pylist()]
         texts, reasons, details = generate_texts(self.backend, convs, "judge", self.max_tokens)
         errors = [None if r is None else f"{r}: {d}" for r, d in zip(reasons, details, strict=True)]
+        count_rows(self.progress, batch.num_rows)
         return batch.append_column(
             "judge_output", pa.array(texts, pa.large_string())
         ).append_column("judge_error", pa.array(errors, pa.string()))
@@ -505,16 +528,22 @@ def _run_pass(
     key: str,
 ) -> None:
     """Map ``table`` through the actor class ``fn`` into ``<out_dir>/<key>`` (rejects into
-    ``<out_dir>/rejects/<key>``), skipping rows (by ``seq``) a previous run finished."""
+    ``<out_dir>/rejects/<key>``), skipping rows (by ``seq``) a previous run finished. With live
+    progress (:mod:`deita_ray.progress`) the pass is a phase of its own: ``<set>/<metric>``."""
     import ray
 
     from deita_ray.data.sink import SplitParquetSink, skip_finished
     from deita_ray.runtime import map_batches_kwargs
 
+    counter = current_counter()
+    if counter is not None:
+        label = key.split("/", 1)[-1]  # eval/<set>/<metric> -> <set>/<metric>
+        done = table.num_rows - _to_finish(table, out_dir, key)
+        counter = begin_phase(counter, label, table.num_rows, done)
     ds = skip_finished(ray.data.from_arrow(table), out_dir, key)
     ds = ds.map_batches(
         fn,
-        fn_constructor_kwargs=kwargs,
+        fn_constructor_kwargs={**kwargs, "progress": counter},
         batch_format="pyarrow",
         **map_batches_kwargs(pool, model_cfg),
     )
@@ -844,6 +873,17 @@ def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
     return out
 
 
+def _inputs(cfg: PipelineConfig) -> list[InputToRead]:
+    """Each set's files and, for MT-Bench sets, its reference answer files."""
+    out: list[InputToRead] = []
+    for i, s in enumerate(cfg.eval.sets):
+        key = f"eval.sets[{i}]"
+        out.append(InputToRead(f"{key}.paths", s.paths, s.file_format, f"{key}.file_format"))
+        if s.references:
+            out.append(InputToRead(f"{key}.references", s.references, "auto", None))
+    return out
+
+
 STAGE = Stage(
     name=NAME,
     run=run_eval,
@@ -853,7 +893,9 @@ STAGE = Stage(
     reads=("dpo", "sft", "ingest"),
     output_columns=("id", "seq", "prompt_tokens", "answer_tokens", "nll_sum", "nll_mean"),
     resumes_by_shard=True,
+    counts_batches=True,
     models=_models,
+    inputs=_inputs,
     report=REPORT,
     doc="the trained model on held-out sets: reference-answer likelihood, local-judge metrics",
 )

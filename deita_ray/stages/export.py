@@ -4,9 +4,10 @@ Input: ``<out_dir>/select/*.parquet`` (``id``, ``messages``, ``extra``; rank ord
 
 Output: ``<out_dir>/export/<format>.jsonl`` for each of ``export.formats`` (``sharegpt``,
 ``messages``, ``alpaca``: see :mod:`deita_ray.data.exports`), in rank order, and
-``<out_dir>/export/dataset_info.json`` with LLaMA-Factory entries ``<export.name>_sharegpt`` /
-``<export.name>_alpaca`` for the files it reads (copy the folder into LLaMA-Factory's ``data/``
-or point ``dataset_dir`` at it). The select folder itself is the Parquet export:
+``<out_dir>/export/dataset_info.json`` with a LLaMA-Factory entry ``<export.name>_<format>`` for
+each file (copy the folder into LLaMA-Factory's ``data/`` or point ``dataset_dir`` at it).
+Every file loads as one table (``datasets``, ``pyarrow.json``): a field whose values no one
+column type holds is made one type (:func:`~deita_ray.data.exports.unify_types`). The select folder itself is the Parquet export:
 ``datasets.load_dataset("parquet", data_files="<out_dir>/select/*.parquet")`` gives
 ``messages`` as a list of ``{role, content}`` records.
 
@@ -106,9 +107,10 @@ def export_selection(
 
     Returns:
         ``{"rows", "written": {format: rows}, "rejected": {format: {reason: rows}},
-        "rejected_ids", "extra_fields_dropped": {format: {field: rows}} (fields left out, or
-        the id written as text, see :func:`~deita_ray.data.exports.unify_types`),
-        "llamafactory_skips", "files"}``.
+        "rejected_ids", "extra_fields_dropped": {format: {field: rows}} (extra fields named
+        like one the format reads, left out), "extra_fields_retyped": {format: {field: rows}}
+        (fields of mixed types written as JSON text, the id as the row's id text: see
+        :func:`~deita_ray.data.exports.unify_types`), "llamafactory_skips", "files"}``.
     """
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
@@ -121,6 +123,7 @@ def export_selection(
         "written": {},
         "rejected": {},
         "extra_fields_dropped": {},
+        "extra_fields_retyped": {},
         "files": [],
     }
     rejected_ids: set[int] = set()
@@ -139,7 +142,7 @@ def export_selection(
             dropped.update(left_out)
             records.append(record)
             ids.append(row["id"])
-        dropped.update(unify_types(records, ids))
+        retyped = unify_types(records, ids)
         lines = [json.dumps(r, ensure_ascii=False) for r in records]
         path = os.path.join(dest, FILE_NAMES[fmt])
         _write_text_atomic(path, lines)
@@ -147,6 +150,7 @@ def export_selection(
         summary["written"][fmt] = len(lines)
         summary["rejected"][fmt] = dict(Counter(why.reason for _, why in rejected))
         summary["extra_fields_dropped"][fmt] = dict(dropped)
+        summary["extra_fields_retyped"][fmt] = retyped
         rej_dir = rejects_dir(out_dir, NAME)
         rej_path = os.path.join(rej_dir, f"part-{fmt}.parquet")
         if rejected:

@@ -53,6 +53,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deita_ray.accounting import StageCounts, StageResult
+from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import (
     CANONICAL_SCHEMA,
     ROLES,
@@ -91,6 +92,7 @@ from deita_ray.data.sink import (
     stage_dir,
     write_atomic,
 )
+from deita_ray.preflight import InputToRead
 from deita_ray.stages.base import Stage
 from deita_ray.stages.reports.canonical import canonical_report
 
@@ -480,7 +482,12 @@ def _map_part(path: str, part: int, prefixes: dict, num_buckets: int) -> list:
 def _reduce_bucket(*tables: pa.Table) -> tuple[pa.Table, list[int]]:
     """(id, seq, part) rows of one hash bucket -> (duplicated ids with first seq, parts to fix)."""
     keys = pa.concat_tables(tables)
-    agg = keys.group_by("id").aggregate([("seq", "min"), ("seq", "count")])
+    # use_threads=False: Acero sizes its per-thread states once per process (CPU + IO pool
+    # capacity + 1, a C++ static fixed at the first grouping), and Ray Data's Parquet reader
+    # raises the CPU pool of any worker it runs in to 32 threads (pa.set_cpu_count). A threaded
+    # group_by in a reused worker then fails at random with "thread index 10 is out of range
+    # [0, 10)" (tests/stages/test_ingest.py::test_group_by_survives_a_resized_arrow_pool).
+    agg = keys.group_by("id", use_threads=False).aggregate([("seq", "min"), ("seq", "count")])
     dups = agg.filter(pc.greater(agg.column("seq_count"), 1))
     dups = pa.table({"id": dups.column("id"), _FIRST: dups.column("seq_min")})
     if dups.num_rows == 0:
@@ -650,12 +657,21 @@ def run_ingest(cfg: Any, out_dir: str) -> StageResult:
     return StageResult(counts=counts, metrics=metrics)
 
 
+def _inputs(cfg: PipelineConfig) -> list[InputToRead]:
+    """The pool files (none with ``demo_pool``: the job writes its own)."""
+    if cfg.demo_pool:
+        return []
+    inp = cfg.input
+    return [InputToRead("input.paths", inp.paths, inp.file_format, "input.file_format")]
+
+
 STAGE = Stage(
     name=NAME,
     run=run_ingest,
     config_keys=("input", "demo_pool"),
     output_columns=tuple(f.name for f in CANONICAL_SCHEMA),
     resumes_by_shard=True,  # by input file: keep_finished
+    inputs=_inputs,
     report=canonical_report(NAME),
     writes_parts=True,
     doc="pool files -> canonical rows (ids, messages, source, format, extra) and rejects",

@@ -40,6 +40,7 @@ from deita_ray.data.sink import (
     write_with_rejects,
 )
 from deita_ray.preflight import ModelToLoad
+from deita_ray.progress import count_rows, current_counter
 from deita_ray.scorers import EVOL, TRUNCATED, get_kind
 from deita_ray.scorers.base import BatchView, BoundScorer, LabelRequest, LogprobRequest
 from deita_ray.scoring import PromptTooLong, expected_score, fit_prompt
@@ -361,6 +362,8 @@ class ModelScorers:
         specs: the group's scorer specs (label ids resolved on the driver).
         evol: the DEITA turn columns that make ``evol_score`` (None: no DEITA pair).
         metrics: a :class:`ScoreMetrics` actor handle, or None.
+        progress: the stage's progress counter (:mod:`deita_ray.progress`), told the rows of
+            each finished batch, or None.
     """
 
     def __init__(
@@ -370,6 +373,7 @@ class ModelScorers:
         specs: Sequence,
         evol: tuple[str, str] | None = None,
         metrics: Any = None,
+        progress: Any = None,
     ):
         from deita_ray.models.backend import load_backend  # noqa: PLC0415
 
@@ -381,12 +385,14 @@ class ModelScorers:
         self.scorers = _bind_all(specs, tok, self.backend.max_prompt_tokens)
         self.evol = evol
         self.metrics = metrics
+        self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         stats: dict = {}
         out = score_batch(batch, self.backend, self.scorers, self.evol, stats)
         if self.metrics is not None:
             self.metrics.record.remote(stats)
+        count_rows(self.progress, batch.num_rows)
         return out
 
 
@@ -399,9 +405,14 @@ def _task_tokenizer(path: str, trust_remote_code: bool) -> Any:
 
 
 def cpu_score(
-    batch: pa.Table, specs: Sequence, evol: tuple[str, str] | None, metrics: Any = None
+    batch: pa.Table,
+    specs: Sequence,
+    evol: tuple[str, str] | None,
+    metrics: Any = None,
+    progress: Any = None,
 ) -> pa.Table:
-    """Ray Data task function: scorers that load no model (``length``) on one batch."""
+    """Ray Data task function: scorers that load no model (``length``) on one batch
+    (``progress``: as :class:`ModelScorers`)."""
     scorers = []
     for s in specs:
         tok = None
@@ -412,6 +423,7 @@ def cpu_score(
     out = score_batch(batch, None, scorers, evol, stats)
     if metrics is not None:
         metrics.record.remote(stats)
+    count_rows(progress, batch.num_rows)
     return out
 
 
@@ -531,19 +543,26 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     evol = evol_pair(all_specs)
     res = cfg.score.resources
     metrics_actor = driver_side_actor(ScoreMetrics)
+    # Live progress (deita_ray/progress.py): the last step of the chain counts the rows done.
+    counter = current_counter()
     # Rows an interrupted earlier run already wrote are not scored again (resume).
     ds = skip_finished(ray.data.read_parquet(src), out_dir, "score")
     ds = in_parts(ds, cfg.output.rows_per_part)
     if cpu_specs:
         ds = ds.map_batches(
             cpu_score,
-            fn_kwargs={"specs": cpu_specs, "evol": evol, "metrics": metrics_actor},
+            fn_kwargs={
+                "specs": cpu_specs,
+                "evol": evol,
+                "metrics": metrics_actor,
+                "progress": None if pools else counter,
+            },
             batch_format="pyarrow",
             batch_size=res.batch_size,
             num_cpus=CPU_TASK_CPUS,
         )
     models = {}
-    for model_cfg, path, specs in pools:
+    for i, (model_cfg, path, specs) in enumerate(pools):
         models["+".join(s.name or s.kind for s in specs)] = {
             "path": path,
             "backend": model_cfg.backend,
@@ -562,6 +581,7 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
                 "specs": specs,
                 "evol": evol,
                 "metrics": metrics_actor,
+                "progress": counter if i == len(pools) - 1 else None,
             },
             batch_format="pyarrow",
             **map_batches_kwargs(res, model_cfg),
@@ -583,22 +603,41 @@ def run_score(cfg: PipelineConfig, out_dir: str) -> StageResult:
     return StageResult(counts=counts, metrics=metrics)
 
 
-def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
-    """Every model a scorer loads (a length scorer's only for its tokenizer); the DEITA kinds
+def _scorer_models(cfg: PipelineConfig) -> list[tuple[str, Any, str]]:
+    """``(config key, ModelConfig, kind)`` of every scorer that names a model; the DEITA kinds
     without their own model name the legacy keys."""
     out = []
     for i, sc in enumerate(cfg.score.scorers):
         if sc.model is not None:
-            key, model = f"score.scorers[{i}].model.path", sc.model
+            out.append((f"score.scorers[{i}].model.path", sc.model, sc.kind))
         elif sc.kind in ("deita_complexity", "deita_quality"):
             name = "complexity_model" if sc.kind == "deita_complexity" else "quality_model"
-            key, model = f"score.{name}.path", getattr(cfg.score, name)
-        else:
-            continue
+            out.append((f"score.{name}.path", getattr(cfg.score, name), sc.kind))
+    return out
+
+
+def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
+    """Every model a scorer loads (a length scorer's only for its tokenizer)."""
+    out = []
+    for key, model, _ in _scorer_models(cfg):
         entry = ModelToLoad(key, model.path, model.trust_remote_code)
         if entry not in out:
             out.append(entry)
     return out
+
+
+def _gpu_uses(cfg: PipelineConfig, out_dir: str) -> list:
+    """Each scorer model's engine (one per model: scorers of one model share its actors),
+    when the scorer actors take GPUs; a length scorer loads only a tokenizer."""
+    from deita_ray.training.memory import GpuUse  # noqa: PLC0415
+
+    if cfg.score.resources.num_gpus <= 0:
+        return []
+    engines: dict[str, GpuUse] = {}
+    for key, model, kind in _scorer_models(cfg):
+        if kind != "length":
+            engines.setdefault(model.path, GpuUse(key, model.path, "scorer", model))
+    return list(engines.values())
 
 
 def _notes(cfg: PipelineConfig) -> list[str]:
@@ -623,7 +662,9 @@ STAGE = Stage(
     output_columns=("complexity_scores", "quality_scores", EVOL, TRUNCATED),
     resumes_by_shard=True,
     writes_parts=True,
+    counts_batches=True,
     models=_models,
+    gpu_uses=_gpu_uses,
     report=REPORT,
     notes=_notes,
     doc="every configured scorer per turn and row (default: DEITA complexity, quality, evol)",

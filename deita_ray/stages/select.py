@@ -29,10 +29,11 @@ Tau calibration (method ``deita`` on one node, ``select.calibrate``): for each t
 select before the budget fills and the rows it would scan, plus the cosine of a fixed-seed
 sample of pool rows to their nearest other pool row; in ``metrics["calibration"]``.
 
-Accounting: selection is not rejection. Nothing is written to ``rejects/select``; rows that
-are not selected are counted in ``rejected_by_reason`` only, so that ``rows_in`` (pool rows)
-``== rows_out`` (selected) ``+`` not selected, by reason: ``similar_to_selected`` (cosine >
-tau to an earlier pick), ``not_reached`` (the budget filled before the row's turn),
+Accounting: selection is not rejection. Nothing is written to ``rejects/select`` and
+``rejected_by_reason`` stays empty; rows that are not selected are counted in
+``not_selected_by_reason`` (:class:`~deita_ray.accounting.StageCounts`), so that ``rows_in``
+(pool rows) ``== rows_out`` (selected) ``+`` not selected, by reason: ``similar_to_selected``
+(cosine > tau to an earlier pick), ``not_reached`` (the budget filled before the row's turn),
 ``missing_score``, ``invalid_embedding`` (NaN/inf or null embedding), ``below_budget_cut``
 (baselines: ranked below the budget).
 """
@@ -444,8 +445,8 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
     Assumes Ray is initialised when ``select.num_shards > 1`` (the distributed method).
 
     Returns:
-        Counts (pool rows in, selected rows out, not-selected rows by reason; nothing is
-        written to rejects/) and metrics: method, tau, budget, pool statistics, score and
+        Counts (pool rows in, selected rows out, not-selected rows by reason; no rejects,
+        nothing is written to rejects/) and metrics: method, tau, budget, pool statistics, score and
         max_sim summaries, timings.
     """
     sc = cfg.select
@@ -468,7 +469,7 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
         v = int(st.get(_STAT_OF_REASON.get(reason, reason), 0))
         if v:
             reasons[reason] = v
-    counts = StageCounts(rows_in=int(st["pool"]), rows_out=len(res), rejected_by_reason=reasons)
+    counts = StageCounts(rows_in=int(st["pool"]), rows_out=len(res), not_selected_by_reason=reasons)
     counts.check(NAME)
     metrics = {
         "method": sc.method,
@@ -502,6 +503,7 @@ STAGE = Stage(
     input_columns=("id", "seq", "evol_score", "embedding"),
     output_columns=("id", "rank", "evol_score", "max_sim"),
     rejects_are_failures=False,  # rows not selected are the point of the stage, not failures
+    selects=True,
     report=REPORT,
     doc="score-first diversity-aware selection (or a baseline) of select.budget rows",
 )

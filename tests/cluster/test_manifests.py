@@ -449,18 +449,80 @@ def test_operator_accepts_the_autoscaler_settings():
                 assert pod.get("restartPolicy", "Never") == "Never", where
 
 
-def test_embed_stage_uses_every_gpu_of_a_pod():
+def _job_config(job: dict):
     from deita_ray.config import load_config
 
-    per_pod = 8
+    argv = shlex.split(job["spec"]["entrypoint"])
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    return load_config(REPO / "jobs" / PAPER_JOBS[job["metadata"]["name"]], sets)
+
+
+def _render_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_rayjobs", CLUSTER / "render_rayjobs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gpu_group(spec: dict) -> dict:
+    (gpu,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    return gpu
+
+
+def _check_sized_for(job: dict, gpus: int, per_pod: int = 8) -> None:
+    """The one GPU count sizes the GPU group and the engines of the score and embed stages."""
+    from deita_ray.scorers import model_groups, resolve_scorers
+
+    name = job["metadata"]["name"]
+    assert int(job["metadata"]["annotations"]["deita-ray.io/gpus"]) == gpus, name
+    assert _gpu_group(job["spec"]["rayClusterSpec"])["maxReplicas"] == -(-gpus // per_pod), name
+    cfg = _job_config(job)
+    if "score" in cfg.stages:
+        pools = len(model_groups(resolve_scorers(cfg)))
+        res = cfg.score.resources
+        assert pools == 2 and res.concurrency * pools * res.num_gpus == gpus, name
+    if "embed" in cfg.stages:
+        res = cfg.embed.resources
+        assert res.concurrency * res.num_gpus == gpus, name
+
+
+def test_one_gpu_count_sizes_the_gpu_group_and_the_engines():
+    """render_rayjobs.py --gpus N: maxReplicas of the GPU group and the score / embed engine
+    counts follow from N (the files are rendered for the default, 32), so 64 GPUs are used
+    when a cluster has 64."""
+    render = _render_module()
     for job in RAY_JOBS:
-        argv = shlex.split(job["spec"]["entrypoint"])
-        config = REPO / "jobs" / PAPER_JOBS[job["metadata"]["name"]]
-        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-        cfg = load_config(config, sets)
-        if "embed" in cfg.stages:
-            res = cfg.embed.resources
-            assert res.concurrency * res.num_gpus == per_pod, job["metadata"]["name"]
+        _check_sized_for(job, render.GPU_COUNT)
+    for paper in render.JOBS:
+        job = yaml.safe_load(render.render(paper, 64))
+        _check_sized_for(job, 64)
+        # A RayJob the --check of the test suite compares against its own count.
+        path = CLUSTER / paper.file
+        assert render.rendered_gpus(path) == render.GPU_COUNT
+
+
+def test_gpu_pods_are_pinned_to_a_product_whose_memory_the_jobs_check():
+    """The GPU group's nodeSelector names the GPU product; the RayJobs pass its memory to the
+    job (ray.gpu_memory_gib) for the start-up check that the models fit, and the paper's
+    training recipes (Mistral-7B, 7.24B parameters) fit it."""
+    from deita_ray.training.memory import training_bytes_per_gpu
+
+    render = _render_module()
+    for where, spec in _cluster_specs():
+        product = _gpu_group(spec)["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
+        assert product in render.GPU_MEMORY_GIB, where
+    product = _gpu_group(_one("RayCluster")["spec"])["template"]["spec"]["nodeSelector"]
+    memory = render.GPU_MEMORY_GIB[product["nvidia.com/gpu.product"]]
+    for job in RAY_JOBS:
+        cfg = _job_config(job)
+        assert cfg.ray.gpu_memory_gib == memory, job["metadata"]["name"]
+        for stage in ("sft", "dpo"):
+            if stage in cfg.stages:
+                need = training_bytes_per_gpu(7_241_732_096, getattr(cfg, stage))
+                assert need < 0.5 * memory * 1024**3, (job["metadata"]["name"], stage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,8 +616,13 @@ def test_rayjobs_run_the_paper_jobs_from_the_image():
 
 
 def test_rayjob_cluster_matches_the_raycluster():
+    """The RayJobs' clusters are raycluster.yaml's, but for the GPU group's maxReplicas (their
+    GPU count's)."""
     for job in RAY_JOBS:
-        assert job["spec"]["rayClusterSpec"] == _one("RayCluster")["spec"], job["metadata"]["name"]
+        want = copy.deepcopy(_one("RayCluster")["spec"])
+        got = job["spec"]["rayClusterSpec"]
+        _gpu_group(want)["maxReplicas"] = _gpu_group(got)["maxReplicas"]
+        assert got == want, job["metadata"]["name"]
 
 
 def test_rayjob_files_are_rendered_from_the_raycluster():
@@ -567,3 +634,123 @@ def test_rayjob_files_are_rendered_from_the_raycluster():
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert out.returncode == 0, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Models offline, auth required, memory and disk sized, comments true
+
+
+def _ray_containers() -> list[tuple[str, dict]]:
+    """(where, the Ray container) of every pod of every cluster spec."""
+    return [
+        (f"{where}/{group}", pod["containers"][0])
+        for where, spec in _cluster_specs()
+        for group, pod in _pod_specs(spec)
+    ]
+
+
+def test_ray_pods_run_offline_after_staging():
+    """Dozens of engine actors must not call the Hub (rate limits, gated models): the weights
+    are in HF_HOME, staged by the staging Job, which alone downloads."""
+    for where, c in _ray_containers():
+        env = _env(c)
+        assert env["HF_HUB_OFFLINE"]["value"] == "1", where
+        assert env["HF_HOME"]["value"] == f"{MOUNT}/hf-cache", where
+    staging = _env(_one("Job")["spec"]["template"]["spec"]["containers"][0])
+    assert "HF_HUB_OFFLINE" not in staging and staging["HF_HOME"]["value"] == f"{MOUNT}/hf-cache"
+
+
+def test_a_cluster_without_token_auth_cannot_run_a_job_silently():
+    """Applied with field validation off, an operator older than KubeRay 1.5.1 drops
+    authOptions and starts the cluster without auth. Every Ray container says
+    DEITA_REQUIRE_RAY_AUTH=1, so the job's driver (a process of the head's Ray container) stops
+    at start unless the operator injected RAY_AUTH_MODE=token."""
+    from deita_ray.runtime import check_required_auth
+
+    for doc in [d for _, _, d in RAY_DOCS]:
+        spec, name = _cluster_spec(doc), doc["metadata"]["name"]
+        for group, pod in _pod_specs(spec):
+            ray_container = pod["containers"][0]
+            assert _env(ray_container)["DEITA_REQUIRE_RAY_AUTH"]["value"] == "1", (name, group)
+            with_auth = _operator_sets_token_auth(name, ray_container, spec["authOptions"])
+            env = {e["name"]: e.get("value", "<from secret>") for e in with_auth["env"]}
+            check_required_auth(env)  # the operator honoured authOptions: the job runs
+            without = {e["name"]: e.get("value", "") for e in ray_container["env"]}
+            with pytest.raises(RuntimeError, match=r"KubeRay >= 1\.5\.1"):
+                check_required_auth(without)  # an old operator injects nothing: refused
+    readme = (CLUSTER / "README.md").read_text()
+    assert "1.5.1" in readme and "DEITA_REQUIRE_RAY_AUTH" in readme
+    for path in CLUSTER.glob("ray*.yaml"):
+        assert "1.5.1" in path.read_text() and "DEITA_REQUIRE_RAY_AUTH" in path.read_text(), path
+
+
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(q) -> int:
+    q = str(q)
+    for unit, factor in _UNITS.items():
+        if q.endswith(unit):
+            return int(float(q[: -len(unit)]) * factor)
+    return int(q)
+
+
+def _volume(pod: dict, name: str) -> dict:
+    (vol,) = [v for v in pod["volumes"] if v["name"] == name]
+    return vol
+
+
+def test_object_store_shm_and_local_disk_are_sized_to_what_pods_write():
+    """Every Ray pod sets its object store size, and /dev/shm (a memory emptyDir, counted in
+    the container's memory) holds it, else Ray falls back to a disk store; /tmp/ray (logs and
+    spilled objects) has room for twice the store; each container asks for the local disk it
+    writes (the Ray container: /tmp/ray plus 10 GiB of writable layer), so the pod's
+    ephemeral-storage limit covers everything it writes. Head included."""
+    gib = 2**30
+    for where, spec in _cluster_specs():
+        heads = [("head", spec["headGroupSpec"])] + [
+            (g["groupName"], g) for g in spec["workerGroupSpecs"]
+        ]
+        for group, g in heads:
+            pod = g["template"]["spec"]
+            ray_c = pod["containers"][0]
+            store = int(g["rayStartParams"]["object-store-memory"])
+            shm = _volume(pod, "dshm")["emptyDir"]
+            assert shm["medium"] == "Memory", (where, group)
+            mounts = {m["mountPath"]: m["name"] for m in ray_c["volumeMounts"]}
+            assert mounts["/dev/shm"] == "dshm" and mounts["/tmp/ray"] == "ray-tmp"
+            assert _bytes(shm["sizeLimit"]) >= store + 2 * gib, (where, group)
+            res = ray_c["resources"]
+            assert _bytes(res["limits"]["memory"]) >= _bytes(shm["sizeLimit"]) + 16 * gib
+            assert store >= 4 * gib, (where, group)
+            tmp = _bytes(_volume(pod, "ray-tmp")["emptyDir"]["sizeLimit"])
+            assert tmp >= 2 * store + 4 * gib, (where, group)
+            for c in pod["containers"]:
+                r = c["resources"]
+                assert r["requests"]["ephemeral-storage"] == r["limits"]["ephemeral-storage"]
+            assert _bytes(res["limits"]["ephemeral-storage"]) >= tmp + 10 * gib, (where, group)
+        gpu = _gpu_group(spec)["template"]["spec"]
+        # GPU pods: room beside the store for NCCL's shared-memory transport between 8 GPUs.
+        store = int(_gpu_group(spec)["rayStartParams"]["object-store-memory"])
+        assert _bytes(_volume(gpu, "dshm")["emptyDir"]["sizeLimit"]) >= store + 8 * gib
+
+
+PATH_IN_TEXT = re.compile(
+    r"(?<![\w/.:-])((?:deita_ray|cluster|jobs|docs|tests|benchmarks|training)/[\w./<>*-]+)"
+)
+
+
+def test_cluster_files_name_files_that_exist():
+    """Comments and docs in cluster/ cite repository files (a bare ``training/x.py`` means
+    deita_ray/training/x.py); each one must exist. Patterns (``*``, ``<name>``) are skipped."""
+    cited = 0
+    for path in sorted(p for p in CLUSTER.rglob("*") if p.is_file()):
+        for match in PATH_IN_TEXT.finditer(path.read_text()):
+            token = match.group(1).rstrip(".")
+            if "*" in token or "<" in token:
+                continue
+            rel = f"deita_ray/{token}" if token.startswith("training/") else token
+            assert (REPO / rel).exists(), f"{path.name} cites {token}, which does not exist"
+            cited += 1
+    assert cited > 20
+    assert "training/plan.py" in (CLUSTER / "Dockerfile").read_text()

@@ -86,3 +86,51 @@ def write_pool(folder: Path, files: int = 6, rows: int = 72) -> None:
     for k in range(files):
         lines = [json.dumps(r) for r in records[k::files]]
         (folder / f"pool{k}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def write_selection(out: Path, rows: int = 15) -> None:
+    """A small selection in ``<out>/select``, as the select stage writes it: a job with
+    ``stages: [sft]`` trains on it without running the stages before."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = [
+        {
+            "id": f"r{i}",
+            "rank": i,
+            "evol_score": 10.0 - i / 10,
+            "max_sim": 0.1,
+            "source": "handmade",
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"The answer is {2 * i}."},
+            ],
+        }
+        for i in range(rows)
+    ]
+    (out / "select").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(table), out / "select" / "part-00000.parquet")
+
+
+def sft_cli_job(model: Path, out: Path) -> dict:
+    """SFT alone on :func:`write_selection`'s 15 rows: one worker, micro-batches of 2, two per
+    optimizer step, 3 steps an epoch, 3 epochs (9 steps), a checkpoint every 2 steps."""
+    return {
+        "stages": ["sft"],
+        "output": {"dir": str(out)},
+        "ray": {"num_cpus": 2},
+        "sft": {
+            "model": str(model),
+            "num_workers": 1,
+            "cpus_per_worker": 1,
+            "zero_stage": 2,
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "max_length": 128,
+            "epochs": 3,
+            "learning_rate": 3e-3,
+            "warmup_ratio": 0.1,
+            "precision": "fp32",
+            "checkpoint_every_steps": 2,
+        },
+    }

@@ -34,7 +34,7 @@ from ray.cluster_utils import Cluster
 from deita_ray.config import load_config
 from deita_ray.data.sink import WrittenRows, parquet_files
 from deita_ray.pipeline import run
-from deita_ray.training.loop import newest_complete_checkpoint
+from deita_ray.training.loop import checkpoint_root, newest_complete_checkpoint
 
 MODEL_NODE = "model_node"
 # The GCS declares a SIGKILLed node dead after about 5 s instead of 15 s (Ray's defaults); not
@@ -192,7 +192,7 @@ def main() -> None:
                         describe=lambda written=written: {"score_rows": written.count()},
                     )
                 else:
-                    root = out / "sft" / "checkpoints"
+                    root = Path(checkpoint_root(cfg.sft, str(out), "sft"))
                     remover = NodeRemover(
                         cluster,
                         nodes,

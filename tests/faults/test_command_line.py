@@ -135,10 +135,15 @@ def test_console_shows_the_job_and_none_of_rays_chatter(reference_run):
     for stage in STAGES:
         assert re.search(rf"deita_ray INFO stage {stage}: running$", console, re.M), stage
         assert re.search(rf"deita_ray INFO stage {stage}: done in \S+s: in=\d+", console), stage
-    # Progress of the stages that write part by part: "stage score: 40/116 rows (34.5%), ..."
+    # Live progress: the model stages from their per-batch counts, "loading model" until the
+    # first batch, then "stage score: 40/116 rows (34.5%), 9.5 rows/s, ETA 8 s"; ingest from
+    # its parts on disk; sft one line per logged optimizer step (step 1 always).
     total = re.search(r"stage score: done in \S+s: in=(\d+)", console).group(1)
-    assert re.search(rf"stage score: \d+/{total} rows \(\d+\.\d%\), \d+\.\d rows/s", console)
+    assert re.search(r"stage score: loading model \(\d+ s\)", console)
+    assert re.search(rf"stage score: [1-9]\d*/{total} rows \(\d+\.\d%\), \d+\.\d rows/s", console)
     assert re.search(r"stage ingest: \d+ rows, \d+\.\d rows/s", console)
+    step = r"stage sft: step 1/1 \(100\.0%\), loss \d+\.\d{4}, lr \S+, \d+ tokens/s, ETA 0 s"
+    assert re.search(step, console)
     assert "Ray's own logs: " in console  # where the chatter went
 
     # The summary on stdout is the job's result as JSON.

@@ -118,7 +118,7 @@ def test_deita_single_node(pool_dir, device):
     sims = t["max_sim"].to_pylist()
     assert sims[0] is None and all(s is not None and s <= 0.9 + 1e-6 for s in sims[1:])
     _check_common(out, res, t)
-    reasons = res.counts.rejected_by_reason
+    reasons = res.counts.not_selected_by_reason
     assert reasons["missing_score"] == 2
     assert reasons["similar_to_selected"] == res.metrics["pool"]["rejected_for_similarity"]
     assert res.metrics["num_selected"] == 60 and res.metrics["tau"] == 0.9
@@ -146,7 +146,7 @@ def test_deita_distributed_equals_single_node(pool_dir, ray_local):
     want = oracle(p["emb"], p["scores"], p["seq"], 0.5, 1000)[0]
     assert t["seq"].to_pylist() == p["seq"][want].tolist()
     assert res.metrics["mode"] == "distributed"
-    assert "not_reached" not in res.counts.rejected_by_reason  # budget above the pool
+    assert "not_reached" not in res.counts.not_selected_by_reason  # budget above the pool
     _check_common(out, res, t)
 
 
@@ -170,7 +170,7 @@ def test_baselines_through_the_stage(pool_dir):
             want = select_random(N, budget, 3, seq=src_seq).seq.tolist()
         elif method == "score":
             want = select_top_score(p["scores"], budget, seq=seq).seq.tolist()
-            assert res.counts.rejected_by_reason == {
+            assert res.counts.not_selected_by_reason == {
                 "missing_score": 2,
                 "below_budget_cut": N - 2 - budget,
             }
@@ -198,7 +198,7 @@ def test_ingest_fallback_and_rerun(tmp_path, pool_dir):
     _check_common(run, res, t)
     res = run_select(_cfg(method="random", budget=7), str(run))
     assert len(os.listdir(run / "select")) == 1 and _read(run).num_rows == 7
-    assert res.counts.rejected_by_reason == {"below_budget_cut": N - 7}
+    assert res.counts.not_selected_by_reason == {"below_budget_cut": N - 7}
     with pytest.raises(ValueError, match="evol_score"):
         run_select(_cfg(method="score", budget=7), str(run))
 
@@ -240,7 +240,7 @@ def test_decisions_say_why_each_row_was_not_picked(pool_dir):
     # The decisions agree with the stage's counts.
     by_status = Counter(r["status"] for r in got.values())
     assert by_status.pop("selected") == res.counts.rows_out
-    assert dict(by_status) == res.counts.rejected_by_reason
+    assert dict(by_status) == res.counts.not_selected_by_reason
 
 
 def test_decisions_equal_across_methods(pool_dir, ray_local):

@@ -180,10 +180,14 @@ def test_sft_zero2_loss_falls_and_counts_balance(sft_zero2):
     rejects = pq.read_table(os.path.join(out, "rejects", "sft")).to_pylist()
     assert [(r["id"], r["reason"]) for r in rejects] == [("too_long", "no_target_tokens")]
     assert "word word" in rejects[0]["raw"]
-    ckpts = sorted(os.listdir(os.path.join(out, "sft", "checkpoints")))
-    assert "checkpoint_step000004" in ckpts  # resumable: HF folder + DeepSpeed state
-    ck = os.path.join(out, "sft", "checkpoints", "checkpoint_step000004")
-    assert {"model.safetensors", "config.json", "deepspeed", TRAINER_STATE} <= set(os.listdir(ck))
+    # Checkpoints were due at steps 2 and 4; once the final model was written they were deleted
+    # with their optimizer state (tests/faults/test_training_resume.py sees them mid-run).
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
+    assert not os.path.exists(os.path.join(out, "sft", "checkpoints"))
+    final = set(os.listdir(os.path.join(out, "sft", "final")))
+    assert {"model.safetensors", "config.json", TRAINER_STATE} <= final
+    assert "deepspeed" not in final and not any(n.startswith(".uploaded") for n in final)
+    assert m["steps_run"] == 6 and m["resumed_from_step"] is None
 
 
 CHECK_VLLM = """
@@ -225,6 +229,16 @@ def test_final_model_loads_in_transformers_and_vllm(sft_zero2, tmp_path):
     assert not any(n.endswith((".pt", ".bin")) for n in names)
     with safe_open(os.path.join(final, "model.safetensors"), "pt") as f:
         assert "model.embed_tokens.weight" in set(f.keys())
+    # The model ships the rendering it was trained on (vicuna_v1.1), not its base's template:
+    # apply_chat_template of the saved tokenizer gives exactly the training text.
+    from transformers import AutoTokenizer
+
+    from deita_ray.templates import vicuna_segments
+
+    saved = AutoTokenizer.from_pretrained(final)
+    for row in selection_rows()[:4]:
+        trained = "".join(text for text, _ in vicuna_segments(row["messages"]))
+        assert saved.apply_chat_template(row["messages"], tokenize=False) == trained
     prompt = render_vicuna([{"role": "user", "content": "What is 3 plus 3?"}]) + "ASSISTANT: "
     want = greedy_transformers(final, prompt)
     script = tmp_path / "check_vllm.py"

@@ -226,7 +226,9 @@ def rows(ctx: ReportContext) -> pa.Table | None:
 def why_not(decisions: pa.Table, ids_by_rank: dict[str, int]) -> dict[str, Any]:
     """Rows per status; for the rows rejected for similarity, their cosine to the selected row
     that rejected them and the selected rows that rejected the most."""
-    counts = decisions.group_by("status").aggregate([("status", "count")])
+    # use_threads=False throughout: a threaded group_by fails at random once Ray Data has
+    # resized Arrow's CPU pool in this process (see ingest._reduce_bucket).
+    counts = decisions.group_by("status", use_threads=False).aggregate([("status", "count")])
     by_status = dict(
         zip(counts["status"].to_pylist(), counts["status_count"].to_pylist(), strict=True)
     )
@@ -236,7 +238,9 @@ def why_not(decisions: pa.Table, ids_by_rank: dict[str, int]) -> dict[str, Any]:
         out["rejected_for_similarity"] = rejected.num_rows
         if "cosine" in rejected.column_names:
             out["cosine"] = summarize(to_numpy(rejected["cosine"]))
-        top = rejected.group_by("rejected_by").aggregate([("rejected_by", "count")])
+        top = rejected.group_by("rejected_by", use_threads=False).aggregate(
+            [("rejected_by", "count")]
+        )
         top = top.sort_by([("rejected_by_count", "descending"), ("rejected_by", "ascending")])
         out["top_rejecters"] = [
             {"id": i, "rank": ids_by_rank.get(i), "rejected": n}
