@@ -368,6 +368,7 @@ def _run(
         check_inputs_readable,
         check_models_fit,
         check_models_reachable,
+        disk_warning,
     )
 
     pending = [name for name, _, must_run in steps if must_run and name in by_name]
@@ -376,6 +377,9 @@ def _run(
     check_inputs_readable(pending_cfg)
     check_models_reachable(pending_cfg)
     check_models_fit(pending_cfg, out_dir)
+    low_disk = disk_warning(pending_cfg, out_dir)
+    if low_disk:
+        log.warning("%s", low_disk)
 
     from deita_ray.runtime import init_ray
 

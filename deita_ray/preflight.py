@@ -413,3 +413,61 @@ def check_models_fit(cfg: PipelineConfig, out_dir: str) -> list[dict]:
         if declared is not None:
             uses.extend(declared(cfg, out_dir))
     return check_models_fit_gpus(uses, cfg.ray)
+
+
+def training_disk_bytes(cfg: PipelineConfig) -> list[tuple[str, int]]:
+    """``(what, bytes)`` the training stages of ``cfg.stages`` write at their peak: the final
+    model (weights in the training precision) plus ``keep_checkpoints`` resumable checkpoints
+    (weights and the AdamW state, whichever ranks hold them), sized from the model files without
+    loading them. A model that cannot be sized (not local, or written by an earlier stage of
+    this job) is left out."""
+    from deita_ray.stages import get_stage
+    from deita_ray.training.memory import model_size
+    from deita_ray.training.plan import use_bf16
+
+    out: list[tuple[str, int]] = []
+    for name in cfg.stages:
+        desc = get_stage(name)
+        if not desc.trains or desc.models is None:
+            continue
+        t = getattr(cfg, name)
+        weight = 2 if use_bf16(t) else 4
+        optimizer = 12 if use_bf16(t) else 8  # fp32 master weights (bf16 only) + two moments
+        for model in desc.models(cfg):
+            size = model_size(model.path)
+            if size is None:
+                continue
+            final = size.params * weight
+            checkpoints = t.keep_checkpoints * size.params * (weight + optimizer)
+            out.append(
+                (
+                    f"{name}: final model {final / 1e9:.1f} GB + checkpoints "
+                    f"{checkpoints / 1e9:.1f} GB ({model.path})",
+                    final + checkpoints,
+                )
+            )
+    return out
+
+
+def disk_warning(cfg: PipelineConfig, out_dir: str, free_bytes: int | None = None) -> str | None:
+    """A warning when the output folder's disk has less free space than the training stages
+    write at their peak (:func:`training_disk_bytes`), else None. Only a warning: the estimate
+    leaves out the data stages (small beside a model) and a ``checkpoint_dir`` elsewhere."""
+    import shutil
+
+    needs = training_disk_bytes(cfg)
+    if not needs:
+        return None
+    if free_bytes is None:
+        probe = Path(out_dir)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free_bytes = shutil.disk_usage(probe).free
+    need = sum(n for _, n in needs)
+    if free_bytes >= need:
+        return None
+    return (
+        f"{out_dir} has {free_bytes / 1e9:.1f} GB free, and the training stages write about "
+        f"{need / 1e9:.1f} GB at their peak ({'; '.join(w for w, _ in needs)}); free space or "
+        "set output.dir / <stage>.checkpoint_dir on a larger disk"
+    )

@@ -370,3 +370,26 @@ def test_a_missing_input_fails_before_ray_starts_and_leaves_the_manifest(tmp_pat
     assert manifest.read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no lock, no probe left
     print(f"failed in {seconds:.1f} s")
+
+
+def test_low_disk_warns_with_the_training_estimate(tiny_llama, tmp_path):
+    """The training stages' peak (final model + kept checkpoints, sized from the safetensors
+    headers) is compared with the output disk's free space: too little gives a warning that
+    names the sizes; enough, or no training stage, gives none."""
+    from deita_ray.config import PipelineConfig
+    from deita_ray.preflight import disk_warning, training_disk_bytes
+    from deita_ray.training.memory import model_size
+
+    cfg = PipelineConfig()
+    cfg.stages = ["sft"]
+    cfg.sft.model = str(tiny_llama)
+    cfg.sft.precision, cfg.sft.keep_checkpoints = "fp32", 1
+    params = model_size(str(tiny_llama)).params
+    ((what, need),) = training_disk_bytes(cfg)
+    assert need == params * 4 + params * (4 + 8) and what.startswith("sft: final model")
+    warning = disk_warning(cfg, str(tmp_path / "out"), free_bytes=need - 1)
+    assert warning and "training stages write about" in warning and str(tiny_llama) in warning
+    assert disk_warning(cfg, str(tmp_path / "out"), free_bytes=need) is None
+    assert disk_warning(cfg, str(tmp_path / "not" / "yet"), free_bytes=None) is None  # real disk
+    cfg.stages = ["ingest"]
+    assert training_disk_bytes(cfg) == [] and disk_warning(cfg, str(tmp_path), 0) is None
