@@ -98,11 +98,8 @@ def embed_rows(
         normalize={"true": True, "false": False}.get(overrides.get("normalize", "")),
     )
     spec = resolve_embedding_spec(ecfg, local)
-    mcfg = model_cfg(local, backend)
-    if spec.model_max_tokens:
-        mcfg.max_model_len = min(mcfg.max_model_len, spec.model_max_tokens)
     t = time.perf_counter()
-    embedder = Embedder(mcfg, local, max_length, spec=spec)
+    embedder = Embedder(model_cfg(local, backend), local, max_length, spec=spec)
     table = pa.table({"id": [str(i) for i in range(len(labelled))], "messages": labelled.messages})
     out = embedder(table)
     seconds = time.perf_counter() - t

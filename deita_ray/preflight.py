@@ -39,7 +39,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from deita_ray.config import EMBEDDED_MINILM, EMBEDDED_MODELS, ConfigError, PipelineConfig
 
@@ -73,13 +73,19 @@ def models_to_load(cfg: PipelineConfig) -> list[ModelToLoad]:
     Each stage declares its own (``Stage.models`` in ``deita_ray/stages``): a new stage that
     loads models (an eval or judge stage) lists them there, and the preflight covers it.
     """
+    return stage_declarations(cfg, "models")
+
+
+def stage_declarations(cfg: PipelineConfig, field: str, *args: Any) -> list:
+    """What the configured stages declare in ``Stage.<field>`` (``models``, ``inputs``,
+    ``gpu_uses``), each called with ``cfg`` and ``args``, in stage order."""
     from deita_ray.stages import get_stage
 
-    out: list[ModelToLoad] = []
+    out: list = []
     for name in cfg.stages:
-        models = get_stage(name).models
-        if models is not None:
-            out.extend(models(cfg))
+        declared = getattr(get_stage(name), field)
+        if declared is not None:
+            out.extend(declared(cfg, *args))
     return out
 
 
@@ -286,14 +292,7 @@ def inputs_to_read(cfg: PipelineConfig) -> list[InputToRead]:
 
     Each stage declares its own (``Stage.inputs`` in ``deita_ray/stages``), as for models.
     """
-    from deita_ray.stages import get_stage
-
-    out: list[InputToRead] = []
-    for name in cfg.stages:
-        inputs = get_stage(name).inputs
-        if inputs is not None:
-            out.extend(inputs(cfg))
-    return out
+    return stage_declarations(cfg, "inputs")
 
 
 _HEAD_BYTES = 4096
@@ -404,15 +403,9 @@ def check_models_fit(cfg: PipelineConfig, out_dir: str) -> list[dict]:
     Raises:
         ModelDoesNotFit: naming each model that does not fit, its size and the GPU memory.
     """
-    from deita_ray.stages import get_stage
     from deita_ray.training.memory import check_models_fit_gpus
 
-    uses = []
-    for name in cfg.stages:
-        declared = get_stage(name).gpu_uses
-        if declared is not None:
-            uses.extend(declared(cfg, out_dir))
-    return check_models_fit_gpus(uses, cfg.ray)
+    return check_models_fit_gpus(stage_declarations(cfg, "gpu_uses", out_dir), cfg.ray)
 
 
 def training_disk_bytes(cfg: PipelineConfig) -> list[tuple[str, int]]:
@@ -422,8 +415,7 @@ def training_disk_bytes(cfg: PipelineConfig) -> list[tuple[str, int]]:
     loading them. A model that cannot be sized (not local, or written by an earlier stage of
     this job) is left out."""
     from deita_ray.stages import get_stage
-    from deita_ray.training.memory import model_size
-    from deita_ray.training.plan import use_bf16
+    from deita_ray.training.memory import bytes_per_param, model_size
 
     out: list[tuple[str, int]] = []
     for name in cfg.stages:
@@ -431,8 +423,7 @@ def training_disk_bytes(cfg: PipelineConfig) -> list[tuple[str, int]]:
         if not desc.trains or desc.models is None:
             continue
         t = getattr(cfg, name)
-        weight = 2 if use_bf16(t) else 4
-        optimizer = 12 if use_bf16(t) else 8  # fp32 master weights (bf16 only) + two moments
+        weight, optimizer = bytes_per_param(t)
         for model in desc.models(cfg):
             size = model_size(model.path)
             if size is None:

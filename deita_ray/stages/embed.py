@@ -216,6 +216,10 @@ class Embedder:
         if dtype not in ARROW_DTYPES:
             raise ValueError(f"dtype must be one of {tuple(ARROW_DTYPES)}, got {dtype!r}")
         self.spec = spec or EmbeddingSpec()
+        limit = self.spec.model_max_tokens
+        if limit and limit < model_cfg.max_model_len:
+            # A sentence embedder reads at most its max_seq_length (vLLM refuses a longer context).
+            model_cfg = dataclasses.replace(model_cfg, max_model_len=limit)
         self.backend = load_backend(model_cfg, model_path, "embed", self.spec.pooling)
         self.max_length = max_length
         self.dtype = dtype
@@ -259,9 +263,6 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     model_cfg = cfg.embed.model
     path = resolve_model_path(model_cfg.path, cfg.cache_dir)
     spec = resolve_embedding_spec(cfg.embed, path)
-    if spec.model_max_tokens and spec.model_max_tokens < model_cfg.max_model_len:
-        # A sentence embedder reads at most its max_seq_length (vLLM refuses a longer context).
-        model_cfg = dataclasses.replace(model_cfg, max_model_len=spec.model_max_tokens)
     ds = skip_finished(ray.data.read_parquet(src).select_columns(columns + carry), out_dir, "embed")
     ds = in_parts(ds, cfg.output.rows_per_part)
     ds = ds.map_batches(

@@ -134,11 +134,16 @@ def model_size(path: str) -> ModelSize | None:
     )
 
 
+def bytes_per_param(t: TrainingConfig) -> tuple[int, int]:
+    """``(weight, AdamW state)`` bytes per parameter in ``t``'s precision: bf16 2 and 12 (fp32
+    master weights and both moments), fp32 4 and 8 (both moments)."""
+    return (2, 12) if use_bf16(t) else (4, 8)
+
+
 def training_bytes_per_gpu(params: int, t: TrainingConfig) -> int:
     """Weights, gradients and AdamW state per GPU under ZeRO ``t.zero_stage`` over
     ``t.num_workers`` workers (module docstring); activations not counted."""
-    bf16 = use_bf16(t)
-    b, k, n = (2, 12, t.num_workers) if bf16 else (4, 8, t.num_workers)
+    (b, k), n = bytes_per_param(t), t.num_workers
     weights, grads, optim = b * params, b * params, k * params
     if t.zero_stage >= 1:
         optim /= n

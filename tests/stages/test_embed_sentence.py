@@ -183,3 +183,13 @@ def test_near_duplicate_quality_does_not_regress(shared_data, minilm_path, spec)
     assert demo["precision"] >= 0.95, demo
     assert demo["unrelated_pairs_above"] == 0, demo
     assert demo["recall"] >= 0.8, demo
+
+
+def test_the_embedder_caps_the_context_at_the_models_own_limit(minilm_path, spec):
+    """A sentence embedder reads at most its max_seq_length: the Embedder gives the engine
+    that context whatever max_model_len the job sets (vLLM refuses a longer one)."""
+    from deita_ray.stages.embed import Embedder
+
+    embedder = Embedder(_cfg(minilm_path, "hf", max_len=2048), minilm_path, 2048, spec=spec)
+    assert embedder.backend.cfg.max_model_len == 256 == embedder.backend.max_prompt_tokens
+    embedder.backend.close()
