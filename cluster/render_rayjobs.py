@@ -13,9 +13,12 @@ recorded in each file's ``metadata.annotations``, :data:`GPUS_ANNOTATION`):
 
 - the GPU worker group's ``maxReplicas`` = ceil(N / GPUs per pod): the autoscaler adds pods up
   to that many while GPU work waits;
-- ``score.resources.concurrency`` = N / (scorer models x GPUs per actor): the DEITA pair runs
-  two actor pools side by side, each on half the GPUs;
-- ``embed.resources.concurrency`` = N / GPUs per actor.
+- ``score.resources.max_concurrency`` = N / (scorer models x GPUs per actor): the DEITA pair
+  runs two actor pools side by side, each on half the GPUs;
+- ``embed.resources.max_concurrency`` = N / GPUs per actor.
+
+Both pools autoscale from one actor (``concurrency: 1``): a stage starts with the first GPU pod
+and takes the others as the autoscaler adds them.
 
 Training keeps its recipe's ``num_workers`` (the global batch is micro-batch x workers x
 accumulation). ``ray.gpu_memory_gib`` is the memory of the GPU product the GPU group's
@@ -139,6 +142,15 @@ def score_pools(cfg: Any) -> int:
     return len(model_groups(resolve_scorers(cfg)))
 
 
+def _autoscaling(stage: str, res: Any, engines: int) -> list[str]:
+    """An actor pool that starts with the first GPU pod and grows to ``engines`` actors as the
+    autoscaler adds pods (a fixed pool of ``engines`` would wait for all of them, and forever
+    on a cluster whose quota holds fewer)."""
+    if (res.concurrency, res.max_concurrency) == (1, engines):
+        return []
+    return [f"{stage}.resources.concurrency=1", f"{stage}.resources.max_concurrency={engines}"]
+
+
 def cluster_overrides(config: str, spec: dict, gpus: int) -> list[str]:
     """``--set`` options that fit a job to the cluster's shape (not to the recipe): the score
     and embed stages run as many engines as the ``gpus`` GPUs hold, and the models' start-up
@@ -150,13 +162,11 @@ def cluster_overrides(config: str, spec: dict, gpus: int) -> list[str]:
     res = cfg.score.resources
     if "score" in cfg.stages and res.num_gpus > 0 and score_pools(cfg):
         engines = max(1, gpus // (score_pools(cfg) * math.ceil(res.num_gpus)))
-        if engines != res.concurrency:
-            sets.append(f"score.resources.concurrency={engines}")
+        sets += _autoscaling("score", res, engines)
     res = cfg.embed.resources
     if "embed" in cfg.stages and res.num_gpus > 0:
         engines = max(1, gpus // math.ceil(res.num_gpus))
-        if engines != res.concurrency:
-            sets.append(f"embed.resources.concurrency={engines}")
+        sets += _autoscaling("embed", res, engines)
     memory = GPU_MEMORY_GIB.get(gpu_product(spec) or "")
     if memory and not cfg.ray.gpu_memory_gib:
         sets.append(f"ray.gpu_memory_gib={memory}")

@@ -6,6 +6,11 @@ what it accepts. A job is a YAML file (see ``jobs/``) loaded over the defaults b
 command-line overrides ``--set a.b=c`` (the value parsed as YAML) are applied, then the whole
 tree is validated. Unknown keys are errors.
 
+This module is a leaf: it imports nothing of deita_ray. It checks shapes and ranges; a name that
+belongs to a registry (a record format, a scorer kind, an export format, the ``select.score``
+expression) is checked by that registry when the job is loaded for a run
+(:func:`deita_ray.job.load_job`), with the same messages (:func:`check_choice`).
+
 Example:
     >>> cfg = load_config("jobs/quickstart.yaml", overrides=["select.budget=100"])
     >>> cfg.select.budget
@@ -26,10 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from deita_ray.data.exports import EXPORT_FORMATS
-from deita_ray.data.formats import RECORD_FORMATS
-from deita_ray.scorers import KIND_NAMES
 
 STAGES: tuple[str, ...] = ("ingest", "score", "embed", "select", "sft", "dpo", "eval", "export")
 """Every stage, in the order the pipeline runs them."""
@@ -80,11 +81,10 @@ class InputConfig:
     )
     format: str = _f(
         "auto",
-        choices=("auto", *RECORD_FORMATS),
         doc=(
             "Record shape. 'auto' detects it per record, the first match in this order: "
-            + ", ".join(f"{f.detected_by} -> {f.name}" for f in RECORD_FORMATS.values())
-            + "."
+            "the record formats of deita_ray.data.formats (checked, and listed by "
+            "--help-config, by deita_ray.job)."
         ),
     )
     file_format: str = _f(
@@ -296,7 +296,16 @@ class ModelConfig:
 class ActorPoolConfig:
     """Size of a Ray Data actor pool that hosts a model."""
 
-    concurrency: int = _f(1, ge=1, doc="Number of model actors.")
+    concurrency: int = _f(1, ge=1, doc="Number of model actors (the least, with max_concurrency).")
+    max_concurrency: int = _f(
+        0,
+        ge=0,
+        doc=(
+            "0: a pool of exactly `concurrency` actors. Above `concurrency`: the pool autoscales "
+            "between the two (Ray Data's ActorPoolStrategy(min_size, max_size)), taking the "
+            "GPUs a growing cluster adds."
+        ),
+    )
     num_cpus: float = _f(1.0, ge=0, doc="CPUs reserved per actor.")
     num_gpus: float = _f(0.0, ge=0, doc="GPUs reserved per actor (tensor_parallel_size for vLLM).")
     batch_size: int = _f(
@@ -318,7 +327,6 @@ class ScorerConfig:
 
     kind: str = _f(
         "deita_complexity",
-        choices=KIND_NAMES,
         doc=(
             "What it measures: deita_complexity / deita_quality (the paper's scorers), perplexity "
             "(NLL of each response given its instruction and history), ifd (NLL given the "
@@ -525,6 +533,18 @@ class SelectConfig:
     tau_grid: list[float] = _f(
         factory=list,
         doc="Taus of the tau curve; empty: a grid around tau (1 - f * (1 - tau), f in 0.25..4).",
+    )
+    lazy_embed: bool = _f(
+        False,
+        doc=(
+            "Method 'deita': embed only the rows the greedy reads. The embed stage then embeds "
+            "nothing (it records 'deferred to select'); select orders the scored pool by "
+            "select.score, embeds it chunk by chunk in that order with the embed stage's actors "
+            "(embed.*), and stops when the budget is full. Same selection as a full embed; the "
+            "embedded rows go to <output.dir>/embed as parts, kept for a resume or a re-run. "
+            "Better when the budget is a small share of the pool and the embedder is a big "
+            "model (docs/selection.md, 'Lazy embedding'); select.num_shards is not used."
+        ),
     )
 
 
@@ -951,7 +971,6 @@ class ExportConfig:
 
     formats: list[str] = _f(
         factory=lambda: ["sharegpt", "messages"],
-        choices=EXPORT_FORMATS,
         doc=(
             "Files to write under <output.dir>/export: 'sharegpt' (conversations from/value; "
             "LLaMA-Factory, FastChat, axolotl), 'messages' (OpenAI role/content; TRL, axolotl), "
@@ -1079,16 +1098,22 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def check_choice(key: str, value: Any, choices: Any) -> None:
+    """Raise :class:`ConfigError` when ``value`` (or an item of a list value) is not one of
+    ``choices``: the one message for a config key and for a registry's name (deita_ray.job)."""
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v not in choices:
+            raise ConfigError(
+                f"{key}: {v!r} is not allowed (allowed: {', '.join(map(str, choices))})"
+            )
+
+
 def _check_field(value: Any, f: dataclasses.Field, key: str) -> None:
     meta = f.metadata
     choices = meta.get("choices")
     if choices is not None:
-        values = value if isinstance(value, list) else [value]
-        for v in values:
-            if v not in choices:
-                raise ConfigError(
-                    f"{key}: {v!r} is not allowed (allowed: {', '.join(map(str, choices))})"
-                )
+        check_choice(key, value, choices)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if meta.get("ge") is not None and value < meta["ge"]:
             raise ConfigError(f"{key}: {value!r} must be >= {meta['ge']}")
@@ -1111,6 +1136,11 @@ def _validate_tree(obj: Any, prefix: str = "") -> None:
             _check_custom_resources(key, value)
         else:
             _check_field(value, f, key)
+    if isinstance(obj, ActorPoolConfig) and 0 < obj.max_concurrency < obj.concurrency:
+        raise ConfigError(
+            f"{_join(prefix, 'max_concurrency')}: {obj.max_concurrency} must be 0 (a fixed pool) "
+            f"or >= concurrency ({obj.concurrency})"
+        )
 
 
 def validate(cfg: PipelineConfig) -> PipelineConfig:
@@ -1141,10 +1171,13 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     ids = cfg.score.digit_token_ids
     if ids is not None and len(ids) != 6:
         raise ConfigError(f"score.digit_token_ids: {ids!r} must hold six ids (digits 1..6)")
+    if cfg.select.lazy_embed and cfg.select.method != "deita":
+        raise ConfigError(
+            f"select.lazy_embed: only for method 'deita' (select.method is {cfg.select.method!r})"
+        )
     bad_taus = [t for t in cfg.select.tau_grid if not -1.0 <= t <= 1.0]
     if bad_taus:
         raise ConfigError(f"select.tau_grid: {bad_taus!r} must be cosines in [-1, 1]")
-    _validate_scores(cfg)
     if "dpo" in cfg.stages and not cfg.dpo.paths:
         raise ConfigError("dpo.paths: required when the 'dpo' stage runs (preference pair files)")
     causal = {
@@ -1218,35 +1251,6 @@ def _validate_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.metrics: {ev.metrics!r} must be distinct and non-empty")
     if any(m.startswith("judge_") for m in ev.metrics) and not ev.judge.prompts:
         raise ConfigError("eval.judge.prompts: required for the judge_* metrics")
-
-
-def _validate_scores(cfg: PipelineConfig) -> None:
-    """The scorers fit their kinds, and (when select runs) select.score names only columns
-    they write."""
-    from deita_ray.scorers import evol_pair, resolve_scorers, row_columns  # noqa: PLC0415
-    from deita_ray.selection.score_expr import ScoreExpressionError, parse  # noqa: PLC0415
-
-    if not cfg.score.scorers:
-        raise ConfigError("score.scorers: at least one scorer is required")
-    specs = resolve_scorers(cfg)
-    if "select" not in cfg.stages:
-        return
-    try:
-        expr = parse(cfg.select.score)
-    except ScoreExpressionError as e:
-        raise ConfigError(f"select.score: {e}") from None
-    available = row_columns(specs)
-    unknown = [n for n in expr.names if n not in available]
-    if unknown:
-        hint = ""
-        if unknown[0] == "evol_score" and evol_pair(specs) is None:
-            hint = " (evol_score needs a deita_complexity and a deita_quality scorer)"
-        elif unknown[0] in {"complexity", "quality"}:
-            hint = f" (the deita_{unknown[0]} scorer writes it with columns: [turn, row])"
-        raise ConfigError(
-            f"select.score: {unknown[0]!r} is not a row column the scorers write{hint}; "
-            f"allowed: {', '.join(available) or 'none'}"
-        )
 
 
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -1351,8 +1355,17 @@ def load_config(
     return validate(_build(PipelineConfig, raw))
 
 
-def describe(cls: type = PipelineConfig, prefix: str = "") -> list[str]:
-    """One line per key: ``key (type, default): doc [choices]`` (for ``--help-config``)."""
+def describe(
+    cls: type = PipelineConfig,
+    prefix: str = "",
+    names: dict[str, tuple[tuple, str | None]] | None = None,
+) -> list[str]:
+    """One line per key: ``key (type, default): doc [choices]`` (for ``--help-config``).
+
+    ``names`` gives, per key (``score.scorers[].kind``), the choices and, when not None, the
+    doc of a key whose values a registry holds (:func:`deita_ray.job.describe_job` passes
+    them: this module imports no registry)."""
+    names = names or {}
     lines = []
     hints = typing.get_type_hints(cls)
     defaults = cls()
@@ -1361,22 +1374,22 @@ def describe(cls: type = PipelineConfig, prefix: str = "") -> list[str]:
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines.append(f"{key}: {f.metadata.get('doc', '')}")
-            lines.extend(describe(tp, key))
+            lines.extend(describe(tp, key, names))
             continue
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         if item is not None and dataclasses.is_dataclass(item):
             lines.append(f"{key} (list of {item.__name__}): {f.metadata.get('doc', '')}")
-            lines.extend(describe(item, f"{key}[]"))
+            lines.extend(describe(item, f"{key}[]", names))
             continue
         default = getattr(defaults, f.name)
         args = typing.get_args(tp)
         if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
             lines.append(f"{key} (list of {args[0].__name__}): {f.metadata.get('doc', '')}")
-            lines.extend(describe(args[0], f"{key}[]"))
+            lines.extend(describe(args[0], f"{key}[]", names))
             continue
-        choices = f.metadata.get("choices")
+        choices, doc = f.metadata.get("choices"), f.metadata.get("doc", "")
+        if key in names:
+            choices, doc = names[key][0], names[key][1] or doc
         extra = f" [one of: {', '.join(map(str, choices))}]" if choices else ""
-        lines.append(
-            f"{key} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}{extra}"
-        )
+        lines.append(f"{key} ({_type_name(tp)}, default {default!r}): {doc}{extra}")
     return lines

@@ -31,11 +31,10 @@ from deita_ray.config import (
     ConfigError,
     PipelineConfig,
     config_hash,
-    describe,
-    load_config,
     to_dict,
 )
 from deita_ray.data.sink import decisions_dir, rejects_dir, stage_dir
+from deita_ray.job import check_names, describe_job, load_job
 from deita_ray.stages import registry
 
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ def read_manifest(out_dir: str) -> dict:
         return json.load(f)
 
 
-def _write_json_atomic(path: str, data: Any) -> None:
+def write_json_atomic(path: str, data: Any) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=str)
@@ -342,6 +341,7 @@ def run(
     from deita_ray.data.lock import OutputLock
     from deita_ray.preflight import check_output_dir
 
+    check_names(cfg)  # the names registries hold (record formats, scorer kinds, select.score)
     out_dir = os.path.abspath(os.path.expanduser(cfg.output.dir))
     check_output_dir(out_dir)
     # One run per output folder: a second one refuses here (OutputDirInUse) instead of
@@ -420,7 +420,7 @@ def _run(
             log.info("stage %s: running", stage)
             clear_stage_outputs(out_dir, stage)
         manifest["stages"][stage] = {"status": "running", "hash": h}
-        _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+        write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
         if desc.models is not None:
             _note_actor_restart_line()
         t0 = time.perf_counter()
@@ -442,7 +442,7 @@ def _run(
                 "failed_at": time.time(),
                 "error": f"{type(e).__name__}: {e}"[:1000],
             }
-            _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+            write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
             raise
         entry = dict(
             result.counts.to_dict(),
@@ -457,7 +457,7 @@ def _run(
             "finished_at": time.time(),
             "result": entry,
         }
-        _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+        write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
         log.info("%s", done_line(stage, seconds, entry))
 
     from deita_ray.report import write_report
@@ -525,17 +525,20 @@ def job_parser(prog: str, description: str, config_help: str) -> argparse.Argume
     return p
 
 
+def setup_logging(level: str | int = logging.INFO) -> None:
+    """The job's log lines (the driver's, and a study run's in its Ray task)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 def start_job(args: argparse.Namespace) -> PipelineConfig | int:
     """Set up logging and load the job's config; an exit code instead when the CLI is done
     (--help-config printed: 0; a bad config, named on stderr: 2)."""
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_logging(args.log_level)
     if args.help_config:
-        print("\n".join(describe()))
+        print("\n".join(describe_job()))
         return 0
     try:
-        return load_config(args.config, args.overrides)
+        return load_job(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

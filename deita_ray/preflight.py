@@ -39,9 +39,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from deita_ray.config import EMBEDDED_MINILM, EMBEDDED_MODELS, ConfigError, PipelineConfig
+from deita_ray.stages.base import InputToRead, ModelToLoad
 
 
 class PreflightError(ConfigError):
@@ -53,14 +54,6 @@ class PreflightError(ConfigError):
             "models the job will load are not reachable (nothing was run):\n  "
             + "\n  ".join(self.problems)
         )
-
-
-class ModelToLoad(NamedTuple):
-    """One model a stage loads: where the path comes from, the path, and its remote-code flag."""
-
-    key: str
-    path: str
-    trust_remote_code: bool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,11 +80,6 @@ def stage_declarations(cfg: PipelineConfig, field: str, *args: Any) -> list:
         if declared is not None:
             out.extend(declared(cfg, *args))
     return out
-
-
-def same_path(a: str, b: str) -> bool:
-    """Whether two local paths name the same place (after ``~`` and relative resolution)."""
-    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,16 +263,6 @@ class InputError(ConfigError):
         super().__init__(
             "inputs of the job are not usable (nothing was run):\n  " + "\n  ".join(self.problems)
         )
-
-
-class InputToRead(NamedTuple):
-    """Files a stage reads: the config key, its entries, how to read them, and the key that
-    says how (None where the files' names alone decide)."""
-
-    key: str
-    paths: list[str]
-    file_format: str
-    format_key: str | None
 
 
 def inputs_to_read(cfg: PipelineConfig) -> list[InputToRead]:

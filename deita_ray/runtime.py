@@ -220,7 +220,11 @@ def map_batches_kwargs(
     import ray.data  # noqa: PLC0415 - only when a stage is planned
 
     if isinstance(pool, ActorPoolConfig):
-        size: PoolSize = pool.concurrency
+        size: PoolSize = (
+            (pool.concurrency, pool.max_concurrency)
+            if pool.max_concurrency > pool.concurrency
+            else pool.concurrency
+        )
         num_cpus = pool.num_cpus if num_cpus is None else num_cpus
         num_gpus = pool.num_gpus if num_gpus is None else num_gpus
         batch_size = pool.batch_size if batch_size is None else batch_size

@@ -134,6 +134,13 @@ def expand_arms(cfg: PipelineConfig) -> list[Arm]:
         ConfigError: no arm, a duplicate or malformed name, or a method whose inputs the job's
             stages do not produce.
     """
+    if cfg.select.lazy_embed:
+        # Every arm's select reads the one shared embed folder: arms running side by side
+        # would embed into it at once, and only the deita arms read embeddings at all.
+        raise ConfigError(
+            "select.lazy_embed: not supported by the study job (its arms share one embed "
+            "output); set it to false"
+        )
     arms: list[Arm] = []
     for i, a in enumerate(cfg.study.arms):
         key = f"study.arms[{i}]"
@@ -314,7 +321,7 @@ def _write_derived(src: str, dst: str, method: str, source_hash: str) -> None:
 def prepare_arm(out_dir: str, run: Run, shared_manifest: dict) -> str:
     """Create ``<out_dir>/arms/<run>``: links to the shared outputs (or derived copies) and
     the shared stages' manifest entries. Returns the run's folder."""
-    from deita_ray.pipeline import MANIFEST, _write_json_atomic, read_manifest
+    from deita_ray.pipeline import MANIFEST, read_manifest, write_json_atomic
 
     arm = run.arm
     arm_dir = os.path.join(out_dir, ARMS_DIR, run.name)
@@ -338,15 +345,15 @@ def prepare_arm(out_dir: str, run: Run, shared_manifest: dict) -> str:
             manifest.setdefault("stages", {})[stage] = copy.deepcopy(entry)
         else:
             manifest.setdefault("stages", {}).pop(stage, None)
-    _write_json_atomic(os.path.join(arm_dir, MANIFEST), manifest)
+    write_json_atomic(os.path.join(arm_dir, MANIFEST), manifest)
     return arm_dir
 
 
 def _run_arm(cfg: PipelineConfig) -> dict:
     """Body of an arm's Ray task: the pipeline over the arm's folder."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from deita_ray.pipeline import run
+    from deita_ray.pipeline import run, setup_logging
 
+    setup_logging()
     t0 = time.perf_counter()
     report = run(cfg)
     return {"seconds": round(time.perf_counter() - t0, 3), "stages": report.get("stages", {})}
@@ -382,6 +389,18 @@ def run_study(cfg: PipelineConfig) -> dict:
     running: dict[Any, Run] = {}
     results: dict[str, dict] = {}
     t_arms = time.perf_counter()
+
+    def write_summary() -> dict:
+        """study.json and study.md from the runs finished so far."""
+        seconds = {
+            "shared_s": shared_seconds,
+            "arms_s": round(time.perf_counter() - t_arms, 3),
+            "total_s": round(time.perf_counter() - t0, 3),
+        }
+        study = summarize(cfg, out_dir, arms, results, shared_report.get("stages", {}), seconds)
+        write_outputs(out_dir, study)
+        return study
+
     while pending or running:
         while pending and len(running) < cfg.study.max_concurrent_arms:
             r = pending.popleft()
@@ -398,23 +417,8 @@ def run_study(cfg: PipelineConfig) -> dict:
                 results[r.name] = {"status": "failed", "error": _error_text(e)}
                 log.error("run %s: failed: %s", r.name, results[r.name]["error"])
             # The summary so far, after every run: a long study shows its table as it goes.
-            partial = {
-                "shared_s": shared_seconds,
-                "arms_s": round(time.perf_counter() - t_arms, 3),
-                "total_s": round(time.perf_counter() - t0, 3),
-            }
-            write_outputs(
-                out_dir,
-                summarize(cfg, out_dir, arms, results, shared_report.get("stages", {}), partial),
-            )
-    timing = {
-        "shared_s": shared_seconds,
-        "arms_s": round(time.perf_counter() - t_arms, 3),
-        "total_s": round(time.perf_counter() - t0, 3),
-    }
-    study = summarize(cfg, out_dir, arms, results, shared_report.get("stages", {}), timing)
-    write_outputs(out_dir, study)
-    return study
+            write_summary()
+    return write_summary()
 
 
 def _error_text(e: BaseException) -> str:
@@ -1057,7 +1061,7 @@ def plot_study(study: dict, plots_dir: str) -> list[str]:
     """plots/study_metrics.png (per eval set, each arm's Δ vs random with its Holm-corrected
     interval and its ±MDE band) and plots/study_selection.png (selection statistics per
     arm)."""
-    from deita_ray.report import _figure, _save
+    from deita_ray.report.plots import figure, save_png
 
     written = []
     panels = [
@@ -1067,7 +1071,7 @@ def plot_study(study: dict, plots_dir: str) -> list[str]:
     ]
     if panels:
         width = max(6, 0.7 * max(len(lk["arms"]) for _, lk in panels) + 3)
-        fig = _figure(width * len(panels), 4.5)
+        fig = figure(width * len(panels), 4.5)
         axes = np.atleast_1d(fig.subplots(1, len(panels)))
         for ax, (sname, lk) in zip(axes, panels, strict=True):
             names = [n for n, a in lk["arms"].items() if "delta" in a]
@@ -1090,7 +1094,7 @@ def plot_study(study: dict, plots_dir: str) -> list[str]:
             ax.set_xticks(x, names, rotation=45, ha="right")
             ax.set_title(f"{sname}: Δ NLL/token vs random (grey: ±MDE)")
             ax.grid(alpha=0.3, axis="y")
-        written.append(_save(fig, plots_dir, "study_metrics.png"))
+        written.append(save_png(fig, plots_dir, "study_metrics.png"))
     selections: dict[str, dict] = {}
     for a in study["arms"].values():
         if a.get("selection") and a.get("arm", "") not in selections:
@@ -1105,7 +1109,7 @@ def plot_study(study: dict, plots_dir: str) -> list[str]:
     # Arms not run yet (a summary written while the study goes on) have no statistics.
     keys = [k for k in keys if any(sel.get(k[0]) is not None for sel in selections.values())]
     if keys:
-        fig = _figure(4 * len(keys), 4)
+        fig = figure(4 * len(keys), 4)
         axes = np.atleast_1d(fig.subplots(1, len(keys)))
         names = list(selections)
         for ax, (key, label) in zip(axes, keys, strict=True):
@@ -1114,17 +1118,17 @@ def plot_study(study: dict, plots_dir: str) -> list[str]:
             ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right")
             ax.set_title(f"selection: mean {label}")
             ax.grid(alpha=0.3, axis="y")
-        written.append(_save(fig, plots_dir, "study_selection.png"))
+        written.append(save_png(fig, plots_dir, "study_selection.png"))
     return [f"plots/{w}" for w in written]
 
 
 def write_outputs(out_dir: str, study: dict) -> None:
     """study.json, study.md and the plots, each written atomically."""
-    from deita_ray.pipeline import _write_json_atomic
-    from deita_ray.report import _jsonable
+    from deita_ray.pipeline import write_json_atomic
+    from deita_ray.report.section import jsonable
 
     study["plots"] = plot_study(study, os.path.join(out_dir, "plots"))
-    _write_json_atomic(os.path.join(out_dir, STUDY_JSON), _jsonable(study))
+    write_json_atomic(os.path.join(out_dir, STUDY_JSON), jsonable(study))
     tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{STUDY_MD}")
     with open(tmp, "w") as f:
         f.write(render_markdown(study))

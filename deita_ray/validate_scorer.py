@@ -46,7 +46,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from deita_ray.config import ConfigError, PipelineConfig, load_config
+from deita_ray.config import ConfigError, PipelineConfig
+from deita_ray.job import load_job
 
 BUCKETS: tuple[tuple[str, float, float], ...] = (
     ("< 0.8", -math.inf, 0.8),
@@ -278,7 +279,7 @@ def plot_validation(result: dict, plots_dir: str) -> str:
     baseline (hatched; one bar when every score was compared on the same pairs). Scores that
     tie on every pair (e.g. instruction lengths: both rows share the prompt) are left out of
     the plot (they are in the JSON). The dashed line is chance."""
-    from deita_ray.report import _figure, _save  # noqa: PLC0415
+    from deita_ray.report.plots import figure, save_png  # noqa: PLC0415
 
     groups = ["overall", *[label for label, _, _ in BUCKETS]]
 
@@ -297,7 +298,7 @@ def plot_validation(result: dict, plots_dir: str) -> str:
     for k, base in enumerate(baselines):
         label = "length only" if len(baselines) == 1 else f"length only ({k + 1})"
         bars.append((label, base, "//"))
-    fig = _figure(max(7.0, 1.2 * len(groups) * max(1, len(bars)) ** 0.5), 4.6)
+    fig = figure(max(7.0, 1.2 * len(groups) * max(1, len(bars)) ** 0.5), 4.6)
     ax = fig.subplots()
     width = 0.8 / max(1, len(bars))
     for k, (label, src, hatch) in enumerate(bars):
@@ -312,7 +313,7 @@ def plot_validation(result: dict, plots_dir: str) -> str:
     ax.set_ylabel("pairwise accuracy (ties = 1/2)")
     ax.set_title(f"Scorers on {result['pairs']} preference pairs (ratio = chosen / rejected)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, plots_dir, PLOT)
+    return save_png(fig, plots_dir, PLOT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         overrides = [*args.overrides, f"output.dir={args.out}", "stages=[score]"]
-        cfg = load_config(args.config, overrides)
+        cfg = load_job(args.config, overrides)
         from deita_ray.selection.score_expr import ScoreExpressionError, parse  # noqa: PLC0415
 
         for text in args.score:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from deita_ray.accounting import StageCounts, current_entry, done_line
-from deita_ray.report import merge_earlier_stages
+from deita_ray.report.assembly import merge_earlier_stages
 from deita_ray.stages import registry
 
 NOT_PICKED = {"similar_to_selected": 150, "not_reached": 62}

@@ -241,10 +241,12 @@ def test_dataset_info_entries():
 
 
 def test_export_config_is_checked():
-    cfg = load_config(data={"demo_pool": True, "export": {"formats": ["alpaca"]}})
+    from deita_ray.job import load_job
+
+    cfg = load_job(data={"demo_pool": True, "export": {"formats": ["alpaca"]}})
     assert cfg.export.formats == ["alpaca"]
     with pytest.raises(ConfigError, match="export.formats"):
-        load_config(data={"demo_pool": True, "export": {"formats": ["parquet"]}})
+        load_job(data={"demo_pool": True, "export": {"formats": ["parquet"]}})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,13 +18,14 @@ import deita_ray.report as report_module
 from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import CANONICAL_SCHEMA
 from deita_ray.report import write_report
-from deita_ray.reporting import ReportContext, summarize
-from deita_ray.selection.greedy import select_diverse
-from deita_ray.stages.reports.select import (
+from deita_ray.report.section import ReportContext
+from deita_ray.report.sections.select import (
     read_selected_embeddings,
     read_selection,
     selection_tau,
 )
+from deita_ray.selection.calibration import summarize
+from deita_ray.selection.greedy import select_diverse
 
 REPO = Path(__file__).resolve().parents[1]
 N, DIM, TAU, BUDGET = 300, 32, 0.9, 40
@@ -324,7 +325,7 @@ def test_a_later_job_in_the_same_dir_reports_every_finished_stage(job, tmp_path)
 def test_the_browser_orders_rows_by_the_selections_own_score(job, tmp_path):
     """With the default select.score the browser's score is evol_score; with another, the
     decisions' selection_score (the value the selection ordered by, for every pool row)."""
-    from deita_ray.report import assemble
+    from deita_ray.report.assembly import assemble
     from deita_ray.stages.select import run_select
 
     assert assemble(str(job["out"]), job["stages"]).row_score == "evol_score"
@@ -343,7 +344,7 @@ def test_the_browser_orders_rows_by_the_selections_own_score(job, tmp_path):
 
 
 def test_eval_part_shows_each_sets_metrics_with_their_intervals(tmp_path):
-    from deita_ray.stages.reports.eval import build
+    from deita_ray.report.sections.eval import build
 
     lk = {"nll_token_mean": 1.25, "nll_token_mean_ci95": [1.1, 1.4], "rows": 48}
     judge = {"rating_mean": 6.5, "rating_mean_ci95": [6.0, 7.0]}

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pytest
 from headless import Browser, local_only
 
-import deita_ray.report_html as report_html
+import deita_ray.report.html as report_html
 from deita_ray.report import rebuild, write_report
-from deita_ray.reporting import SELECTED
+from deita_ray.report.section import SELECTED
 
 HOSTILE = '<script>window.__pwned = 1</script></script><!-- <b onmouseover="x()">bold?</b> & co'
 """The text benchmarks/report.py plants in one row and one reject."""

@@ -42,6 +42,27 @@ def test_map_batches_kwargs_from_a_size_or_a_range():
     assert kw["batch_size"] == 4
 
 
+def test_a_pool_config_with_max_concurrency_autoscales():
+    import pytest
+
+    from deita_ray.config import ConfigError, load_config
+
+    cfg = load_config(
+        data={"demo_pool": True, "score": {"resources": {"concurrency": 2, "max_concurrency": 16}}}
+    )
+    compute = map_batches_kwargs(cfg.score.resources)["compute"]
+    assert (compute.min_size, compute.max_size) == (2, 16)
+    fixed = map_batches_kwargs(load_config(data={"demo_pool": True}).score.resources)["compute"]
+    assert (fixed.min_size, fixed.max_size) == (1, 1)
+    with pytest.raises(ConfigError, match=r"embed.resources.max_concurrency: 2 must be 0 .* >= co"):
+        load_config(
+            data={
+                "demo_pool": True,
+                "embed": {"resources": {"concurrency": 4, "max_concurrency": 2}},
+            }
+        )
+
+
 class _Identity:
     def __call__(self, batch):
         return batch

@@ -74,6 +74,9 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="two arms are named 'random_s0'"):
         expand_arms(cfg)
     trained = {**base, "stages": ["ingest", "select", "sft", "eval"], "eval": sets}
+    lazy = {**trained, "select": {"lazy_embed": True}, "study": {"arms": [{"method": "deita"}]}}
+    with pytest.raises(ConfigError, match="select.lazy_embed: not supported by the study"):
+        expand_arms(load_config(data=lazy))
     cfg = load_config(data={**trained, "study": {"arms": [{"method": "kcenter"}]}})
     with pytest.raises(ConfigError, match="needs the stages embed"):
         expand_arms(cfg)

@@ -209,24 +209,41 @@ class BatchView:
     is_live: Callable[[int], bool]
 
 
-class BoundScorer(ABC):
-    """One scorer ready to run on a worker (its tokenizer loaded, its budget known)."""
+Requests = list[LabelRequest | LogprobRequest]
+"""What :meth:`BoundScorer.prepare` hands to the engine and :meth:`BoundScorer.finish` gets
+back answered."""
 
-    def __init__(self, spec: ScorerSpec, tokenizer: Any, budget: int):
+
+class BoundScorer(ABC):
+    """One scorer ready to run on a worker (its tokenizer loaded, its budget known).
+
+    A kind's scorer is its arithmetic only: :meth:`prepare` and :meth:`finish`; what every
+    scorer needs (its kind, spec, tokenizer and budget, null columns, the columns as Arrow
+    arrays) is here.
+    """
+
+    def __init__(self, kind: ScorerKind, spec: ScorerSpec, tokenizer: Any, budget: int):
+        self.kind = kind
         self.spec = spec
         self.tokenizer = tokenizer
         self.budget = budget
 
     @abstractmethod
-    def prepare(self, view: BatchView) -> list[LabelRequest | LogprobRequest]:
+    def prepare(self, view: BatchView) -> Requests:
         """Engine requests of the batch's live rows (may reject rows)."""
 
     @abstractmethod
-    def finish(
-        self, view: BatchView, requests: list[LabelRequest | LogprobRequest]
-    ) -> tuple[dict[str, pa.Array], list[bool]]:
+    def finish(self, view: BatchView, requests: Requests) -> tuple[dict[str, pa.Array], list[bool]]:
         """The scorer's columns from its answered requests (rows rejected anywhere: null),
         and per row whether this scorer truncated the row's text."""
+
+    def nulls(self, view: BatchView, keys: Sequence[str]) -> dict[str, list]:
+        """Per output key, one null per row of the batch (the values :meth:`finish` fills)."""
+        return {k: [None] * view.n for k in keys}
+
+    def arrays(self, values: dict[str, list]) -> dict[str, pa.Array]:
+        """The Arrow columns of the outputs the spec writes (:func:`output_arrays`)."""
+        return output_arrays(self.kind, self.spec, values)
 
 
 class ScorerKind(ABC):
@@ -234,6 +251,7 @@ class ScorerKind(ABC):
 
     Class attributes:
         kind: registered name.
+        scorer: the :class:`BoundScorer` class that :meth:`bind` makes.
         default_name: column name / prefix when the entry sets none.
         uses_model: loads an engine (runs in a model actor pool); False: a CPU task.
         has_labels: its label token ids come from the model's tokenizer
@@ -246,6 +264,7 @@ class ScorerKind(ABC):
     """
 
     kind: str = ""
+    scorer: type[BoundScorer]
     default_name: str = ""
     uses_model: bool = True
     has_labels: bool = False
@@ -323,9 +342,9 @@ class ScorerKind(ABC):
         """Fill what needs the tokenizer (label token ids) on the driver (override)."""
         return spec
 
-    @abstractmethod
     def bind(self, spec: ScorerSpec, tokenizer: Any, budget: int) -> BoundScorer:
         """The scorer ready to run on a worker with ``tokenizer`` and a prompt token budget."""
+        return self.scorer(self, spec, tokenizer, budget)
 
 
 # ------------------------------------------------------------------ column helpers

@@ -24,21 +24,12 @@ columns with ``quality``. When both run, the stage also writes ``evol_score`` =
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deita_ray.scorers.base import (
-    FLAG,
-    ROW,
-    TURN,
-    BatchView,
-    BoundScorer,
-    LabelRequest,
-    LogprobRequest,
-    Output,
-    ScorerKind,
-    ScorerSpec,
-    output_arrays,
-)
+from deita_ray.scorers.base import FLAG, ROW, TURN, BoundScorer, LabelRequest, Output, ScorerKind
+
+if TYPE_CHECKING:
+    from deita_ray.scorers.base import BatchView, Requests, ScorerSpec
 
 
 def label_outputs(label: str, extra_default: bool) -> tuple[Output, ...]:
@@ -61,16 +52,15 @@ class LabelScorer(BoundScorer):
     """Per turn, one prompt whose label distribution gives the turn's score."""
 
     def __init__(self, kind: ScorerKind, spec: ScorerSpec, tokenizer: Any, budget: int):
-        super().__init__(spec, tokenizer, budget)
+        super().__init__(kind, spec, tokenizer, budget)
         from deita_ray.scoring import PromptSpec  # noqa: PLC0415
 
-        self.kind = kind
         self.prompt = PromptSpec
         assert spec.label_ids is not None, "label ids are resolved on the driver"
         self.label_ids = spec.label_ids
 
-    def prepare(self, view: BatchView) -> list[LabelRequest | LogprobRequest]:
-        reqs: list[LabelRequest | LogprobRequest] = []
+    def prepare(self, view: BatchView) -> Requests:
+        reqs: Requests = []
         for i, turns in enumerate(view.turns):
             if turns is None:
                 continue
@@ -96,13 +86,14 @@ class LabelScorer(BoundScorer):
             "row": [sum(turn[i]) / len(turn[i]) if live[i] else None for i in range(view.n)],
             "truncated": [cut[i] if view.is_live(i) else None for i in range(view.n)],
         }
-        return output_arrays(self.kind, self.spec, values), cut
+        return self.arrays(values), cut
 
 
 class LabelKind(ScorerKind):
     """A kind scored by the expected value over label tokens (DEITA, rating)."""
 
     has_labels = True
+    scorer = LabelScorer
     labels: tuple[str, ...] = ("1", "2", "3", "4", "5", "6")
 
     def label_strings(self, spec: ScorerSpec) -> tuple[str, ...]:
@@ -119,9 +110,6 @@ class LabelKind(ScorerKind):
 
     def override_key(self, spec: ScorerSpec) -> tuple[str, str]:
         return "score.digit_token_ids", "digit"
-
-    def bind(self, spec: ScorerSpec, tokenizer: Any, budget: int) -> BoundScorer:
-        return LabelScorer(self, spec, tokenizer, budget)
 
 
 class DeitaKind(LabelKind):

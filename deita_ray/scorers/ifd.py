@@ -38,30 +38,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-from deita_ray.scorers.base import (
-    FLAG,
-    ROW,
-    TURN,
-    BatchView,
-    BoundScorer,
-    LabelRequest,
-    LogprobRequest,
-    Output,
-    ScorerKind,
-    ScorerSpec,
-    output_arrays,
-)
-from deita_ray.scorers.perplexity import DEFAULT_TEMPLATE, ConversationScorer
+from deita_ray.scorers.base import ROW, TURN, LogprobRequest, Output, ScorerKind
+from deita_ray.scorers.perplexity import SCORED_TOKENS, ConversationScorer, PerplexityKind
+
+if TYPE_CHECKING:
+    from deita_ray.scorers.base import BatchView, Requests, ScorerSpec
 
 DEFAULT_MAX_IFD = 1.0
 
 
 class IFDScorer(ConversationScorer):
-    def prepare(self, view: BatchView) -> list[LabelRequest | LogprobRequest]:
+    def prepare(self, view: BatchView) -> Requests:
         self._layouts = self.layouts(view)
-        reqs: list[LabelRequest | LogprobRequest] = []
+        reqs: Requests = []
         p = len(self.prefix)
         for i, lay in self._layouts.items():
             reqs.append(LogprobRequest(i, -1, lay.seq, lay.start))
@@ -71,13 +62,8 @@ class IFDScorer(ConversationScorer):
         return reqs
 
     def finish(self, view: BatchView, requests: list) -> tuple[dict, list[bool]]:
-        n = view.n
         keys = ("turn", "turn_nll_cond", "turn_nll_alone", "row", "nll_cond", "nll_alone")
-        vals: dict[str, list] = {k: [None] * n for k in (*keys, "ppl_ratio", "tokens")}
-        vals["truncated"] = [None] * n
-        cut = [False] * n
-        for i, lay in self._layouts.items():
-            cut[i] = lay.cut
+        vals, cut = self.start(view, (*keys, "ppl_ratio", "tokens"))
         cond = {r.row: r for r in requests if r.turn < 0}
         alone = {(r.row, r.turn): r for r in requests if r.turn >= 0}
         max_ifd = self.spec.options.get("max_ifd")
@@ -110,14 +96,7 @@ class IFDScorer(ConversationScorer):
             ppl = math.exp(sum_c / count - sum_a / count)
             vals["ppl_ratio"][i] = ppl if keep else None
             vals["tokens"][i] = count
-        for i in range(n):
-            if view.is_live(i) and view.turns[i] is not None:
-                vals["truncated"][i] = cut[i]
-                if i not in self._layouts:  # all responses empty
-                    for k in ("turn", "turn_nll_cond", "turn_nll_alone"):
-                        vals[k][i] = [None] * len(view.turns[i])  # type: ignore[arg-type]
-                    vals["tokens"][i] = 0
-        return output_arrays(self.kind, self.spec, vals), cut
+        return self.close(view, vals, cut, ("turn", "turn_nll_cond", "turn_nll_alone"))
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -128,9 +107,13 @@ def _ratio(num: float, den: float) -> float | None:
     return r if math.isfinite(r) else None
 
 
-class IFDKind(ScorerKind):
+class IFDKind(PerplexityKind):
+    """Perplexity's prompt and layout, scored in two conditions."""
+
     kind = "ifd"
+    scorer = IFDScorer
     default_name = "ifd"
+    options = ("max_ifd",)
     outputs = (
         Output("turn", "turns", TURN, doc="IFD of each turn (raw ratio)"),
         Output("turn_nll_cond", "nll_cond_turns", TURN, doc="per turn: NLL given instruction"),
@@ -139,22 +122,14 @@ class IFDKind(ScorerKind):
         Output("nll_cond", "nll_cond", ROW, doc="token-weighted mean NLL given the instruction"),
         Output("nll_alone", "nll_alone", ROW, doc="token-weighted mean NLL of responses alone"),
         Output("ppl_ratio", "ppl_ratio", ROW, default=False, doc="Superfiltering's ifd_ppl"),
-        Output("tokens", "tokens", ROW, "int64", doc="response tokens scored"),
-        Output("truncated", "truncated", FLAG, "bool", doc="response tokens past the budget"),
+        *SCORED_TOKENS,
     )
-    options = ("max_ifd",)
-    template_fields = ("instruction",)
-    required_fields = ("instruction",)
-    default_template = DEFAULT_TEMPLATE
 
     def check(self, spec: ScorerSpec, digit_token_ids: Sequence[int] | None) -> ScorerSpec:
         opts = dict(spec.options)
         if opts.get("max_ifd") is None:
             opts["max_ifd"] = DEFAULT_MAX_IFD
         return dataclasses.replace(spec, options=opts)
-
-    def bind(self, spec: ScorerSpec, tokenizer: Any, budget: int) -> BoundScorer:
-        return IFDScorer(self, spec, tokenizer, budget)
 
 
 KINDS: dict[str, ScorerKind] = {"ifd": IFDKind()}

@@ -20,21 +20,12 @@ The selection baselines ``instruction_length`` / ``response_length`` rank by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-from deita_ray.scorers.base import (
-    ROW,
-    TURN,
-    BatchView,
-    BoundScorer,
-    LabelRequest,
-    LogprobRequest,
-    Output,
-    ScorerKind,
-    ScorerSpec,
-    output_arrays,
-)
+from deita_ray.scorers.base import ROW, TURN, BoundScorer, Output, ScorerKind
+
+if TYPE_CHECKING:
+    from deita_ray.scorers.base import BatchView, ScorerSpec
 
 TOKEN_OUTPUTS = (
     "instruction_tokens",
@@ -45,11 +36,7 @@ TOKEN_OUTPUTS = (
 
 
 class LengthScorer(BoundScorer):
-    def __init__(self, kind: ScorerKind, spec: ScorerSpec, tokenizer: Any, budget: int):
-        super().__init__(spec, tokenizer, budget)
-        self.kind = kind
-
-    def prepare(self, view: BatchView) -> list[LabelRequest | LogprobRequest]:
+    def prepare(self, view: BatchView) -> list:
         return []
 
     def finish(self, view: BatchView, requests: list) -> tuple[dict, list[bool]]:
@@ -60,7 +47,7 @@ class LengthScorer(BoundScorer):
             for instruction, response in view.turns[i]:  # type: ignore[union-attr]
                 texts["instruction"].append(instruction)
                 texts["response"].append(response)
-        vals: dict[str, list] = {o.key: [None] * n for o in self.kind.outputs}
+        vals = self.nulls(view, [o.key for o in self.kind.outputs])
         for part in ("instruction", "response"):
             counts = {"chars": [len(x) for x in texts[part]]}
             if self.tokenizer is not None and texts[part]:
@@ -73,11 +60,12 @@ class LengthScorer(BoundScorer):
                     vals[f"{part}_{unit}_turns"][i] = values[k : k + m]
                     vals[f"{part}_{unit}"][i] = sum(values[k : k + m])
                 k += m
-        return output_arrays(self.kind, self.spec, vals), [False] * n
+        return self.arrays(vals), [False] * n
 
 
 class LengthKind(ScorerKind):
     kind = "length"
+    scorer = LengthScorer
     default_name = ""
     uses_model = False
     outputs = tuple(
@@ -107,12 +95,6 @@ class LengthKind(ScorerKind):
             columns = {k: v for k, v in spec.columns.items() if k not in TOKEN_OUTPUTS}
             spec = dataclasses.replace(spec, columns=columns)
         return spec
-
-    def check(self, spec: ScorerSpec, digit_token_ids: Sequence[int] | None) -> ScorerSpec:
-        return spec
-
-    def bind(self, spec: ScorerSpec, tokenizer: Any, budget: int) -> BoundScorer:
-        return LengthScorer(self, spec, tokenizer, budget)
 
 
 KINDS: dict[str, ScorerKind] = {"length": LengthKind()}

@@ -26,25 +26,24 @@ nulls (nothing to score; not a reject).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deita_ray.scorers.base import (
-    FLAG,
-    ROW,
-    TURN,
-    BatchView,
-    BoundScorer,
-    LabelRequest,
-    LogprobRequest,
-    Output,
-    ScorerKind,
-    ScorerSpec,
-    output_arrays,
-)
+from deita_ray.scorers.base import FLAG, ROW, TURN, BoundScorer, LogprobRequest, Output, ScorerKind
+
+if TYPE_CHECKING:
+    from deita_ray.scorers.base import BatchView, Requests, ScorerSpec
 
 DEFAULT_TEMPLATE = "{instruction}\n"
 """Superfiltering's plain prompt (``PROMPT_DICT_NONE``): the instruction and a newline."""
+
+SCORED_TOKENS = (
+    Output("tokens", "tokens", ROW, "int64", doc="response tokens scored"),
+    Output("truncated", "truncated", FLAG, "bool", doc="response tokens past the budget"),
+)
+"""The last outputs of every :class:`ConversationScorer` kind (:meth:`ConversationScorer.close`
+writes them)."""
 
 
 def context_prefix(tokenizer: Any) -> list[int]:
@@ -94,8 +93,7 @@ class ConversationScorer(BoundScorer):
     """Renders rows for token-log-probability kinds and folds NLLs (perplexity, ifd)."""
 
     def __init__(self, kind: ScorerKind, spec: ScorerSpec, tokenizer: Any, budget: int):
-        super().__init__(spec, tokenizer, budget)
-        self.kind = kind
+        super().__init__(kind, spec, tokenizer, budget)
         self.prefix = context_prefix(tokenizer)
 
     def layouts(self, view: BatchView) -> dict[int, Layout]:
@@ -149,19 +147,36 @@ class ConversationScorer(BoundScorer):
         part = values[lo : lo + (b - a)]
         return -math.fsum(float(v) for v in part), b - a
 
+    def start(self, view: BatchView, keys: Sequence[str]) -> tuple[dict[str, list], list[bool]]:
+        """Null values of ``keys`` and ``truncated``, and per row whether its layout was cut
+        (after :meth:`layouts`, in :meth:`finish`)."""
+        cut = [False] * view.n
+        for i, lay in self._layouts.items():
+            cut[i] = lay.cut
+        return self.nulls(view, (*keys, "truncated")), cut
+
+    def close(
+        self, view: BatchView, vals: dict[str, list], cut: list[bool], turn_keys: Sequence[str]
+    ) -> tuple[dict, list[bool]]:
+        """The columns: every live row with turns gets its ``truncated`` flag, and one whose
+        responses are all empty a null per turn (``turn_keys``) and 0 tokens."""
+        for i in range(view.n):
+            if view.is_live(i) and view.turns[i] is not None:
+                vals["truncated"][i] = cut[i]
+                if vals[turn_keys[0]][i] is None:  # all responses empty: one null per turn
+                    for k in turn_keys:
+                        vals[k][i] = [None] * len(view.turns[i])  # type: ignore[arg-type]
+                    vals["tokens"][i] = 0
+        return self.arrays(vals), cut
+
 
 class PerplexityScorer(ConversationScorer):
-    def prepare(self, view: BatchView) -> list[LabelRequest | LogprobRequest]:
+    def prepare(self, view: BatchView) -> Requests:
         self._layouts = self.layouts(view)
         return [LogprobRequest(i, -1, lay.seq, lay.start) for i, lay in self._layouts.items()]
 
     def finish(self, view: BatchView, requests: list) -> tuple[dict, list[bool]]:
-        n = view.n
-        vals: dict[str, list] = {k: [None] * n for k in ("turn_nll", "nll", "row", "tokens")}
-        vals["truncated"] = [None] * n
-        cut = [False] * n
-        for i, lay in self._layouts.items():
-            cut[i] = lay.cut
+        vals, cut = self.start(view, ("turn_nll", "nll", "row", "tokens"))
         for r in requests:
             i = r.row
             if not view.is_live(i):
@@ -181,31 +196,22 @@ class PerplexityScorer(ConversationScorer):
             vals["nll"][i] = total / count
             vals["row"][i] = math.exp(total / count)
             vals["tokens"][i] = count
-        for i in range(n):
-            if view.is_live(i) and view.turns[i] is not None:
-                vals["truncated"][i] = cut[i]
-                if vals["turn_nll"][i] is None:  # all responses empty: one null per turn
-                    vals["turn_nll"][i] = [None] * len(view.turns[i])  # type: ignore[arg-type]
-                    vals["tokens"][i] = 0
-        return output_arrays(self.kind, self.spec, vals), cut
+        return self.close(view, vals, cut, ("turn_nll",))
 
 
 class PerplexityKind(ScorerKind):
     kind = "perplexity"
+    scorer = PerplexityScorer
     default_name = "ppl"
     outputs = (
         Output("turn_nll", "nll_turns", TURN, doc="mean NLL per response token, per turn"),
         Output("nll", "nll", ROW, doc="token-weighted mean NLL over the row's response tokens"),
         Output("row", "", ROW, doc="exp(nll): the row's response perplexity"),
-        Output("tokens", "tokens", ROW, "int64", doc="response tokens scored"),
-        Output("truncated", "truncated", FLAG, "bool", doc="response tokens past the budget"),
+        *SCORED_TOKENS,
     )
     template_fields = ("instruction",)
     required_fields = ("instruction",)
     default_template = DEFAULT_TEMPLATE
-
-    def bind(self, spec: ScorerSpec, tokenizer: Any, budget: int) -> BoundScorer:
-        return PerplexityScorer(self, spec, tokenizer, budget)
 
 
 KINDS: dict[str, ScorerKind] = {"perplexity": PerplexityKind()}

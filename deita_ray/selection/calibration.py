@@ -11,7 +11,9 @@ Two pure functions over the pool's arrays (no Ray, no files):
   near-duplicates. Exact against the whole pool (canonical cosines, see greedy.py); only the
   query rows are sampled.
 
-:func:`tau_grid` gives the default list of taus around a configured one.
+:func:`tau_grid` gives the default list of taus around a configured one; :func:`summarize`
+and :func:`histogram` describe a distribution of values (these cosines in the select stage's
+metrics, and every score in the report).
 """
 
 from __future__ import annotations
@@ -183,3 +185,36 @@ def nearest_neighbor_cosines(
         "pool": int(len(pool)),
         "method": f"{how}, each against all {len(pool)} rows of the pool (exact cosines)",
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Distribution summaries
+
+
+def summarize(values: np.ndarray) -> dict | None:
+    """count/mean/median/p10/p90/min/max of the finite values, or None when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    p10, median, p90 = np.percentile(values, [10, 50, 90])
+    return {
+        "count": int(values.size),
+        "mean": float(values.mean()),
+        "median": float(median),
+        "p10": float(p10),
+        "p90": float(p90),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+
+
+def histogram(values: np.ndarray, bins: int = 50) -> dict | None:
+    """``{"edges", "counts"}`` of the finite values (None when there are none)."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    lo, hi = float(values.min()), float(values.max())
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi if hi > lo else lo + 1e-6))
+    return {"edges": edges.tolist(), "counts": counts.tolist()}

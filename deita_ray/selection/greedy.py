@@ -707,6 +707,145 @@ class GreedySelector:
         scr.best_sim[rows], scr.best_rank[rows] = b, r
 
 
+class IncrementalGreedy:
+    """The exact greedy fed its candidates in order, a chunk at a time: one state, many feeds.
+
+    The state is the accepted set (a :class:`GreedySelector`) plus what the greedy decided for
+    every row it examined. :func:`select_diverse` feeds it the whole candidate order, block by
+    block; the lazy method (:mod:`deita_ray.selection.lazy`) feeds each chunk as soon as it is
+    embedded. Both run the same kernel (:meth:`GreedySelector.offer`) on the same rows in the
+    same order, so the picks, their order and the explanations of every examined row
+    (``rejected_by`` / ``rejected_sim``, canonical cosines) are identical whatever the chunk
+    sizes; only ``max_sim`` (a float32 kernel value, see the module docstring) may differ in
+    the last bits when the chunks cut the order elsewhere than ``block_size`` does.
+
+    Positions are *candidate positions*: the k-th row ever fed is position k.
+
+    Args:
+        dim: embedding dimension.
+        tau: cosine threshold.
+        budget: most rows to accept (the capacity of the accepted set).
+        block_size: rows per :meth:`GreedySelector.offer` (a chunk longer than this is
+            offered in blocks).
+        device: ``"numpy"``, ``"cpu"`` or ``"cuda"`` (already resolved, see
+            :func:`resolve_device`).
+        explain: also find what each rejected row was too similar to.
+        on_product: optional :data:`ProductHook`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        tau: float,
+        budget: int,
+        block_size: int = 1024,
+        device: str = "numpy",
+        explain: bool = True,
+        on_product: ProductHook | None = None,
+    ):
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.selector = GreedySelector(dim, tau, max(0, int(budget)), device, on_product)
+        self.block_size = int(block_size)
+        self.explain = explain
+        self.fed = 0
+        """Rows fed so far (examined or not)."""
+        self.scanned = 0
+        """Rows examined so far: every row fed, except those fed after the budget filled."""
+        self._picks: list[np.ndarray] = []
+        self._sims: list[np.ndarray] = []
+        self._rejected: list[np.ndarray] = []
+        self._rank: list[np.ndarray] = []
+        self._sim: list[np.ndarray] = []
+
+    @property
+    def full(self) -> bool:
+        """The budget is full: no row fed from now on is examined."""
+        return self.selector.full
+
+    @property
+    def selected(self) -> int:
+        return self.selector.k
+
+    @property
+    def band_checks(self) -> int:
+        return self.selector.band_checks
+
+    def feed(self, x: np.ndarray) -> int:
+        """Run the greedy over the next rows of the candidate order.
+
+        Args:
+            x: ``[r, d]`` finite embeddings (any float dtype, not necessarily normalised) of
+                the next ``r`` candidates, in candidate order.
+
+        Returns:
+            How many of them were examined (fewer than ``r`` only when the budget filled).
+        """
+        base = self.fed
+        self.fed += len(x)
+        if self.full:
+            return 0
+        seen = 0
+        for start in range(0, len(x), self.block_size):
+            if self.full:
+                break
+            res = self.selector.offer(
+                normalize_rows(x[start : start + self.block_size]), self.explain
+            )
+            at = base + start
+            self._picks.append(at + res.pos)
+            self._sims.append(res.max_sim)
+            self._rejected.append(at + res.rejected)
+            if self.explain:
+                self._rank.append(res.rejected_rank)
+                self._sim.append(res.rejected_sim)
+            seen = start + res.examined
+        self.scanned = base + seen
+        return seen
+
+    @staticmethod
+    def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
+
+    @property
+    def picks(self) -> np.ndarray:
+        """Candidate positions of the accepted rows, in selection order."""
+        return self._cat(self._picks, np.int64)
+
+    @property
+    def max_sim(self) -> np.ndarray:
+        """Per accepted row its float32 max cosine to the rows accepted before it (NaN first)."""
+        return self._cat(self._sims, np.float32)
+
+    @property
+    def rejected(self) -> np.ndarray:
+        """Candidate positions of the rows rejected for similarity."""
+        return self._cat(self._rejected, np.int64)
+
+    def explain_into(
+        self,
+        rows: np.ndarray,
+        status: np.ndarray,
+        rejected_by: np.ndarray | None,
+        rejected_sim: np.ndarray | None,
+    ) -> None:
+        """Write the decisions into per-pool-row arrays (see :class:`SelectionResult`).
+
+        Args:
+            rows: pool position of each candidate position fed (``rows[k]``: the k-th row fed).
+            status: set to ``SELECTED`` / ``SIMILAR`` for the examined rows (others untouched).
+            rejected_by, rejected_sim: filled for the rejected rows when not None (and the
+                greedy explains).
+        """
+        status[rows[self.picks]] = SELECTED
+        rej = rows[self.rejected]
+        status[rej] = SIMILAR
+        if self.explain and rejected_by is not None:
+            rejected_by[rej] = self._cat(self._rank, np.int64)
+        if self.explain and rejected_sim is not None:
+            rejected_sim[rej] = self._cat(self._sim, np.float64)
+
+
 def select_diverse(
     embeddings: np.ndarray,
     scores: np.ndarray,
@@ -759,33 +898,20 @@ def select_diverse(
     cand_mask = ~missing & finite
     order = candidate_order(scores, seq, cand_mask)
     capacity = max(0, min(int(budget), len(order)))
-    dev = resolve_device(device)
-    selector = GreedySelector(dim, tau, capacity, dev, on_product)
+    greedy = IncrementalGreedy(
+        dim, tau, capacity, block_size, resolve_device(device), explain, on_product
+    )
+    for start in range(0, len(order), block_size):
+        if greedy.full:
+            break
+        greedy.feed(emb[order[start : start + block_size]])
     status = np.full(n, NOT_REACHED, np.int8)
     status[~finite] = INVALID_EMBEDDING
     status[missing] = MISSING_SCORE
     rejected_by = np.full(n, -1, np.int64) if explain else None
     rejected_sim = np.full(n, np.nan) if explain else None
-    picks: list[np.ndarray] = []
-    sims: list[np.ndarray] = []
-    scanned = 0
-    for start in range(0, len(order), block_size):
-        if selector.full:
-            break
-        blk = order[start : start + block_size]
-        res = selector.offer(normalize_rows(emb[blk]), explain)
-        picks.append(blk[res.pos])
-        sims.append(res.max_sim)
-        scanned = start + res.examined
-        status[blk[res.pos]] = SELECTED
-        status[blk[res.rejected]] = SIMILAR
-        if explain:
-            rejected_by[blk[res.rejected]] = res.rejected_rank
-            rejected_sim[blk[res.rejected]] = res.rejected_sim
-    if not selector.full:
-        scanned = len(order)
-    indices = np.concatenate(picks) if picks else np.empty(0, np.int64)
-    max_sim = np.concatenate(sims) if sims else np.empty(0, np.float32)
+    indices, max_sim, scanned = order[greedy.picks], greedy.max_sim, greedy.scanned
+    greedy.explain_into(order, status, rejected_by, rejected_sim)
     stats = {
         "pool": int(n),
         "candidates": int(len(order)),
@@ -796,7 +922,7 @@ def select_diverse(
         "missing_score": int(missing.sum()),
         "invalid_embedding": int((~finite & ~missing).sum()),
         "zero_vector": int((zero & cand_mask).sum()),
-        "band_checks": int(selector.band_checks),
+        "band_checks": int(greedy.band_checks),
     }
     return SelectionResult(
         indices=indices.astype(np.int64),

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,17 @@ class ScoreExpression:
     text: str
     names: tuple[str, ...]
     tree: ast.expr
+
+    def check_columns(self, names: Sequence[str], folder: str) -> None:
+        """Raise ValueError naming the first column the expression reads that ``folder``
+        (whose columns are ``names``) does not hold."""
+        missing = [c for c in self.names if c not in names]
+        if missing:
+            raise ValueError(
+                f"select.score={self.text!r} reads {missing[0]!r}, which {folder} does not "
+                f"hold (columns: {', '.join(names)}); re-run the score stage with a scorer "
+                "that writes it"
+            )
 
     @property
     def is_column(self) -> bool:

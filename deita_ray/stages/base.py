@@ -3,8 +3,10 @@
 A stage is data, in the manner of ``ray.data.llm``'s processor stages: its name, the config
 keys whose change must re-run it, the folders and columns it reads and writes, whether it
 resumes by shard, and the function that runs it. The pipeline (``deita_ray/pipeline.py``)
-reads these descriptors for order, config hashing, resume-or-clear and dispatch, and the
-report asks them what to plot; nothing outside ``deita_ray/stages`` names a stage.
+reads these descriptors for order, config hashing, resume-or-clear and dispatch; preflight reads
+the models and inputs they declare (:class:`ModelToLoad`, :class:`InputToRead`, defined here so
+that the stages import nothing above them). A stage knows nothing of the report: the report's
+section of a stage is in :mod:`deita_ray.report.sections`, keyed by the stage's name.
 
 A stage's ``run(cfg, out_dir)`` may assume:
 
@@ -19,16 +21,42 @@ It returns a :class:`~deita_ray.accounting.StageResult`; the pipeline checks its
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from deita_ray.accounting import StageResult
     from deita_ray.config import PipelineConfig
-    from deita_ray.preflight import InputToRead, ModelToLoad
-    from deita_ray.reporting import StageReport
     from deita_ray.training.memory import GpuUse
+
+
+# ---------------------------------------------------------------------------------------------
+# What a stage declares (deita_ray.preflight reads these before Ray starts)
+
+
+class ModelToLoad(NamedTuple):
+    """One model a stage loads: where the path comes from, the path, and its remote-code flag."""
+
+    key: str
+    path: str
+    trust_remote_code: bool
+
+
+class InputToRead(NamedTuple):
+    """Files a stage reads: the config key, its entries, how to read them, and the key that
+    says how (None where the files' names alone decide)."""
+
+    key: str
+    paths: list[str]
+    file_format: str
+    format_key: str | None
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether two local paths name the same place (after ``~`` and relative resolution)."""
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
 
 
 def config_part(cfg: PipelineConfig, dotted: str) -> Any:
@@ -78,7 +106,7 @@ class Stage:
         hash_ignore: keys dropped anywhere inside those values before hashing: settings
             that change how a stage runs but not what it writes (e.g. actor counts).
         extra_hash: optional ``fn(cfg) -> JSON-able`` for dependencies that are not a plain
-            key (e.g. SFT's base model defaults to the embedder's).
+            key (e.g. SFT's base model defaults to the embedder's); None adds nothing.
         reads: stage folders it reads, in order of preference (the first that has outputs).
         input_columns: columns it needs from what it reads.
         output_columns: columns of ``<out_dir>/<name>/*.parquet``.
@@ -100,8 +128,6 @@ class Stage:
             outside the job, which :mod:`deita_ray.preflight` checks before Ray starts.
         selects: the rows it reads and does not pick are *not selected*
             (``StageCounts.not_selected_by_reason``), not rejected.
-        report: optional :class:`~deita_ray.reporting.StageReport`: the per-row facts,
-            statistics and plots it contributes to the job report (docs/report.md).
         notes: optional ``fn(cfg) -> list[str]``: caveats about this run the report shows
             (e.g. a stand-in model), when the stage is in the job.
         doc: one line for ``--help`` and the report.
@@ -124,7 +150,6 @@ class Stage:
     inputs: Callable[[PipelineConfig], list[InputToRead]] | None = None
     gpu_uses: Callable[[PipelineConfig, str], list[GpuUse]] | None = None
     selects: bool = False
-    report: StageReport | None = None
     notes: Callable[[PipelineConfig], list[str]] | None = None
     doc: str = ""
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -134,6 +159,7 @@ class Stage:
         part: dict[str, Any] = {
             key: _drop_keys(config_part(cfg, key), self.hash_ignore) for key in self.config_keys
         }
-        if self.extra_hash is not None:
-            part["extra"] = self.extra_hash(cfg)
+        extra = self.extra_hash(cfg) if self.extra_hash is not None else None
+        if extra is not None:  # None: nothing beyond the keys (the hash is the keys' alone)
+            part["extra"] = extra
         return part

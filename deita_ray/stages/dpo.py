@@ -37,8 +37,14 @@ from deita_ray.data.formats import (
 )
 from deita_ray.data.read import file_stem
 from deita_ray.data.rejects import RANGE_END, RANGE_START, RANGE_UNIT, REASON, RejectMarks
-from deita_ray.preflight import InputToRead, ModelToLoad, same_path
-from deita_ray.stages.base import TRAINING_HASH_IGNORE, Stage, running_stage_hash
+from deita_ray.stages.base import (
+    TRAINING_HASH_IGNORE,
+    InputToRead,
+    ModelToLoad,
+    Stage,
+    running_stage_hash,
+    same_path,
+)
 from deita_ray.training.render import (
     IGNORE_INDEX,
     TemplateError,

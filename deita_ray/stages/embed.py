@@ -37,9 +37,8 @@ from deita_ray.data.sink import (
     write_with_rejects,
 )
 from deita_ray.models.embedding_spec import EmbeddingSpec
-from deita_ray.preflight import ModelToLoad
 from deita_ray.progress import count_rows, current_counter
-from deita_ray.stages.base import Stage
+from deita_ray.stages.base import ModelToLoad, Stage
 from deita_ray.templates import render_plain, render_vicuna
 
 RENDERERS = {"vicuna": render_vicuna, "plain": render_plain}
@@ -245,6 +244,22 @@ def embed_source(out_dir: str) -> str:
     return score if parquet_files(score) else stage_dir(out_dir, "ingest")
 
 
+def deferred_result() -> StageResult:
+    """Under ``select.lazy_embed``: nothing read, nothing written; the select stage embeds the
+    rows its greedy reads, in score order, into ``<out_dir>/embed``
+    (:mod:`deita_ray.stages.lazy_embed`)."""
+    from deita_ray.accounting import StageCounts  # noqa: PLC0415
+
+    note = (
+        "select.lazy_embed: the select stage embeds the rows its greedy reads, in score order, "
+        "into <output.dir>/embed (see the select stage's metrics.lazy_embed)"
+    )
+    return StageResult(
+        counts=StageCounts(rows_in=0, rows_out=0),
+        metrics={"deferred_to": "select", "note": note},
+    )
+
+
 def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     """Embed ``<out_dir>/score`` (or ``ingest``) into ``<out_dir>/embed`` (Ray initialised)."""
     import pyarrow.dataset as pds  # noqa: PLC0415
@@ -254,6 +269,8 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
     from deita_ray.models.registry import resolve_model_path  # noqa: PLC0415
     from deita_ray.runtime import map_batches_kwargs  # noqa: PLC0415
 
+    if cfg.select.lazy_embed:
+        return deferred_result()
     t0 = time.time()
     src = embed_source(out_dir)
     source = pds.dataset(src, format="parquet")
@@ -294,14 +311,23 @@ def run_embed(cfg: PipelineConfig, out_dir: str) -> StageResult:
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows_in / seconds, 3) if seconds > 0 else None,
     }
-    if parquet_files(out):
-        # The dimension from the schema and the flag column alone: the driver never holds the
-        # vectors (4.9 GB of float32 at 300K rows of 4096).
-        written = pds.dataset(out, format="parquet")
-        metrics["dim"] = written.schema.field(EMBEDDING).type.list_size
-        flags = written.to_table(columns=[EMBED_TRUNCATED])[EMBED_TRUNCATED]
-        metrics["truncated_rows"] = int(pc.sum(flags).as_py() or 0)
+    metrics.update(written_metrics(out))
     return StageResult(counts=counts, metrics=metrics)
+
+
+def written_metrics(folder: str) -> dict[str, int]:
+    """``dim`` and ``truncated_rows`` of an embed output folder, from the schema and the flag
+    column alone: the driver never holds the vectors (4.9 GB of float32 at 300K rows of 4096)."""
+    import pyarrow.dataset as pds  # noqa: PLC0415
+
+    if not parquet_files(folder):
+        return {}
+    written = pds.dataset(folder, format="parquet")
+    out = {"dim": written.schema.field(EMBEDDING).type.list_size}
+    if EMBED_TRUNCATED in written.schema.names:  # outputs of earlier versions lack it
+        flags = written.to_table(columns=[EMBED_TRUNCATED])[EMBED_TRUNCATED]
+        out["truncated_rows"] = int(pc.sum(flags).as_py() or 0)
+    return out
 
 
 def _models(cfg: PipelineConfig) -> list[ModelToLoad]:
@@ -318,10 +344,17 @@ def _gpu_uses(cfg: PipelineConfig, out_dir: str) -> list:
     return [GpuUse("embed.model.path", cfg.embed.model.path, "embedder", cfg.embed.model)]
 
 
+def _lazy_hash(cfg: PipelineConfig) -> dict | None:
+    # Toggling select.lazy_embed changes what this stage writes (all rows, or none); off adds
+    # nothing to the hash, so outputs written before the switch existed stay valid.
+    return {"lazy_embed": True} if cfg.select.lazy_embed else None
+
+
 STAGE = Stage(
     name="embed",
     run=run_embed,
     config_keys=("embed", "output.embedding_dtype"),
+    extra_hash=_lazy_hash,
     hash_ignore=("resources",),
     reads=("score", "ingest"),
     input_columns=("id", "seq", "messages"),

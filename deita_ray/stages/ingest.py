@@ -92,9 +92,7 @@ from deita_ray.data.sink import (
     stage_dir,
     write_atomic,
 )
-from deita_ray.preflight import InputToRead
-from deita_ray.stages.base import Stage
-from deita_ray.stages.reports.canonical import canonical_report
+from deita_ray.stages.base import InputToRead, Stage
 
 NAME = "ingest"
 
@@ -672,7 +670,6 @@ STAGE = Stage(
     output_columns=tuple(f.name for f in CANONICAL_SCHEMA),
     resumes_by_shard=True,  # by input file: keep_finished
     inputs=_inputs,
-    report=canonical_report(NAME),
     writes_parts=True,
     doc="pool files -> canonical rows (ids, messages, source, format, extra) and rejects",
 )

@@ -39,13 +39,11 @@ from deita_ray.data.sink import (
     stage_dir,
     write_with_rejects,
 )
-from deita_ray.preflight import ModelToLoad
 from deita_ray.progress import count_rows, current_counter
 from deita_ray.scorers import EVOL, TRUNCATED, get_kind
 from deita_ray.scorers.base import BatchView, BoundScorer, LabelRequest, LogprobRequest
 from deita_ray.scoring import PromptTooLong, expected_score, fit_prompt
-from deita_ray.stages.base import Stage
-from deita_ray.stages.reports.score import REPORT
+from deita_ray.stages.base import ModelToLoad, Stage
 
 KINDS: tuple[str, ...] = ("complexity", "quality")
 """The DEITA pair by its legacy short names (:func:`score_table`)."""
@@ -665,7 +663,6 @@ STAGE = Stage(
     counts_batches=True,
     models=_models,
     gpu_uses=_gpu_uses,
-    report=REPORT,
     notes=_notes,
     doc="every configured scorer per turn and row (default: DEITA complexity, quality, evol)",
 )

@@ -36,6 +36,11 @@ Accounting: selection is not rejection. Nothing is written to ``rejects/select``
 (cosine > tau to an earlier pick), ``not_reached`` (the budget filled before the row's turn),
 ``missing_score``, ``invalid_embedding`` (NaN/inf or null embedding), ``below_budget_cut``
 (baselines: ranked below the budget).
+
+Under ``select.lazy_embed`` (method ``deita``) the stage embeds the rows its greedy reads, in
+score order (:mod:`deita_ray.stages.lazy_embed`): ``rows_in`` is then the scored pool, and the
+embedder's rejects it met are ``rejected_by_reason`` (in ``rejects/embed``, left out of the
+decisions, as a full run never sees them); the tau calibration is computed on the examined rows.
 """
 
 from __future__ import annotations
@@ -72,9 +77,16 @@ from deita_ray.selection.pool import iter_pieces, load_pool, plan_shards
 from deita_ray.selection.score_expr import ScoreExpression
 from deita_ray.selection.score_expr import parse as parse_score
 from deita_ray.stages.base import Stage
-from deita_ray.stages.reports.select import REPORT, SELECTION_SCORE
+from deita_ray.stages.lazy_embed import (
+    lazy_embed_gpu_uses,
+    lazy_embed_models,
+    lazy_embed_notes,
+)
 
 NAME = "select"
+SELECTION_SCORE = "selection_score"
+"""The decisions' per-row value of ``select.score``: the report browser's score filter when it
+is not the default ``evol_score`` (which the score stage's part already offers)."""
 REASONS = (
     "similar_to_selected",
     "not_reached",
@@ -155,13 +167,7 @@ def _length_columns(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def _check_score_columns(files: list[str], score: ScoreExpression, folder: str) -> None:
-    names = pq.ParquetFile(files[0]).schema_arrow.names
-    missing = [c for c in score.names if c not in names]
-    if missing:
-        raise ValueError(
-            f"select.score={score.text!r} reads {missing[0]!r}, which {folder} does not hold "
-            f"(columns: {', '.join(names)}); re-run the score stage with a scorer that writes it"
-        )
+    score.check_columns(pq.ParquetFile(files[0]).schema_arrow.names, folder)
 
 
 def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[str, Any]]:
@@ -169,6 +175,16 @@ def _select(cfg: PipelineConfig, out_dir: str) -> tuple[SelectionResult, dict[st
     sc = cfg.select
     score = parse_score(sc.score)
     facts: dict[str, Any] = {}
+    if sc.method == "deita" and sc.lazy_embed:
+        from deita_ray.stages.lazy_embed import select_lazily  # noqa: PLC0415
+
+        res, facts = select_lazily(cfg, out_dir)
+        if sc.calibrate and "examined" in facts:
+            facts["calibration"] = calibrate(cfg, *facts.pop("examined"))
+            facts["calibration"]["computed_on"] = (
+                "the rows the greedy examined (select.lazy_embed: the others have no embedding)"
+            )
+        return res, facts
     if sc.method in ("deita", "kcenter"):
         files = parquet_files(stage_dir(out_dir, "embed"))
         if not files:
@@ -260,7 +276,7 @@ def calibrate(
     )
     nn = nearest_neighbor_cosines(embeddings, sample=CALIBRATION_SAMPLE, seed=0)
     cos = nn["cosine"][np.isfinite(nn["cosine"])]
-    from deita_ray.reporting import histogram, summarize
+    from deita_ray.selection.calibration import histogram, summarize
 
     return {
         "configured_tau": sc.tau,
@@ -462,6 +478,8 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
     why = decisions_dir(out_dir, NAME)
     os.makedirs(why, exist_ok=True)
     decisions = decisions_table(res, ids, seq, scores, facts.get("non_candidate"))
+    if "dropped" in facts:  # lazy_embed: the embedder's rejects are in no pool (as in full)
+        decisions = decisions.filter(pa.array(~facts["dropped"]))
     pq.write_table(decisions, os.path.join(why, "part-00000.parquet"))
     st = res.stats
     reasons = {}
@@ -469,7 +487,12 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
         v = int(st.get(_STAT_OF_REASON.get(reason, reason), 0))
         if v:
             reasons[reason] = v
-    counts = StageCounts(rows_in=int(st["pool"]), rows_out=len(res), not_selected_by_reason=reasons)
+    counts = StageCounts(
+        rows_in=int(facts.get("rows_in", st["pool"])),
+        rows_out=len(res),
+        rejected_by_reason=dict(facts.get("rejected_by_reason") or {}),
+        not_selected_by_reason=reasons,
+    )
     counts.check(NAME)
     metrics = {
         "method": sc.method,
@@ -486,6 +509,7 @@ def run_select(cfg: PipelineConfig, out_dir: str) -> StageResult:
         **({"length_source": facts["length_source"]} if "length_source" in facts else {}),
         "max_sim": _summary(res.max_sim),
         "calibration": facts.get("calibration"),
+        **({"lazy_embed": facts["lazy_embed"]} if "lazy_embed" in facts else {}),
         "timing_s": {
             "select": round(t_sel, 3),
             "join_write": round(time.perf_counter() - t0 - t_sel, 3),
@@ -504,6 +528,8 @@ STAGE = Stage(
     output_columns=("id", "rank", "evol_score", "max_sim"),
     rejects_are_failures=False,  # rows not selected are the point of the stage, not failures
     selects=True,
-    report=REPORT,
+    models=lazy_embed_models,
+    gpu_uses=lazy_embed_gpu_uses,
+    notes=lazy_embed_notes,
     doc="score-first diversity-aware selection (or a baseline) of select.budget rows",
 )

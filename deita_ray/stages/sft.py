@@ -32,8 +32,7 @@ from deita_ray.accounting import StageCounts, StageResult
 from deita_ray.config import PipelineConfig
 from deita_ray.data.formats import Reject, parse_messages, validate_messages
 from deita_ray.data.rejects import RejectMarks
-from deita_ray.preflight import ModelToLoad
-from deita_ray.stages.base import TRAINING_HASH_IGNORE, Stage, running_stage_hash
+from deita_ray.stages.base import TRAINING_HASH_IGNORE, ModelToLoad, Stage, running_stage_hash
 from deita_ray.training.render import (
     Encoded,
     TemplateError,

@@ -483,10 +483,11 @@ def _check_sized_for(job: dict, gpus: int, per_pod: int = 8) -> None:
     if "score" in cfg.stages:
         pools = len(model_groups(resolve_scorers(cfg)))
         res = cfg.score.resources
-        assert pools == 2 and res.concurrency * pools * res.num_gpus == gpus, name
+        assert pools == 2 and res.max_concurrency * pools * res.num_gpus == gpus, name
+        assert res.concurrency == 1, name  # autoscales from the first GPU pod
     if "embed" in cfg.stages:
         res = cfg.embed.resources
-        assert res.concurrency * res.num_gpus == gpus, name
+        assert res.max_concurrency * res.num_gpus == gpus and res.concurrency == 1, name
 
 
 def test_one_gpu_count_sizes_the_gpu_group_and_the_engines():

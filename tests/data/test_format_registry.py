@@ -16,13 +16,19 @@ from deita_ray.data.formats import (
     detect_format,
     register_format,
 )
+from deita_ray.job import describe_job, registered_names
 
 
 def test_config_choices_are_the_registry():
-    field = {f.name: f for f in dataclasses.fields(InputConfig)}["format"]
-    assert field.metadata["choices"] == ("auto", *RECORD_FORMATS)
+    # config.py holds no registry name (a leaf): the job checks input.format against these.
+    choices, doc = registered_names()["input.format"]
+    assert choices == ("auto", *RECORD_FORMATS)
+    assert {f.name: f for f in dataclasses.fields(InputConfig)}["format"].metadata[
+        "choices"
+    ] is None
     for shape in RECORD_FORMATS.values():  # the help text names how each one is detected
-        assert f"{shape.detected_by} -> {shape.name}" in field.metadata["doc"]
+        assert f"{shape.detected_by} -> {shape.name}" in doc
+    assert any(doc in line for line in describe_job())
     assert tuple(RECORD_FORMATS) == FORMATS
     assert set(FORMATS) == {"sharegpt", "messages", "alpaca", "dolly", "self_instruct", "hh"}
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deita_ray.config import ConfigError, describe, load_config
+from deita_ray.config import ConfigError
+from deita_ray.job import describe_job, load_job
 from deita_ray.scorers import (
     KIND_NAMES,
     cpu_scorers,
@@ -23,11 +24,11 @@ def _cfg(scorers, **select):
     data = {"demo_pool": True, "score": {"scorers": scorers}}
     if select:
         data["select"] = select
-    return load_config(data=data)
+    return load_job(data=data)
 
 
 def test_default_is_the_deita_pair_with_the_legacy_columns():
-    cfg = load_config(data={"demo_pool": True})
+    cfg = load_job(data={"demo_pool": True})
     specs = resolve_scorers(cfg)
     assert [s.kind for s in specs] == ["deita_complexity", "deita_quality"]
     assert [s.columns for s in specs] == [
@@ -46,7 +47,7 @@ def test_every_kind_is_registered_and_documented():
         kind = get_kind(name)
         assert kind.kind == name and kind.outputs
         assert all(o.doc for o in kind.outputs)
-    lines = describe()
+    lines = describe_job()
     assert any(line.startswith("score.scorers (list of ScorerConfig)") for line in lines)
     assert any(line.startswith("score.scorers[].kind (str") for line in lines)
 
@@ -176,7 +177,7 @@ def test_bad_scorer_configs_fail_at_load_naming_the_key(scorers, select, message
     if select:
         data["select"] = select
     with pytest.raises(ConfigError) as e:
-        load_config(data=data)
+        load_job(data=data)
     assert message in str(e.value)
 
 
@@ -190,7 +191,7 @@ def test_rating_with_the_deita_quality_template_has_its_pieces():
 
 
 def test_select_score_is_checked_only_when_select_runs():
-    cfg = load_config(
+    cfg = load_job(
         data={
             "demo_pool": True,
             "stages": ["ingest", "score"],

@@ -621,9 +621,9 @@ pa.set_io_thread_count(8)
 pa.table({"id": ["a"], "seq": [0]}).group_by("id").aggregate([("seq", "count")])
 pa.set_cpu_count(32)
 
-from deita_ray.report_html import source_table
+from deita_ray.report.html import source_table
 from deita_ray.stages.ingest import _reduce_bucket
-from deita_ray.stages.reports.select import why_not
+from deita_ray.report.sections.select import why_not
 
 # 64 parts of 2,000 (id, seq, part) rows; ids repeat across parts.
 buckets = [

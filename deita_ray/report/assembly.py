@@ -1,23 +1,25 @@
-"""The job report: ``<out>/report.json``, PNG plots in ``<out>/plots/`` and ``<out>/report.html``.
+"""Assembling the job report: ``<out>/report.json``, PNG plots in ``<out>/plots/`` and
+``<out>/report.html``.
 
-This module assembles; it names no stage. Every stage descriptor of the registry
-(:func:`deita_ray.stages.registry`) may carry a :class:`~deita_ray.reporting.StageReport`: its
-per-row facts, its statistics and its plots (the code beside the stage, in
-``deita_ray/stages/reports``). The report merges the stages' row facts into one table, lets
-each stage build its part from it, plots the loss of every stage that ``trains``, and writes:
+This module names no stage. Each stage of the registry (:func:`deita_ray.stages.registry`) may
+have a section (:data:`deita_ray.report.sections.SECTIONS`, keyed by stage name): a
+:class:`~deita_ray.report.section.StageReport` with its per-row facts, its statistics and its
+plots. The report merges the sections' row facts into one table, lets each section build its
+part from it, plots the loss of every stage that ``trains`` (:mod:`deita_ray.report.plots`),
+and writes:
 
 - ``report.json``: ``stages`` (per stage rows in/out/rejected by reason, time, metrics, as the
-  pipeline recorded them), ``statistics`` (the stages' parts), ``selected_ids`` (rank order),
+  pipeline recorded them), ``statistics`` (the sections' parts), ``selected_ids`` (rank order),
   ``plots`` (paths relative to the output directory), ``notes``;
 - ``plots/*.png``;
 - ``report.html``: one self-contained page with all of it and a sample browser of the rows
-  (:mod:`deita_ray.report_html`, docs/report.md).
+  (:mod:`deita_ray.report.html`, docs/report.md).
 
 :func:`write_report` is called by the pipeline at the end of a job with the per-stage results;
-``python -m deita_ray.report <out dir>`` rebuilds all three later from the ``stages`` section of
-an existing ``report.json`` (or of ``manifest.json``) plus the outputs on disk. Each part is
-produced only when its inputs exist: a job that ran only ``ingest`` gets a report without
-statistics plots instead of a crash, and the page says which stages are missing.
+``python -m deita_ray.report <out dir>`` (:func:`main`) rebuilds all three later from the
+``stages`` section of an existing ``report.json`` (or of ``manifest.json``) plus the outputs on
+disk. Each part is produced only when its inputs exist: a job that ran only ``ingest`` gets a
+report without statistics plots instead of a crash, and the page says which stages are missing.
 
 Example:
     >>> report = write_report("outputs/run", {"ingest": {"rows_in": 10, "rows_out": 10}})
@@ -36,16 +38,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from deita_ray.reporting import (
-    ReportContext,
-    figure,
-    jsonable,
-    merge_rows,
-    read_json,
-    save_png,
-)
+from deita_ray.report.plots import LOSS_PLOT, plot_losses
+from deita_ray.report.section import ReportContext, StageReport, jsonable, merge_rows, read_json
+from deita_ray.report.sections import SECTIONS
 
 if TYPE_CHECKING:
     from deita_ray.stages.base import Stage
@@ -53,26 +48,6 @@ if TYPE_CHECKING:
 REPORT_FILE = "report.json"
 MANIFEST_FILE = "manifest.json"
 PLOTS_DIR = "plots"
-LOSS_PLOT = "training_loss.png"
-
-# Older names, kept for code that imported them from here (the study job).
-_figure, _save, _jsonable = figure, save_png, jsonable
-
-
-def plot_losses(losses: dict[str, list[float]], plots_dir: str) -> str:
-    """Training loss per step, one panel per training stage."""
-    from matplotlib.ticker import MaxNLocator
-
-    fig = figure(6 * len(losses), 4)
-    axes = np.atleast_1d(fig.subplots(1, len(losses)))
-    for ax, (stage, loss) in zip(axes, losses.items(), strict=True):
-        ax.plot(np.arange(1, len(loss) + 1), loss, marker="." if len(loss) < 50 else None)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{stage.upper()} training loss")
-        ax.grid(alpha=0.3)
-    return save_png(fig, plots_dir, LOSS_PLOT)
 
 
 def _losses(stages: dict, descriptors: list[Stage]) -> dict[str, list[float]]:
@@ -95,6 +70,8 @@ class Assembled:
     plots: list[str]
     context: ReportContext
     descriptors: list[Stage]
+    sections: list[tuple[str, StageReport]] = field(default_factory=list)
+    """(stage name, its section) of the registry's stages that have one, in pipeline order."""
     plot_stage: dict[str, str] = field(default_factory=dict)
     """Plot path -> the stage it belongs to (``training`` for the loss plot)."""
 
@@ -103,38 +80,38 @@ class Assembled:
         """The per-row score column that orders rows (declared by a stage's report; a later
         stage's wins: the selection's own score over the score stage's default)."""
         rows = self.context.rows
-        for desc in reversed(self.descriptors):
-            score = desc.report.row_score if desc.report else None
+        for _, section in reversed(self.sections):
+            score = section.row_score
             if score and rows is not None and score in rows.column_names:
                 return score
         return None
 
 
 def assemble(out_dir: str, stages: dict, plots_dir: str | None = None) -> Assembled:
-    """Merge the stages' row facts, build every stage's part (writing plots when
+    """Merge the sections' row facts, build every section's part (writing plots when
     ``plots_dir`` is given) and the loss plot of the training stages."""
     from deita_ray.stages import registry
 
     descriptors = registry()
     ctx = ReportContext(out_dir=out_dir, stages=stages, plots_dir=plots_dir)
-    reports = [(d, d.report) for d in descriptors if d.report is not None]
+    reports = [(d.name, SECTIONS[d.name]) for d in descriptors if d.name in SECTIONS]
     ctx.rows = merge_rows([r.rows(ctx) for _, r in reports if r.rows is not None])
     statistics: dict[str, Any] = {}
     plots: list[str] = []
     plot_stage: dict[str, str] = {}
-    for desc, rep in reports:
+    for stage, rep in reports:
         if rep.build is None:
             continue
         part = rep.build(ctx)
         statistics.update(part.statistics)
         for name in part.plots:
             plots.append(f"{PLOTS_DIR}/{name}")
-            plot_stage[plots[-1]] = desc.name
+            plot_stage[plots[-1]] = stage
     losses = _losses(stages, descriptors)
     if losses and plots_dir is not None:
         plots.append(f"{PLOTS_DIR}/{plot_losses(losses, plots_dir)}")
         plot_stage[plots[-1]] = "training"
-    return Assembled(statistics, ctx.selected_ids(), plots, ctx, descriptors, plot_stage)
+    return Assembled(statistics, ctx.selected_ids(), plots, ctx, descriptors, reports, plot_stage)
 
 
 def build_statistics(out_dir: str, stages: dict, plots_dir: str | None = None) -> dict:
@@ -152,11 +129,11 @@ def build_statistics(out_dir: str, stages: dict, plots_dir: str | None = None) -
 
 
 def plot_patterns(descriptors: list[Stage]) -> list[str]:
-    """File name patterns of every plot the stages' reports (and the loss plot) may write."""
+    """File name patterns of every plot the stages' sections (and the loss plot) may write."""
     names = [LOSS_PLOT]
     for desc in descriptors:
-        if desc.report is not None:
-            names.extend(desc.report.plots)
+        if desc.name in SECTIONS:
+            names.extend(SECTIONS[desc.name].plots)
     return names
 
 
@@ -237,7 +214,7 @@ def write_report(out_dir: str, stages: dict[str, dict], notes: list[str] | None 
         }
     )
     _write_atomic(out_dir, REPORT_FILE, json.dumps(report, indent=2, allow_nan=False))
-    from deita_ray.report_html import HTML_FILE, render_html
+    from deita_ray.report.html import HTML_FILE, render_html
 
     _write_atomic(out_dir, HTML_FILE, render_html(out_dir, report, built))
     return report
@@ -281,7 +258,3 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,10 +41,10 @@ import pyarrow.parquet as pq
 
 from deita_ray.data.rejects import REJECTS_SCHEMA
 from deita_ray.data.sink import parquet_files, stage_dir
-from deita_ray.reporting import NOT_SCORES, SELECTED, read_json, score_columns, to_numpy
+from deita_ray.report.section import NOT_SCORES, SELECTED, read_json, score_columns, to_numpy
 
 if TYPE_CHECKING:
-    from deita_ray.report import Assembled
+    from deita_ray.report.assembly import Assembled
 
 HTML_FILE = "report.html"
 MAX_SELECTED = 10_000
@@ -183,9 +183,8 @@ def sample_positions(rows: pa.Table, row_score: str | None) -> tuple[np.ndarray,
 def _texts(built: Assembled, ids: list[str]) -> dict[str, Any]:
     """``messages`` of ``ids``, asked of every stage that has texts, in order, until found."""
     found: dict[str, Any] = {}
-    for desc in built.descriptors:
-        rep = desc.report
-        if rep is None or rep.texts is None:
+    for _, rep in built.sections:
+        if rep.texts is None:
             continue
         missing = [i for i in ids if i not in found]
         if not missing:
@@ -527,7 +526,7 @@ def payload(out_dir: str, report: dict, built: Assembled) -> dict:
 
 def render_html(out_dir: str, report: dict, built: Assembled) -> str:
     """The whole page."""
-    from deita_ray.report_page import PAGE
+    from deita_ray.report.page import PAGE
 
     data = payload(out_dir, report, built)
     title = html.escape(f"deita_ray report: {data['title']}")

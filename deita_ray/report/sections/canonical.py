@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from deita_ray.data.sink import stage_dir
-from deita_ray.reporting import ReportContext, StageReport, read_columns, rows_by_id
+from deita_ray.report.section import ReportContext, StageReport, read_columns, rows_by_id
 
 ROW_COLUMNS = ("id", "seq", "source")
 

@@ -26,33 +26,26 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pds
 
 from deita_ray.data.sink import decisions_dir, stage_dir
-from deita_ray.reporting import (
-    ACCENT_COLOR,
+from deita_ray.report.plots import ACCENT_COLOR, SELECTION_COLOR, figure, save_png
+from deita_ray.report.section import (
     SELECTED,
-    SELECTION_COLOR,
     ReportContext,
     ReportPart,
     StageReport,
-    dataset,
-    figure,
     merge_rows,
     read_columns,
     read_json,
-    save_png,
-    summarize,
+    rows_by_id,
     to_numpy,
 )
-from deita_ray.selection.calibration import nearest_neighbor_cosines
+from deita_ray.selection.calibration import nearest_neighbor_cosines, summarize
 from deita_ray.selection.pool import embedding_matrix
+from deita_ray.stages.select import SELECTION_SCORE
 
 NAME = "select"
 EMBED = "embed"
-SELECTION_SCORE = "selection_score"
-"""The decisions' per-row value of ``select.score``: the report browser's score filter when it
-is not the default ``evol_score`` (which the score stage's part already offers)."""
 TOP_REJECTERS = 10
 """Selected rows listed in ``why_not.top_rejecters`` (those that rejected the most rows)."""
 
@@ -76,25 +69,19 @@ def read_decisions(out_dir: str) -> pa.Table | None:
 
 
 def read_selected_embeddings(out_dir: str, ids: Sequence[str]) -> np.ndarray | None:
-    """Float32 embeddings of ``ids`` (rows in the order of ``ids``), scanning the embed output
-    batch by batch with an id filter so only the selected rows' vectors are kept.
+    """Float32 embeddings of ``ids`` (rows in the order of ``ids``), streamed from the embed
+    output so that only the selected rows' vectors are kept (:func:`rows_by_id`).
 
     Returns None when the embed output is absent or lacks any of the ids.
     """
-    ds = dataset(stage_dir(out_dir, EMBED), ["id", "embedding"])
-    if ds is None or not ids:
+    table = rows_by_id(stage_dir(out_dir, EMBED), ids, ["embedding"])
+    if table is None or "embedding" not in table.column_names:
         return None
-    wanted = pa.array(list(ids), ds.schema.field("id").type)
-    scanner = ds.scanner(
-        columns=["id", "embedding"], filter=pds.field("id").isin(wanted), batch_size=4096
-    )
+    table = table.filter(pc.is_valid(table["embedding"]))
     found: dict[str, np.ndarray] = {}
-    for batch in scanner.to_batches():
-        batch = batch.filter(pc.is_valid(batch["embedding"]))
-        if batch.num_rows == 0:
-            continue
-        vectors, _ = embedding_matrix(batch["embedding"])
-        for i, row_id in enumerate(batch["id"].to_pylist()):
+    if table.num_rows:
+        vectors, _ = embedding_matrix(table["embedding"])
+        for i, row_id in enumerate(table["id"].to_pylist()):
             found.setdefault(row_id, vectors[i])
     if any(i not in found for i in ids):
         return None

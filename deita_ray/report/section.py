@@ -1,10 +1,10 @@
-"""What a stage contributes to the job report, and the helpers its report code shares.
+"""What a stage's section of the job report gives (:class:`StageReport`), what it may read
+(:class:`ReportContext`), and the helpers the sections share to read finished outputs.
 
-The report (:mod:`deita_ray.report`) names no stage: it asks every stage descriptor
-(:class:`deita_ray.stages.base.Stage`, field ``report``) for a :class:`StageReport` and
-assembles what they give into ``report.json``, ``plots/`` and ``report.html``
-(docs/report.md). A stage's report code lives next to the stage (``deita_ray/stages/reports``);
-it reads the stage's own outputs and returns:
+The sections live in :mod:`deita_ray.report.sections`, keyed by stage name; the stages do not
+know them. :mod:`deita_ray.report.assemble` asks each section of a stage of the registry, in
+pipeline order, and assembles what they give into ``report.json``, ``plots/`` and
+``report.html`` (docs/report.md). A section reads its stage's finished outputs and returns:
 
 - **rows** (:attr:`StageReport.rows`): per-row facts keyed by ``id``, in the row vocabulary
   below. The report merges every stage's facts into one table (:attr:`ReportContext.rows`, a
@@ -24,14 +24,13 @@ Row vocabulary (every column optional except ``id``):
 - any other numeric column, or list of numbers, is a score (shown as such);
 - ``messages`` (list of ``{role, content}``), from ``texts`` only.
 
-Everything here is light: numpy and pyarrow at import, matplotlib inside :func:`figure`.
+Everything here is light: numpy and pyarrow at import (plots: :mod:`deita_ray.report.plots`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,7 +95,7 @@ class ReportPart:
 
 @dataclass(frozen=True)
 class StageReport:
-    """How a stage reports (the ``report`` field of its descriptor).
+    """How a stage reports (its entry in :data:`deita_ray.report.sections.SECTIONS`).
 
     Attributes:
         rows: ``fn(ctx) -> table | None``: per-row facts (row vocabulary of this module).
@@ -136,15 +135,48 @@ def read_columns(folder: str, columns: Sequence[str], required: Sequence[str] = 
     return ds.to_table(columns=[c for c in columns if c in ds.schema.names])
 
 
-def rows_by_id(folder: str, ids: Sequence[str], columns: Sequence[str]) -> pa.Table | None:
-    """``columns`` (``id`` first) of the rows of ``ids``, scanning with an id filter so only
-    those rows are kept; None when the folder has no ``id``."""
-    ds = dataset(folder, ["id"])
-    if ds is None or not len(ids):
+def rows_by_id(
+    folder: str, ids: Sequence[str], columns: Sequence[str], batch_rows: int = 1024
+) -> pa.Table | None:
+    """``columns`` (``id`` first) of the rows of ``ids``, in file order; None when the folder
+    has no ``id``.
+
+    The driver never holds a whole column (a pool's texts or embeddings are GBs at 1M rows):
+    each Parquet file is read one row group of ids at a time, and only the row groups that
+    hold a wanted id are streamed for the other columns, ``batch_rows`` rows at a time.
+    """
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    files = parquet_files(folder)
+    if not files or not len(ids):
         return None
-    cols = ["id", *[c for c in columns if c != "id" and c in ds.schema.names]]
-    wanted = pa.array(list(ids), ds.schema.field("id").type)
-    return ds.to_table(columns=cols, filter=pds.field("id").isin(wanted))
+    wanted = pa.array(list(ids), pa.string())
+    pieces: list[pa.Table] = []
+    for path in files:
+        # buffer_size without pre_buffer: pages are read as the batches need them.
+        pf = pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)
+        names = pf.schema_arrow.names
+        if "id" not in names:
+            return None
+        cols = ["id", *[c for c in columns if c != "id" and c in names]]
+        for group in range(pf.metadata.num_row_groups):
+            group_ids = pf.read_row_group(group, columns=["id"], use_threads=False)["id"]
+            hit = pc.is_in(group_ids, value_set=wanted.cast(group_ids.type))
+            if not pc.any(hit).as_py():
+                continue
+            start = 0
+            for batch in pf.iter_batches(
+                batch_size=batch_rows, row_groups=[group], columns=cols, use_threads=False
+            ):
+                mask = hit.slice(start, batch.num_rows)
+                start += batch.num_rows
+                if pc.any(mask).as_py():
+                    pieces.append(pa.Table.from_batches([batch]).filter(mask))
+    if not pieces:
+        first = pq.read_schema(files[0])
+        cols = ["id", *[c for c in columns if c != "id" and c in first.names]]
+        return first.empty_table().select(cols)
+    return pa.concat_tables(pieces, promote_options="default")
 
 
 def read_json(path: str) -> Any:
@@ -214,39 +246,6 @@ def merge_rows(tables: Sequence[pa.Table | None]) -> pa.Table | None:
     return pa.table(columns)
 
 
-# ---------------------------------------------------------------------------------------------
-# Statistics
-
-
-def summarize(values: np.ndarray) -> dict | None:
-    """count/mean/median/p10/p90/min/max of the finite values, or None when there are none."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return None
-    p10, median, p90 = np.percentile(values, [10, 50, 90])
-    return {
-        "count": int(values.size),
-        "mean": float(values.mean()),
-        "median": float(median),
-        "p10": float(p10),
-        "p90": float(p90),
-        "min": float(values.min()),
-        "max": float(values.max()),
-    }
-
-
-def histogram(values: np.ndarray, bins: int = 50) -> dict | None:
-    """``{"edges", "counts"}`` of the finite values (None when there are none)."""
-    values = np.asarray(values, np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return None
-    lo, hi = float(values.min()), float(values.max())
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi if hi > lo else lo + 1e-6))
-    return {"edges": edges.tolist(), "counts": counts.tolist()}
-
-
 def jsonable(value: Any) -> Any:
     """Plain JSON values: numpy scalars/arrays converted, NaN/inf as null."""
     if isinstance(value, dict):
@@ -260,29 +259,3 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots (matplotlib, Agg canvas, imported lazily)
-
-POOL_COLOR, SELECTION_COLOR, ACCENT_COLOR = "#9e9e9e", "#d62728", "#1f77b4"
-
-
-def figure(width: float, height: float):
-    """A matplotlib Figure on an Agg canvas (no pyplot state, no display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_png(fig, plots_dir: str, name: str) -> str:
-    """Write ``fig`` as ``plots_dir/name`` atomically; returns ``name``."""
-    os.makedirs(plots_dir, exist_ok=True)
-    path = os.path.join(plots_dir, name)
-    tmp = os.path.join(plots_dir, f".tmp-{os.getpid()}-{name}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return name

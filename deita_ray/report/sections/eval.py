@@ -11,14 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from deita_ray.evaluation import METRIC_KEYS
-from deita_ray.reporting import (
-    SELECTION_COLOR,
-    ReportContext,
-    ReportPart,
-    StageReport,
-    figure,
-    save_png,
-)
+from deita_ray.report.plots import SELECTION_COLOR, figure, save_png
+from deita_ray.report.section import ReportContext, ReportPart, StageReport
 
 NAME = "eval"
 PLOT = "eval_metrics.png"

@@ -1,4 +1,4 @@
-"""The page of ``report.html``: markup, CSS and JavaScript, filled by :mod:`deita_ray.report_html`.
+"""The page of ``report.html``: markup, CSS and JavaScript, filled by :mod:`deita_ray.report.html`.
 
 ``__TITLE__`` (HTML-escaped by the caller) and ``__DATA__`` (the JSON payload, escaped for a
 ``<script>`` element) are the only fills. The script builds every element with

@@ -18,21 +18,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from deita_ray.data.sink import stage_dir
-from deita_ray.reporting import (
-    POOL_COLOR,
-    SELECTION_COLOR,
+from deita_ray.report.plots import POOL_COLOR, SELECTION_COLOR, figure, save_png
+from deita_ray.report.section import (
     ReportContext,
     ReportPart,
     StageReport,
     dataset,
-    figure,
-    save_png,
     score_columns,
     score_key,
-    summarize,
     to_numpy,
 )
-from deita_ray.stages.reports.canonical import canonical_rows, canonical_texts
+from deita_ray.report.sections.canonical import canonical_rows, canonical_texts
+from deita_ray.selection.calibration import summarize
 
 NAME = "score"
 ROW_SCORE = "evol_score"
