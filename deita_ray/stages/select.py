@@ -523,6 +523,9 @@ STAGE = Stage(
     name=NAME,
     run=run_select,
     config_keys=("select",),
+    # Lazy or full, the greedy gives the same selection (docs/selection.md); the embed stage's
+    # hash carries the switch. Left out here, finished outputs keep their hash.
+    hash_ignore=("lazy_embed",),
     reads=("embed", "score", "ingest"),
     input_columns=("id", "seq", "evol_score", "embedding"),
     output_columns=("id", "rank", "evol_score", "max_sim"),

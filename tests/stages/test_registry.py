@@ -48,6 +48,17 @@ def test_hash_ignores_actor_resources_but_not_models():
     assert score.depends_on(a) != score.depends_on(c)
 
 
+def test_lazy_embedding_re_runs_embed_not_the_selection_it_equals():
+    """The switch is in the embed stage's hash (its folder's content changes), not in select's:
+    the selection is the same, and outputs written before the switch existed keep their hash."""
+    embed, select = get_stage("embed"), get_stage("select")
+    full = load_config(data={"demo_pool": True})
+    lazy = load_config(data={"demo_pool": True}, overrides=["select.lazy_embed=true"])
+    assert "lazy_embed" not in select.depends_on(full)["select"]
+    assert select.depends_on(full) == select.depends_on(lazy)
+    assert embed.depends_on(full) != embed.depends_on(lazy)
+
+
 def _toy_run(cfg, out_dir: str) -> StageResult:
     """A stage written in a test: counts the budget into one JSON file."""
     folder = os.path.join(out_dir, "toy")
