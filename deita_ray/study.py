@@ -66,6 +66,7 @@ from deita_ray.evaluation import (
     paired_comparison,
     style_effects,
 )
+from deita_ray.report.html import format_value
 
 log = logging.getLogger("deita_ray.study")
 
@@ -799,14 +800,6 @@ def summarize(
     }
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
 def _sgn(v: Any, digits: int = 4) -> str:
     """A signed difference (``+0.0123``), or ``–``."""
     if not isinstance(v, int | float) or not math.isfinite(v):
@@ -838,7 +831,7 @@ def _design_lines(study: dict) -> list[str]:
         f"seed(s) ({', '.join(map(str, seeds))}) and {len(draws)} random draw(s) "
         f"({', '.join(map(_cell, draws)) or 'none'}); every trained arm, random included, is "
         f"trained once per seed and compared with random seed by seed. α = "
-        f"{_fmt(d.get('alpha'), 2)} family-wise per eval set (Holm across the compared arms), "
+        f"{format_value(d.get('alpha'), 2)} family-wise per eval set (Holm across the compared arms), "
         f"MDE at {round(100 * (d.get('power') or POWER))}% power; two-level bootstrap "
         f"{d.get('bootstrap_resamples')} resamples (seed {d.get('bootstrap_seed')}).",
         "",
@@ -850,7 +843,7 @@ def _design_lines(study: dict) -> list[str]:
             f"{pr.get('verdict') or 'not computed'}**"
             + (
                 f" (Δ {_sgn(pr.get('delta'))} NLL/token, Holm-corrected interval "
-                f"{_ci(pr.get('ci'))}, MDE {_fmt(pr.get('mde'), 4)})"
+                f"{_ci(pr.get('ci'))}, MDE {format_value(pr.get('mde'), 4)})"
                 if pr.get("delta") is not None
                 else ""
             )
@@ -870,11 +863,11 @@ def _set_lines(sname: str, lk: dict) -> list[str]:
     seed_sd = _sqrt(var.get("seed"))
     lines.append(
         f"{lk['rows']} eval rows in common ({lk.get('rows_dropped', 0)} left out: a run could "
-        f"not score them), references of {_fmt(lk.get('reference_tokens'), 0)} answer tokens on "
+        f"not score them), references of {format_value(lk.get('reference_tokens'), 0)} answer tokens on "
         f"average. Random: {rand['draws']} draw(s) x {rand['seeds']} seed(s) = {rand['runs']} "
-        f"runs, {_fmt(rand.get('nll_token_mean'), 4)} NLL/token; SD of a draw's mean "
-        f"{_fmt(_sqrt(var.get('draw')), 4)}; SD of a training run about its selection's mean "
-        f"{_fmt(seed_sd, 4)} "
+        f"runs, {format_value(rand.get('nll_token_mean'), 4)} NLL/token; SD of a draw's mean "
+        f"{format_value(_sqrt(var.get('draw')), 4)}; SD of a training run about its selection's mean "
+        f"{format_value(seed_sd, 4)} "
         + (
             "(assumed: with one training seed it cannot be measured; taken as a whole random "
             "run's)."
@@ -885,7 +878,7 @@ def _set_lines(sname: str, lk: dict) -> list[str]:
     base = lk.get("base")
     if base and "delta" in base:
         lines.append(
-            f"The untrained base model: {_fmt(base.get('nll_token_mean'), 4)} NLL/token, "
+            f"The untrained base model: {format_value(base.get('nll_token_mean'), 4)} NLL/token, "
             f"{_sgn(base['delta'])} {_ci(base.get('ci95'))} against random: the gap that "
             "training on a random selection closes."
         )
@@ -909,8 +902,8 @@ def _set_lines(sname: str, lk: dict) -> list[str]:
                     _cell(nm),
                     f"{_sgn(a.get('delta'))} {_ci(a.get('ci'))}" if "delta" in a else "–",
                     _cell(verdict),
-                    _fmt(a.get("mde"), 4),
-                    _fmt(a.get("p_better"), 2),
+                    format_value(a.get("mde"), 4),
+                    format_value(a.get("p_better"), 2),
                     f"{100 * gap:+.0f}%" if isinstance(gap, float) else "–",
                     f"{_sgn(la.get('delta'))} {_ci(la.get('ci95'))}" if la else "–",
                     f"{a.get('seeds', 0)} + {rand['runs']}",
@@ -924,8 +917,8 @@ def _set_lines(sname: str, lk: dict) -> list[str]:
             "",
             f"Length: across the {length['points']} selections (arms and random draws), Δ "
             f"changes by {_sgn(length['slope_per_1k_chars'])} ± "
-            f"{_fmt(length['slope_se'], 4)} NLL/token per 1,000 characters of the selection's "
-            f"mean response (R² {_fmt(length.get('r2'), 2)}); the length-adjusted Δ removes "
+            f"{format_value(length['slope_se'], 4)} NLL/token per 1,000 characters of the selection's "
+            f"mean response (R² {format_value(length.get('r2'), 2)}); the length-adjusted Δ removes "
             "that part (it also removes any quality effect that goes with length here).",
         ]
     elif length.get("reason"):
@@ -945,7 +938,7 @@ def _style_lines(study: dict) -> list[str]:
     if not style or len(sets) < 2:
         return []
     toks = {s: study["comparisons"][s]["likelihood"].get("reference_tokens") for s in sets}
-    head = ["arm", *[f"{_cell(s)} ({_fmt(toks[s], 0)} tok.)" for s in sets], "style"]
+    head = ["arm", *[f"{_cell(s)} ({format_value(toks[s], 0)} tok.)" for s in sets], "style"]
     lines = [
         "",
         "## Reference styles",
@@ -993,19 +986,26 @@ def _runs_lines(study: dict) -> list[str]:
         row = [
             _cell(name),
             _cell(a.get("arm", name)),
-            _fmt(a.get("train_seed")),
+            format_value(a.get("train_seed")),
             _cell(a["status"]),
-            _fmt(sel.get("selected")),
-            _fmt(sel.get("mean_instruction_chars"), 0),
-            _fmt(sel.get("mean_response_chars"), 0),
-            _fmt(sel.get("mean_evol_score"), 2),
-            _fmt((a.get("training") or {}).get("loss_last")),
+            format_value(sel.get("selected")),
+            format_value(sel.get("mean_instruction_chars"), 0),
+            format_value(sel.get("mean_response_chars"), 0),
+            format_value(sel.get("mean_evol_score"), 2),
+            format_value((a.get("training") or {}).get("loss_last")),
         ]
         for s in sets:
             m = (a["eval"].get(s) or {}).get("likelihood")
             ci = (m or {}).get("ci95") or [None, None]
-            row.append(f"{_fmt(m.get('value'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if m else "–")
-        row += [_fmt(a["seconds"].get("eval"), 0), _fmt(a["seconds"].get("wall"), 0)]
+            row.append(
+                f"{format_value(m.get('value'))} [{format_value(ci[0])}, {format_value(ci[1])}]"
+                if m
+                else "–"
+            )
+        row += [
+            format_value(a["seconds"].get("eval"), 0),
+            format_value(a["seconds"].get("wall"), 0),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     failed = {n: a["error"] for n, a in runs.items() if a["status"] == "failed"}
     if failed:
@@ -1033,9 +1033,9 @@ def render_markdown(study: dict) -> str:
     lines += [
         "",
         "Stage time (as recorded by the run that computed each stage): shared stages "
-        f"{', '.join(f'{k} {_fmt(v, 0)} s' for k, v in shared.items()) or '–'}; runs "
-        f"{_fmt(s.get('arms_stages_s'), 0)} s (each run's own stages: `wall s` above). "
-        f"This invocation: {_fmt(s.get('total_s'), 0)} s (what earlier ones finished is not "
+        f"{', '.join(f'{k} {format_value(v, 0)} s' for k, v in shared.items()) or '–'}; runs "
+        f"{format_value(s.get('arms_stages_s'), 0)} s (each run's own stages: `wall s` above). "
+        f"This invocation: {format_value(s.get('total_s'), 0)} s (what earlier ones finished is not "
         "run again).",
         "",
         "How to read it: Δ < 0 means the arm's model gives the reference answers a lower NLL "
@@ -1308,15 +1308,15 @@ def render_plan(plan: dict) -> str:
         f"(MDE at {round(100 * plan['power'])}% power, α {plan['alpha']:g} over "
         f"{plan['family']} arm(s), Holm's first step).",
         f"Measured: per-row variance {plan['row_var']:.3g} ({plan['basis']}), draw variance "
-        f"{_fmt(plan['draw_var'], 6)}, training-seed variance {_fmt(plan['seed_var'], 6)}"
+        f"{format_value(plan['draw_var'], 6)}, training-seed variance {format_value(plan['seed_var'], 6)}"
         + (
             " (one training seed: draw and seed parts not separable; the worse split is used)"
             if plan["seed_assumed"]
             else ""
         )
         + ".",
-        f"Phases (mean per run, measured here): training {_fmt(ph['train_s'], 0)} s, eval "
-        f"{_fmt(ph['row_s'], 2)} s per row of this set, other sets {_fmt(ph['other_sets_s'], 0)} "
+        f"Phases (mean per run, measured here): training {format_value(ph['train_s'], 0)} s, eval "
+        f"{format_value(ph['row_s'], 2)} s per row of this set, other sets {format_value(ph['other_sets_s'], 0)} "
         f"s; {plan['compared_arms']} compared arm(s); {plan['concurrency']} run(s) at a time.",
         f"This study: {cur['rows']} rows, {cur['draws']} draws, {cur['seeds']} seed(s): MDE "
         f"{cur['mde_design']:.4f}"

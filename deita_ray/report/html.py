@@ -409,7 +409,8 @@ def stage_table(out_dir: str, report: dict, built: Assembled) -> tuple[list[dict
     return table, missing
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_value(value: Any, digits: int = 3) -> str:
+    """A table cell: floats to ``digits`` places, None and non-finite as a dash."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, float):
@@ -433,11 +434,11 @@ def study_table(study: dict) -> dict:
         sel = arm.get("selection") or {}
         row = [
             name,
-            _fmt(arm.get("method")),
-            _fmt(arm.get("status")),
-            _fmt(sel.get("selected")),
-            _fmt(sel.get("mean_evol_score"), 2),
-            _fmt((arm.get("training") or {}).get("loss_last")),
+            format_value(arm.get("method")),
+            format_value(arm.get("status")),
+            format_value(sel.get("selected")),
+            format_value(sel.get("mean_evol_score"), 2),
+            format_value((arm.get("training") or {}).get("loss_last")),
         ]
         for s, m in metrics:
             value = ((arm.get("eval") or {}).get(s) or {}).get(m)
@@ -445,10 +446,14 @@ def study_table(study: dict) -> dict:
                 row += ["–", "–"]
                 continue
             ci = value.get("ci95") or [None, None]
-            row.append(f"{_fmt(value.get('value'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]")
+            row.append(
+                f"{format_value(value.get('value'))} [{format_value(ci[0])}, {format_value(ci[1])}]"
+            )
             verdicts = (comparisons.get(s) or {}).get(m, {}).get("verdicts") or {}
-            row.append("(random)" if arm.get("method") == "random" else _fmt(verdicts.get(name)))
-        row.append(_fmt((arm.get("seconds") or {}).get("wall"), 0))
+            row.append(
+                "(random)" if arm.get("method") == "random" else format_value(verdicts.get(name))
+            )
+        row.append(format_value((arm.get("seconds") or {}).get("wall"), 0))
         rows.append(row)
     return {"columns": columns, "rows": rows}
 
